@@ -1,0 +1,490 @@
+//! The command line: argument definitions and the glue from each command to the
+//! library. No detection logic lives here.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, DEFAULT_TOML};
+use crate::eval::labels::{LabelScore, score};
+use crate::pipeline::{Pipeline, Stats, reasons_in_order, run};
+use crate::sim::{Factory, Label, SimConfig};
+use crate::sink::MemorySink;
+use crate::sink::console::ConsoleSink;
+use crate::sink::ndjson::NdjsonSink;
+use crate::source::capture::{CaptureSource, CaptureWriter};
+use crate::source::sim::SimSource;
+use crate::time::{Millis, parse_duration, parse_rfc3339};
+
+/// twinwatch: security monitoring for manufacturing digital-twin telemetry.
+#[derive(Debug, Parser)]
+#[command(name = "twinwatch", version, about, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the pipeline over a capture file, in event time; alerts as NDJSON.
+    Replay(ReplayArgs),
+    /// Generate a simulated factory's telemetry and flows, with labelled incidents, as a capture file.
+    Simulate(SimulateArgs),
+    /// Simulate a factory and detect in one process, no NATS needed; alerts printed as they come.
+    Demo(DemoArgs),
+    /// Configuration helpers.
+    Config(ConfigArgs),
+    /// Measure detection quality.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// Capture file (NDJSON, contract §4); `-` for standard input.
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Where alerts go (NDJSON); standard output by default.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct FactoryArgs {
+    /// Random seed: the same seed gives the same factory, byte for byte.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+    /// Number of machines.
+    #[arg(long, default_value_t = 6)]
+    pub machines: usize,
+    /// Telemetry messages per second per machine.
+    #[arg(long, default_value_t = 1.0)]
+    pub rate: f64,
+    /// Simulate without incidents.
+    #[arg(long)]
+    pub no_incidents: bool,
+    /// Start of simulated time (RFC 3339).
+    #[arg(long, default_value = "2026-11-27T06:00:00Z")]
+    pub start: String,
+}
+
+impl FactoryArgs {
+    fn sim_config(&self, duration: Millis) -> Result<SimConfig, UsageError> {
+        let start = parse_rfc3339(&self.start).ok_or_else(|| {
+            UsageError(format!("--start `{}` is not an RFC 3339 time", self.start))
+        })?;
+        if self.machines == 0 || self.machines > 100_000 {
+            return Err(UsageError("--machines must be between 1 and 100000".into()));
+        }
+        if !(self.rate > 0.0 && self.rate <= 1000.0) {
+            return Err(UsageError(
+                "--rate must be above 0 and at most 1000 messages per second".into(),
+            ));
+        }
+        Ok(SimConfig {
+            seed: self.seed,
+            machines: self.machines,
+            start,
+            duration,
+            rate_hz: self.rate,
+            incidents: !self.no_incidents,
+            ..SimConfig::default()
+        })
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    #[command(flatten)]
+    pub factory: FactoryArgs,
+    /// Simulated time to generate.
+    #[arg(long, default_value = "2h", value_parser = duration_arg)]
+    pub duration: Millis,
+    /// Capture file to write; standard output by default.
+    #[arg(long, short)]
+    pub output: Option<PathBuf>,
+    /// Labels file (JSON list of machine, type, start, end); default: next to --output as `<output>.labels.json`.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    #[command(flatten)]
+    pub factory: FactoryArgs,
+    /// Plant time to simulate (the first 10 minutes are learning).
+    #[arg(long, default_value = "90m", value_parser = duration_arg)]
+    pub duration: Millis,
+    /// How much faster than real time plant time runs, or `max`.
+    #[arg(long, default_value = "300")]
+    pub speed: String,
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// Print the full, commented default configuration file.
+    #[arg(long)]
+    pub print_defaults: bool,
+    /// Check a configuration file and exit 0 if it is valid.
+    #[arg(long, value_name = "FILE")]
+    pub check: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Replay a `simulate` capture and score the alerts against its labels.
+    Sim(EvalSimArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct EvalSimArgs {
+    /// Capture file written by `simulate`.
+    #[arg(long, short)]
+    pub input: PathBuf,
+    /// Labels file written by `simulate`.
+    #[arg(long)]
+    pub labels: PathBuf,
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// An alert this long after an incident's end still counts for it.
+    #[arg(long, default_value = "2m", value_parser = duration_arg)]
+    pub grace: Millis,
+    /// Also write the alerts here (NDJSON).
+    #[arg(long)]
+    pub alerts: Option<PathBuf>,
+}
+
+fn duration_arg(s: &str) -> Result<Millis, String> {
+    parse_duration(s)
+}
+
+/// Bad usage or configuration: exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+impl From<ConfigError> for UsageError {
+    fn from(e: ConfigError) -> Self {
+        UsageError(e.to_string())
+    }
+}
+
+/// Runs a parsed command line.
+pub fn dispatch(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Replay(a) => replay(a),
+        Command::Simulate(a) => simulate(a),
+        Command::Demo(a) => demo(a),
+        Command::Config(a) => config(a),
+        Command::Eval(EvalCommand::Sim(a)) => eval_sim(a),
+    }
+}
+
+fn load_config(path: Option<&Path>) -> Result<Config> {
+    Config::load_or_default(path).map_err(|e| UsageError::from(e).into())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// Progress on standard error, once a second, only when it is a terminal.
+struct Progress {
+    on: bool,
+    started: Instant,
+    last: Instant,
+}
+
+impl Progress {
+    fn new() -> Self {
+        let now = Instant::now();
+        Progress {
+            on: std::io::stderr().is_terminal(),
+            started: now,
+            last: now,
+        }
+    }
+
+    fn tick(&mut self, s: &Stats) {
+        if !self.on || self.last.elapsed().as_millis() < 1000 {
+            return;
+        }
+        self.last = Instant::now();
+        let secs = self.started.elapsed().as_secs_f64();
+        eprint!(
+            "\r{} messages, {} readings ({:.0}/s), {} alerts   ",
+            s.messages,
+            s.readings,
+            s.readings as f64 / secs,
+            s.alerts
+        );
+        let _ = std::io::stderr().flush();
+    }
+
+    fn done(&self) {
+        if self.on && self.started.elapsed().as_millis() >= 1000 {
+            eprintln!();
+        }
+    }
+}
+
+fn summary_line(s: &Stats, secs: f64) -> String {
+    let mut line = format!(
+        "{} messages, {} readings, {} flow records in {:.2} s ({:.0} readings/s); {} alerts ({} folded into open ones); {} machine-windows closed; {} late, {} future-dated",
+        s.messages,
+        s.readings,
+        s.flows,
+        secs,
+        s.readings as f64 / secs.max(1e-9),
+        s.alerts,
+        s.suppressed,
+        s.machine_windows,
+        s.late,
+        s.future
+    );
+    if s.rejected > 0 {
+        let reasons: Vec<String> = reasons_in_order(s)
+            .iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        line.push_str(&format!(
+            "; {} rejected ({})",
+            s.rejected,
+            reasons.join(", ")
+        ));
+    }
+    line
+}
+
+fn replay(a: ReplayArgs) -> Result<()> {
+    let cfg = load_config(a.config.as_deref())?;
+    let mut source = CaptureSource::open(&a.input).map_err(|e| {
+        anyhow::anyhow!(
+            "{e}\nhint: --input takes a capture file written by `twinwatch simulate` or `record`"
+        )
+    })?;
+    let mut sink = match &a.output {
+        Some(p) => NdjsonSink::create(p).with_context(|| format!("creating {}", p.display()))?,
+        None => NdjsonSink::stdout(),
+    };
+    let mut pipeline = Pipeline::new(&cfg);
+    let mut progress = Progress::new();
+    let started = Instant::now();
+    runtime()?.block_on(run(&mut pipeline, &mut source, &mut sink, &mut |p| {
+        progress.tick(&p.stats())
+    }))?;
+    progress.done();
+    tracing::info!(
+        "replay: {}",
+        summary_line(&pipeline.stats(), started.elapsed().as_secs_f64())
+    );
+    Ok(())
+}
+
+fn write_labels(path: &Path, labels: &[Label]) -> Result<()> {
+    let text = serde_json::to_string_pretty(labels)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))
+}
+
+fn simulate(a: SimulateArgs) -> Result<()> {
+    let sim = a.factory.sim_config(a.duration)?;
+    let mut factory = Factory::new(sim);
+    let out: Box<dyn Write> = match &a.output {
+        Some(p) if p != Path::new("-") => {
+            Box::new(std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?)
+        }
+        _ => Box::new(std::io::stdout().lock()),
+    };
+    let labels_path = a.labels.clone().or_else(|| {
+        a.output
+            .as_ref()
+            .filter(|p| *p != Path::new("-"))
+            .map(|p| PathBuf::from(format!("{}.labels.json", p.display())))
+    });
+    let mut w = CaptureWriter::new(std::io::BufWriter::with_capacity(1 << 20, out));
+    let mut n: u64 = 0;
+    let total = (a.duration as f64 / 1000.0 * factory.messages_per_second()).max(1.0);
+    let mut progress = Progress::new();
+    while let Some(tick) = factory.next_tick() {
+        for e in &tick {
+            w.write(e)?;
+        }
+        n += tick.len() as u64;
+        if progress.on && progress.last.elapsed().as_millis() >= 1000 {
+            progress.last = Instant::now();
+            eprint!(
+                "\rsimulating: {:.0}% ({n} messages)   ",
+                100.0 * n as f64 / total
+            );
+        }
+    }
+    w.flush()?;
+    progress.done();
+    match &labels_path {
+        Some(p) => write_labels(p, factory.labels())?,
+        None => tracing::warn!(
+            "labels not written: give --labels FILE when the capture goes to standard output"
+        ),
+    }
+    tracing::info!(
+        messages = n,
+        incidents = factory.labels().len(),
+        labels = ?labels_path,
+        "simulation written"
+    );
+    Ok(())
+}
+
+fn machine_hours(s: &Stats, warmup: Millis) -> f64 {
+    let machines = (s.machines_learning + s.machines_protecting) as f64;
+    let span = match (s.oldest_ts, s.newest_ts) {
+        (Some(a), Some(b)) => (b - a - warmup).max(0),
+        _ => 0,
+    };
+    machines * span as f64 / 3_600_000.0
+}
+
+fn demo(a: DemoArgs) -> Result<()> {
+    let cfg = load_config(a.config.as_deref())?;
+    let speed = match a.speed.as_str() {
+        "max" => None,
+        s => match s.parse::<f64>() {
+            Ok(v) if v > 0.0 && v.is_finite() => Some(v),
+            _ => {
+                return Err(
+                    UsageError(format!("--speed `{s}`: give a positive number or `max`")).into(),
+                );
+            }
+        },
+    };
+    let sim = a.factory.sim_config(a.duration)?;
+    let machines = sim.machines;
+    let factory = Factory::new(sim);
+    let labels = factory.labels().to_vec();
+    let wall = speed.map(|v| a.duration as f64 / v / 1000.0);
+    println!(
+        "twinwatch demo: {machines} simulated machines, {} of plant time{}, seed {}.",
+        crate::time::format_duration(a.duration),
+        wall.map_or(" as fast as possible".to_string(), |w| format!(
+            " in about {w:.0} s"
+        )),
+        a.factory.seed
+    );
+    println!(
+        "Each machine learns its baselines for {} of plant time; {} incidents (spike, drift, stuck) are injected after that.",
+        crate::time::format_duration(cfg.baseline.warmup),
+        labels.len()
+    );
+    println!("Alerts appear below as they are raised:\n");
+    let mut source = SimSource::new(factory, speed);
+    let mut pipeline = Pipeline::new(&cfg);
+    let mut sink = Recorder {
+        console: ConsoleSink::default(),
+        alerts: MemorySink::default(),
+    };
+    let started = Instant::now();
+    runtime()?.block_on(run(&mut pipeline, &mut source, &mut sink, &mut |_| {}))?;
+    let secs = started.elapsed().as_secs_f64();
+    let stats = pipeline.stats();
+    let result: LabelScore = score(
+        &sink.alerts.alerts,
+        &labels,
+        machine_hours(&stats, cfg.baseline.warmup),
+        120_000,
+    );
+    println!("\nSummary");
+    println!("  {}", summary_line(&stats, secs));
+    for line in result.report().lines() {
+        println!("  {line}");
+    }
+    Ok(())
+}
+
+/// Prints alerts and keeps them for the summary.
+struct Recorder {
+    console: ConsoleSink,
+    alerts: MemorySink,
+}
+
+impl crate::sink::Sink for Recorder {
+    async fn publish(
+        &mut self,
+        alerts: &[crate::alerts::Alert],
+    ) -> Result<(), crate::sink::SinkError> {
+        self.console.publish(alerts).await?;
+        self.alerts.publish(alerts).await
+    }
+
+    async fn flush(&mut self) -> Result<(), crate::sink::SinkError> {
+        self.console.flush().await
+    }
+}
+
+fn config(a: ConfigArgs) -> Result<()> {
+    if let Some(path) = &a.check {
+        Config::load(path).map_err(UsageError::from)?;
+        println!("{}: ok", path.display());
+        return Ok(());
+    }
+    if a.print_defaults {
+        print!("{DEFAULT_TOML}");
+        return Ok(());
+    }
+    Err(UsageError("config: give --print-defaults or --check FILE".into()).into())
+}
+
+fn eval_sim(a: EvalSimArgs) -> Result<()> {
+    let cfg = load_config(a.config.as_deref())?;
+    let text = std::fs::read_to_string(&a.labels)
+        .with_context(|| format!("reading {}", a.labels.display()))?;
+    let labels: Vec<Label> = serde_json::from_str(&text)
+        .map_err(|e| UsageError(format!("{}: not a labels file: {e}", a.labels.display())))?;
+    let mut source = CaptureSource::open(&a.input).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut pipeline = Pipeline::new(&cfg);
+    let mut sink = MemorySink::default();
+    let mut progress = Progress::new();
+    let started = Instant::now();
+    runtime()?.block_on(run(&mut pipeline, &mut source, &mut sink, &mut |p| {
+        progress.tick(&p.stats())
+    }))?;
+    progress.done();
+    let stats = pipeline.stats();
+    if let Some(p) = &a.alerts {
+        let mut f = std::io::BufWriter::new(
+            std::fs::File::create(p).with_context(|| format!("creating {}", p.display()))?,
+        );
+        for al in &sink.alerts {
+            serde_json::to_writer(&mut f, al)?;
+            f.write_all(b"\n")?;
+        }
+        f.flush()?;
+    }
+    let result = score(
+        &sink.alerts,
+        &labels,
+        machine_hours(&stats, cfg.baseline.warmup),
+        a.grace,
+    );
+    println!("{}", summary_line(&stats, started.elapsed().as_secs_f64()));
+    println!("{}", result.report());
+    println!(
+        "sim: recall {:.3} false_per_machine_hour {:.3}",
+        result.recall(),
+        result.false_per_machine_hour()
+    );
+    Ok(())
+}

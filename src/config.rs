@@ -1,0 +1,513 @@
+//! Configuration: one struct tree, read from a TOML file (`--config`), where
+//! every key has a default so that no file is needed.
+//!
+//! `twinwatch config --print-defaults` prints [`DEFAULT_TOML`], the full
+//! commented default file; a test keeps it equal to `Config::default()`.
+//! Errors name the file, the line and column, and the key, and the binary turns
+//! them into exit code 2.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::time::{Millis, serde_duration};
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub input: InputConfig,
+    pub window: WindowConfig,
+    pub baseline: BaselineConfig,
+    pub detect: DetectConfig,
+    pub alerts: AlertsConfig,
+}
+
+/// Limits on what the decoder accepts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InputConfig {
+    /// Payloads larger than this are rejected (reason `too_large`).
+    pub max_payload_bytes: usize,
+    /// Most distinct machines tracked; messages for further machines are rejected (reason `capacity`).
+    pub max_machines: usize,
+    /// Most distinct metric names tracked, over all machines.
+    pub max_metrics: usize,
+    /// Most distinct device ids tracked, over all machines.
+    pub max_devices: usize,
+    /// Most telemetry objects in one array payload.
+    pub max_messages_per_payload: usize,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        InputConfig {
+            max_payload_bytes: 1 << 20,
+            max_machines: 100_000,
+            max_metrics: 10_000,
+            max_devices: 200_000,
+            max_messages_per_payload: 10_000,
+        }
+    }
+}
+
+/// Event-time windows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WindowConfig {
+    /// Tumbling window size.
+    #[serde(with = "serde_duration")]
+    pub size: Millis,
+    /// How far behind a machine's newest event time a message may arrive and still join its window.
+    #[serde(with = "serde_duration")]
+    pub allowed_lateness: Millis,
+    /// Messages dated further than this ahead of their arrival (`received_at`) do not move the watermark.
+    #[serde(with = "serde_duration")]
+    pub max_future: Millis,
+}
+
+impl Default for WindowConfig {
+    fn default() -> Self {
+        WindowConfig {
+            size: 10_000,
+            allowed_lateness: 5_000,
+            max_future: 120_000,
+        }
+    }
+}
+
+/// Per-(machine, metric) baselines: learning and adaptation speeds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BaselineConfig {
+    /// Event time a machine spends learning before it is protected (no alerts while learning).
+    #[serde(with = "serde_duration")]
+    pub warmup: Millis,
+    /// Time constant of the short-term level (the prediction a spike is measured against).
+    #[serde(with = "serde_duration")]
+    pub level_tau: Millis,
+    /// Time constant of the short-term trend.
+    #[serde(with = "serde_duration")]
+    pub trend_tau: Millis,
+    /// Time constant of the noise scale (robust sigma of the one-step residual).
+    #[serde(with = "serde_duration")]
+    pub scale_tau: Millis,
+    /// Time constant of the slow reference level that drift is measured against.
+    #[serde(with = "serde_duration")]
+    pub reference_tau: Millis,
+    /// A sensor anomalous without interruption for this long is re-based on its
+    /// current value (its alerts stay raised), so a fault that ends at a new level
+    /// does not leave a stale baseline alerting forever.
+    #[serde(with = "serde_duration")]
+    pub rebase_after: Millis,
+}
+
+impl Default for BaselineConfig {
+    fn default() -> Self {
+        BaselineConfig {
+            warmup: 600_000,
+            level_tau: 1_500,
+            trend_tau: 30_000,
+            scale_tau: 300_000,
+            reference_tau: 600_000,
+            rebase_after: 30_000,
+        }
+    }
+}
+
+/// Detector switches and thresholds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct DetectConfig {
+    pub spike: SpikeConfig,
+    pub shift: ShiftConfig,
+    pub stuck: StuckConfig,
+    pub range: RangeConfig,
+    pub mode: ModeConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SpikeConfig {
+    pub enabled: bool,
+}
+
+impl Default for SpikeConfig {
+    fn default() -> Self {
+        SpikeConfig { enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ShiftConfig {
+    pub enabled: bool,
+    /// CUSUM slack, in reference sigmas: deviations smaller than this never accumulate.
+    pub slack: f64,
+    /// CUSUM decision interval, in reference sigmas: a shift is reported once the
+    /// accumulated excess reaches it (score `low` there, growing with the excess).
+    pub threshold: f64,
+}
+
+impl Default for ShiftConfig {
+    fn default() -> Self {
+        ShiftConfig {
+            enabled: true,
+            slack: 2.0,
+            threshold: 20.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StuckConfig {
+    pub enabled: bool,
+    /// A value must stay frozen at least this long before it can be called stuck.
+    #[serde(with = "serde_duration")]
+    pub min_duration: Millis,
+    /// ... and at least this many times the longest frozen run seen while learning.
+    pub learned_run_factor: f64,
+}
+
+impl Default for StuckConfig {
+    fn default() -> Self {
+        StuckConfig {
+            enabled: true,
+            min_duration: 30_000,
+            learned_run_factor: 3.0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RangeConfig {
+    pub enabled: bool,
+    /// Margin around the learned envelope, as a fraction of the envelope's width.
+    pub margin: f64,
+}
+
+impl Default for RangeConfig {
+    fn default() -> Self {
+        RangeConfig {
+            enabled: true,
+            margin: 0.25,
+        }
+    }
+}
+
+/// Operating-mode changes: when several of a machine's sensors leave their
+/// prediction together, the machine is changing mode, not under attack.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModeConfig {
+    /// A sensor "moves" when its one-step residual exceeds this many sigmas.
+    pub move_z: f64,
+    /// This many sensors of a machine moving in one message mark a mode transition.
+    pub min_moving: usize,
+    /// How long after the last joint move a machine stays in transition (spike and drift muted, baselines follow).
+    #[serde(with = "serde_duration")]
+    pub hold: Millis,
+    /// Longest settling after a transition (while slow sensors such as temperature converge).
+    #[serde(with = "serde_duration")]
+    pub settle_max: Millis,
+}
+
+impl Default for ModeConfig {
+    fn default() -> Self {
+        ModeConfig {
+            move_z: 4.0,
+            min_moving: 2,
+            hold: 30_000,
+            settle_max: 1_200_000,
+        }
+    }
+}
+
+/// Alert emission: threshold and dedup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AlertsConfig {
+    /// Findings scoring below this are not alerted (0..1).
+    pub min_score: f64,
+    /// An open alert is raised again only when its severity grows, or this long after it was last raised;
+    /// it closes when no finding for it arrives for this long.
+    #[serde(with = "serde_duration")]
+    pub cooldown: Millis,
+}
+
+impl Default for AlertsConfig {
+    fn default() -> Self {
+        AlertsConfig {
+            min_score: 0.7,
+            cooldown: 600_000,
+        }
+    }
+}
+
+/// The commented default configuration file.
+pub const DEFAULT_TOML: &str = r#"# twinwatch configuration. Every key is optional; these are the defaults.
+# Durations are strings with a unit: "500ms", "10s", "5m", "2h".
+
+[input]
+# Payloads larger than this are dead-lettered with reason `too_large`.
+max_payload_bytes = 1048576
+# Caps on what is tracked, so sprayed ids cannot grow memory without bound.
+# Messages past a cap are dead-lettered with reason `capacity`.
+max_machines = 100000
+max_metrics = 10000
+max_devices = 200000
+# Most telemetry objects in one array payload.
+max_messages_per_payload = 10000
+
+[window]
+# Tumbling event-time windows, aligned to the epoch.
+size = "10s"
+# A message may arrive this far behind its machine's newest event time and still join its window;
+# later ones are counted as late (and still scored for point anomalies).
+allowed_lateness = "5s"
+# Messages dated further than this ahead of their arrival time do not move the watermark
+# and stay out of the baselines.
+max_future = "2m"
+
+[baseline]
+# Event time each machine learns before it is protected. No alerts while learning.
+warmup = "10m"
+# Time constants of the per-(machine, metric) baseline (see the README, "Detectors").
+level_tau = "1500ms"
+trend_tau = "30s"
+scale_tau = "5m"
+reference_tau = "10m"
+# A sensor anomalous without interruption for this long is re-based on its current value
+# (the alerts already raised stay), so a fault that ends at a new level cannot leave a
+# stale baseline behind that alerts forever.
+rebase_after = "30s"
+
+[detect.spike]
+enabled = true
+
+[detect.shift]
+enabled = true
+# CUSUM slack in reference sigmas: smaller deviations never accumulate.
+slack = 2.0
+# CUSUM decision interval in reference sigmas: a shift is reported once the accumulated
+# excess reaches it (score `low` there, rising as the excess grows).
+threshold = 20.0
+
+[detect.stuck]
+enabled = true
+# A frozen value is stuck only after this long ...
+min_duration = "30s"
+# ... and after this many times the longest frozen run seen while learning.
+learned_run_factor = 3.0
+
+[detect.range]
+enabled = true
+# Margin around the learned envelope, as a fraction of its width.
+margin = 0.25
+
+[detect.mode]
+# When at least `min_moving` sensors of a machine jump more than `move_z` sigmas in one message,
+# the machine is changing operating mode: spike and drift alerts pause for `hold` after the last
+# joint move while its baselines follow, and drift references follow until the sensors settle
+# (at most `settle_max`).
+move_z = 4.0
+min_moving = 2
+hold = "30s"
+settle_max = "20m"
+
+[alerts]
+# Findings scoring below this (0..1) are not alerted. 0.7 is severity `low`.
+min_score = 0.7
+# One open alert per (machine, kind, feature): raised again on escalation or this long after it
+# was last raised; closed when no finding for it arrives for this long.
+cooldown = "10m"
+"#;
+
+/// A configuration problem: which file, where, and what is wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{column}: {message}")]
+    Parse {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        message: String,
+    },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: PathBuf,
+        key: &'static str,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// Reads `path` when given, the defaults otherwise.
+    pub fn load_or_default(path: Option<&Path>) -> Result<Config, ConfigError> {
+        match path {
+            Some(p) => Config::load(p),
+            None => Ok(Config::default()),
+        }
+    }
+
+    /// Parses and validates configuration text; `path` is only used in messages.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, column) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                line,
+                column,
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    /// Checks the values that parse but make no sense.
+    pub fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let bad = |key: &'static str, message: &str| {
+            Err(ConfigError::Invalid {
+                path: path.to_path_buf(),
+                key,
+                message: message.to_string(),
+            })
+        };
+        let positive = [
+            ("window.size", self.window.size),
+            ("baseline.level_tau", self.baseline.level_tau),
+            ("baseline.trend_tau", self.baseline.trend_tau),
+            ("baseline.scale_tau", self.baseline.scale_tau),
+            ("baseline.reference_tau", self.baseline.reference_tau),
+            ("baseline.rebase_after", self.baseline.rebase_after),
+            ("detect.stuck.min_duration", self.detect.stuck.min_duration),
+        ];
+        for (key, v) in positive {
+            if v <= 0 {
+                return bad(key, "must be greater than zero");
+            }
+        }
+        if self.input.max_payload_bytes == 0 {
+            return bad("input.max_payload_bytes", "must be greater than zero");
+        }
+        for (key, v) in [
+            ("input.max_machines", self.input.max_machines),
+            ("input.max_metrics", self.input.max_metrics),
+            ("input.max_devices", self.input.max_devices),
+            (
+                "input.max_messages_per_payload",
+                self.input.max_messages_per_payload,
+            ),
+        ] {
+            if v == 0 || v > u32::MAX as usize {
+                return bad(key, "must be between 1 and 4294967295");
+            }
+        }
+        if !(0.0..=1.0).contains(&self.alerts.min_score) {
+            return bad("alerts.min_score", "must be between 0 and 1");
+        }
+        if !(self.detect.shift.slack.is_finite() && self.detect.shift.slack > 0.0) {
+            return bad("detect.shift.slack", "must be a positive number");
+        }
+        if !(self.detect.shift.threshold.is_finite() && self.detect.shift.threshold > 0.0) {
+            return bad("detect.shift.threshold", "must be a positive number");
+        }
+        if !(self.detect.range.margin.is_finite() && self.detect.range.margin >= 0.0) {
+            return bad("detect.range.margin", "must be zero or positive");
+        }
+        if !(self.detect.stuck.learned_run_factor.is_finite()
+            && self.detect.stuck.learned_run_factor >= 1.0)
+        {
+            return bad("detect.stuck.learned_run_factor", "must be at least 1");
+        }
+        if !(self.detect.mode.move_z.is_finite() && self.detect.mode.move_z > 0.0) {
+            return bad("detect.mode.move_z", "must be a positive number");
+        }
+        if self.detect.mode.min_moving < 2 {
+            return bad(
+                "detect.mode.min_moving",
+                "must be at least 2 (one sensor moving alone is what spikes are made of)",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_is_the_default_config() {
+        let parsed = Config::from_toml(DEFAULT_TOML, Path::new("defaults.toml")).unwrap();
+        assert_eq!(parsed, Config::default());
+    }
+
+    #[test]
+    fn empty_file_is_the_default_config() {
+        assert_eq!(
+            Config::from_toml("", Path::new("x.toml")).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_and_key() {
+        let text = "[window]\nsize = \"10s\"\nsise = \"5s\"\n";
+        let err = Config::from_toml(text, Path::new("plant.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("plant.toml:3:1: "), "{msg}");
+        assert!(msg.contains("sise"), "{msg}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_problem() {
+        let err = Config::from_toml("[window]\nsize = \"ten\"\n", Path::new("p.toml")).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.starts_with("p.toml:2:"), "{msg}");
+        assert!(msg.contains("unit"), "{msg}");
+    }
+
+    #[test]
+    fn invalid_value_names_the_key() {
+        let err =
+            Config::from_toml("[alerts]\nmin_score = 1.5\n", Path::new("p.toml")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "p.toml: alerts.min_score: must be between 0 and 1"
+        );
+        let err = Config::from_toml("[window]\nsize = \"0s\"\n", Path::new("p.toml")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "p.toml: window.size: must be greater than zero"
+        );
+    }
+}

@@ -1,0 +1,903 @@
+//! Decode: raw payloads (contract §1 telemetry, §2 flow records) into Arrow
+//! record batches, with typed serde structs — never `serde_json::Value` — and
+//! Arrow builders that live as long as the decoder.
+//!
+//! Each call to [`Decoder::decode`] turns a batch of envelopes into a
+//! [`DecodedBatch`] of three tables plus the rejected envelopes:
+//!
+//! **`readings`** — one row per reading (long form):
+//!
+//! | column | type | meaning |
+//! |---|---|---|
+//! | `ts` | timestamp(ms, UTC) | event time of the message |
+//! | `received_at` | timestamp(ms, UTC) | arrival time (the event time when unknown) |
+//! | `subject` | utf8 | NATS subject |
+//! | `machine` | utf8 | machine (default: last subject token) |
+//! | `device` | utf8 | sending device (default: the machine) |
+//! | `seq` | uint64, nullable | device sequence number |
+//! | `metric` | utf8 | reading name |
+//! | `value` | float64, nullable | the reading; null means "no value this time" |
+//! | `payload_bytes` | uint32 | size of the payload that carried the message |
+//! | `machine_id`, `device_id`, `metric_id` | uint32 | interned ids (dense, stable for the process) |
+//! | `message` | uint32 | row of the message in this batch's `messages` table |
+//!
+//! **`messages`** — one row per telemetry object: `ts, received_at, subject,
+//! machine, device, seq, payload_bytes, readings` (count), `machine_id,
+//! device_id, first_reading` (row of its first reading in `readings`).
+//! A message's readings are the contiguous rows
+//! `first_reading .. first_reading + readings`. `envelope` is the index of the
+//! envelope that carried it in the decoded batch (arrival order).
+//!
+//! **`flows`** — one row per flow record: `ts, received_at, subject, machine,
+//! src, dst, dst_port` (uint16, nullable), `proto, app, op` (utf8, nullable),
+//! `bytes` (uint64), `packets` (uint64, nullable), `payload_bytes, machine_id,
+//! envelope`.
+//!
+//! A payload that breaks the contract is rejected whole (an array with one bad
+//! object included) with a [`Reason`]; nothing here panics on input.
+
+use std::borrow::Cow;
+use std::sync::{Arc, OnceLock};
+
+use arrow::array::{
+    ArrayRef, Float64Builder, StringBuilder, TimestampMillisecondBuilder, UInt16Builder,
+    UInt32Builder, UInt64Builder,
+};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
+
+use crate::config::InputConfig;
+use crate::intern::Interner;
+use crate::source::{Envelope, Stream};
+use crate::time::{EventTs, Millis, plausible};
+
+/// Longest machine, device or metric name accepted, in bytes.
+pub const MAX_NAME_BYTES: usize = 256;
+
+/// Why a message was rejected. The name is the `<reason>` of the dead-letter
+/// subject `twin.deadletter.<reason>`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Reason {
+    InvalidUtf8,
+    InvalidJson,
+    TooLarge,
+    TooDeep,
+    MissingField,
+    WrongType,
+    NonFinite,
+    BadTimestamp,
+    BadName,
+    Empty,
+    Capacity,
+}
+
+impl Reason {
+    /// Every reason, for counters and docs.
+    pub const ALL: [Reason; 11] = [
+        Reason::InvalidUtf8,
+        Reason::InvalidJson,
+        Reason::TooLarge,
+        Reason::TooDeep,
+        Reason::MissingField,
+        Reason::WrongType,
+        Reason::NonFinite,
+        Reason::BadTimestamp,
+        Reason::BadName,
+        Reason::Empty,
+        Reason::Capacity,
+    ];
+
+    /// The short name used in subjects, logs and counters.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::InvalidUtf8 => "invalid_utf8",
+            Reason::InvalidJson => "invalid_json",
+            Reason::TooLarge => "too_large",
+            Reason::TooDeep => "too_deep",
+            Reason::MissingField => "missing_field",
+            Reason::WrongType => "wrong_type",
+            Reason::NonFinite => "non_finite",
+            Reason::BadTimestamp => "bad_timestamp",
+            Reason::BadName => "bad_name",
+            Reason::Empty => "empty",
+            Reason::Capacity => "capacity",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A rejected message: why, in a word and in a sentence.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{reason}: {detail}")]
+pub struct DecodeError {
+    pub reason: Reason,
+    pub detail: String,
+}
+
+impl DecodeError {
+    fn new(reason: Reason, detail: impl Into<String>) -> Self {
+        let mut detail = detail.into();
+        if detail.len() > 200 {
+            let mut cut = 200;
+            while !detail.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            detail.truncate(cut);
+            detail.push('…');
+        }
+        DecodeError { reason, detail }
+    }
+
+    /// Classifies a serde_json error. Our own visitors prefix their messages
+    /// with the reason name (`non_finite: …`) so the class survives serde.
+    fn from_json(e: serde_json::Error) -> Self {
+        let msg = e.to_string();
+        let reason = if let Some(r) = Reason::ALL
+            .iter()
+            .find(|r| msg.starts_with(r.as_str()) && msg[r.as_str().len()..].starts_with(':'))
+        {
+            *r
+        } else if msg.starts_with("recursion limit exceeded") {
+            Reason::TooDeep
+        } else if msg.starts_with("number out of range") {
+            Reason::NonFinite
+        } else if msg.starts_with("missing field") {
+            Reason::MissingField
+        } else if msg.starts_with("invalid type")
+            || msg.starts_with("invalid value")
+            || msg.starts_with("invalid length")
+        {
+            Reason::WrongType
+        } else {
+            Reason::InvalidJson
+        };
+        DecodeError::new(reason, msg)
+    }
+}
+
+/// A rejected envelope of the batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rejected {
+    /// Index of the envelope in the batch given to [`Decoder::decode`].
+    pub index: usize,
+    pub error: DecodeError,
+}
+
+/// What one batch of envelopes decoded to.
+#[derive(Debug, Clone)]
+pub struct DecodedBatch {
+    pub readings: RecordBatch,
+    pub messages: RecordBatch,
+    pub flows: RecordBatch,
+    pub rejected: Vec<Rejected>,
+}
+
+// ---------------------------------------------------------------- schemas
+
+fn ts_type() -> DataType {
+    DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
+}
+
+/// Schema of the `readings` table.
+pub fn readings_schema() -> SchemaRef {
+    static S: OnceLock<SchemaRef> = OnceLock::new();
+    S.get_or_init(|| {
+        Arc::new(Schema::new(vec![
+            Field::new("ts", ts_type(), false),
+            Field::new("received_at", ts_type(), false),
+            Field::new("subject", DataType::Utf8, false),
+            Field::new("machine", DataType::Utf8, false),
+            Field::new("device", DataType::Utf8, false),
+            Field::new("seq", DataType::UInt64, true),
+            Field::new("metric", DataType::Utf8, false),
+            Field::new("value", DataType::Float64, true),
+            Field::new("payload_bytes", DataType::UInt32, false),
+            Field::new("machine_id", DataType::UInt32, false),
+            Field::new("device_id", DataType::UInt32, false),
+            Field::new("metric_id", DataType::UInt32, false),
+            Field::new("message", DataType::UInt32, false),
+        ]))
+    })
+    .clone()
+}
+
+/// Schema of the `messages` table.
+pub fn messages_schema() -> SchemaRef {
+    static S: OnceLock<SchemaRef> = OnceLock::new();
+    S.get_or_init(|| {
+        Arc::new(Schema::new(vec![
+            Field::new("ts", ts_type(), false),
+            Field::new("received_at", ts_type(), false),
+            Field::new("subject", DataType::Utf8, false),
+            Field::new("machine", DataType::Utf8, false),
+            Field::new("device", DataType::Utf8, false),
+            Field::new("seq", DataType::UInt64, true),
+            Field::new("payload_bytes", DataType::UInt32, false),
+            Field::new("readings", DataType::UInt32, false),
+            Field::new("machine_id", DataType::UInt32, false),
+            Field::new("device_id", DataType::UInt32, false),
+            Field::new("first_reading", DataType::UInt32, false),
+            Field::new("envelope", DataType::UInt32, false),
+        ]))
+    })
+    .clone()
+}
+
+/// Schema of the `flows` table.
+pub fn flows_schema() -> SchemaRef {
+    static S: OnceLock<SchemaRef> = OnceLock::new();
+    S.get_or_init(|| {
+        Arc::new(Schema::new(vec![
+            Field::new("ts", ts_type(), false),
+            Field::new("received_at", ts_type(), false),
+            Field::new("subject", DataType::Utf8, false),
+            Field::new("machine", DataType::Utf8, false),
+            Field::new("src", DataType::Utf8, false),
+            Field::new("dst", DataType::Utf8, false),
+            Field::new("dst_port", DataType::UInt16, true),
+            Field::new("proto", DataType::Utf8, true),
+            Field::new("app", DataType::Utf8, true),
+            Field::new("op", DataType::Utf8, true),
+            Field::new("bytes", DataType::UInt64, false),
+            Field::new("packets", DataType::UInt64, true),
+            Field::new("payload_bytes", DataType::UInt32, false),
+            Field::new("machine_id", DataType::UInt32, false),
+            Field::new("envelope", DataType::UInt32, false),
+        ]))
+    })
+    .clone()
+}
+
+// ------------------------------------------------------------ serde types
+
+/// A string that borrows from the payload when it has no escapes.
+struct Name<'a>(Cow<'a, str>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Name<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Name<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E: de::Error>(self, s: &'de str) -> Result<Name<'a>, E> {
+                Ok(Name(Cow::Borrowed(s)))
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<Name<'a>, E> {
+                Ok(Name(Cow::Owned(s.to_owned())))
+            }
+        }
+        d.deserialize_str(V(std::marker::PhantomData))
+    }
+}
+
+/// One reading value: a finite number or null.
+struct ReadingValue(Option<f64>);
+
+impl<'de> Deserialize<'de> for ReadingValue {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'v> Visitor<'v> for V {
+            type Value = ReadingValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("wrong_type: a reading must be a number or null")
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<ReadingValue, E> {
+                if v.is_finite() {
+                    Ok(ReadingValue(Some(v)))
+                } else {
+                    Err(E::custom("non_finite: a reading is not a finite number"))
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<ReadingValue, E> {
+                Ok(ReadingValue(Some(v as f64)))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<ReadingValue, E> {
+                Ok(ReadingValue(Some(v as f64)))
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<ReadingValue, E> {
+                Ok(ReadingValue(None))
+            }
+            fn visit_none<E: de::Error>(self) -> Result<ReadingValue, E> {
+                Ok(ReadingValue(None))
+            }
+            fn visit_str<E: de::Error>(self, _: &str) -> Result<ReadingValue, E> {
+                Err(E::custom(
+                    "wrong_type: a reading is a string, not a number or null",
+                ))
+            }
+            fn visit_bool<E: de::Error>(self, _: bool) -> Result<ReadingValue, E> {
+                Err(E::custom(
+                    "wrong_type: a reading is a boolean, not a number or null",
+                ))
+            }
+            fn visit_map<A: MapAccess<'v>>(self, _: A) -> Result<ReadingValue, A::Error> {
+                Err(de::Error::custom(
+                    "wrong_type: a reading is an object, not a number or null",
+                ))
+            }
+            fn visit_seq<A: SeqAccess<'v>>(self, _: A) -> Result<ReadingValue, A::Error> {
+                Err(de::Error::custom(
+                    "wrong_type: a reading is an array, not a number or null",
+                ))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// The `readings` object, kept in payload order.
+struct Readings<'a>(Vec<(Cow<'a, str>, Option<f64>)>);
+
+impl<'de: 'a, 'a> Deserialize<'de> for Readings<'a> {
+    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
+            type Value = Readings<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("wrong_type: `readings` must be an object of name -> number or null")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Readings<'a>, A::Error> {
+                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(Name(k)) = map.next_key::<Name<'a>>()? {
+                    let ReadingValue(v) = map.next_value()?;
+                    out.push((k, v));
+                }
+                Ok(Readings(out))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+#[derive(Deserialize)]
+struct RawTelemetry<'a> {
+    ts: EventTs,
+    #[serde(borrow, default)]
+    machine: Option<Name<'a>>,
+    #[serde(borrow, default)]
+    device: Option<Name<'a>>,
+    #[serde(default)]
+    seq: Option<u64>,
+    #[serde(borrow)]
+    readings: Readings<'a>,
+}
+
+#[derive(Deserialize)]
+struct RawFlow<'a> {
+    ts: EventTs,
+    #[serde(borrow, default)]
+    machine: Option<Name<'a>>,
+    #[serde(borrow)]
+    src: Name<'a>,
+    #[serde(borrow)]
+    dst: Name<'a>,
+    #[serde(default)]
+    dst_port: Option<u16>,
+    #[serde(borrow, default)]
+    proto: Option<Name<'a>>,
+    #[serde(borrow, default)]
+    app: Option<Name<'a>>,
+    #[serde(borrow, default)]
+    op: Option<Name<'a>>,
+    bytes: u64,
+    #[serde(default)]
+    packets: Option<u64>,
+}
+
+/// A payload: one object or an array of them, collected into `out` (reused).
+struct OneOrMany<'o, T> {
+    out: &'o mut Vec<T>,
+    max: usize,
+}
+
+impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for OneOrMany<'_, T> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Visitor<'de> for OneOrMany<'_, T> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("wrong_type: the payload must be an object or an array of objects")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
+        self.out
+            .push(T::deserialize(de::value::MapAccessDeserializer::new(map))?);
+        Ok(())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while let Some(item) = seq.next_element::<T>()? {
+            if self.out.len() >= self.max {
+                return Err(de::Error::custom(format_args!(
+                    "too_large: more than {} objects in one payload",
+                    self.max
+                )));
+            }
+            self.out.push(item);
+        }
+        Ok(())
+    }
+}
+
+fn parse_payload<'a, T: Deserialize<'a>>(
+    text: &'a str,
+    out: &mut Vec<T>,
+    max: usize,
+) -> Result<(), DecodeError> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    OneOrMany { out, max }
+        .deserialize(&mut de)
+        .and_then(|()| de.end())
+        .map_err(DecodeError::from_json)?;
+    if out.is_empty() {
+        return Err(DecodeError::new(
+            Reason::Empty,
+            "the payload holds no message",
+        ));
+    }
+    Ok(())
+}
+
+// --------------------------------------------------------------- builders
+
+struct ReadingsBuilder {
+    ts: TimestampMillisecondBuilder,
+    received_at: TimestampMillisecondBuilder,
+    subject: StringBuilder,
+    machine: StringBuilder,
+    device: StringBuilder,
+    seq: UInt64Builder,
+    metric: StringBuilder,
+    value: Float64Builder,
+    payload_bytes: UInt32Builder,
+    machine_id: UInt32Builder,
+    device_id: UInt32Builder,
+    metric_id: UInt32Builder,
+    message: UInt32Builder,
+    rows: u32,
+}
+
+struct MessagesBuilder {
+    ts: TimestampMillisecondBuilder,
+    received_at: TimestampMillisecondBuilder,
+    subject: StringBuilder,
+    machine: StringBuilder,
+    device: StringBuilder,
+    seq: UInt64Builder,
+    payload_bytes: UInt32Builder,
+    readings: UInt32Builder,
+    machine_id: UInt32Builder,
+    device_id: UInt32Builder,
+    first_reading: UInt32Builder,
+    envelope: UInt32Builder,
+    rows: u32,
+}
+
+struct FlowsBuilder {
+    ts: TimestampMillisecondBuilder,
+    received_at: TimestampMillisecondBuilder,
+    subject: StringBuilder,
+    machine: StringBuilder,
+    src: StringBuilder,
+    dst: StringBuilder,
+    dst_port: UInt16Builder,
+    proto: StringBuilder,
+    app: StringBuilder,
+    op: StringBuilder,
+    bytes: UInt64Builder,
+    packets: UInt64Builder,
+    payload_bytes: UInt32Builder,
+    machine_id: UInt32Builder,
+    envelope: UInt32Builder,
+}
+
+fn ts_builder() -> TimestampMillisecondBuilder {
+    TimestampMillisecondBuilder::new().with_timezone("UTC")
+}
+
+impl ReadingsBuilder {
+    fn new() -> Self {
+        ReadingsBuilder {
+            ts: ts_builder(),
+            received_at: ts_builder(),
+            subject: StringBuilder::new(),
+            machine: StringBuilder::new(),
+            device: StringBuilder::new(),
+            seq: UInt64Builder::new(),
+            metric: StringBuilder::new(),
+            value: Float64Builder::new(),
+            payload_bytes: UInt32Builder::new(),
+            machine_id: UInt32Builder::new(),
+            device_id: UInt32Builder::new(),
+            metric_id: UInt32Builder::new(),
+            message: UInt32Builder::new(),
+            rows: 0,
+        }
+    }
+
+    fn finish(&mut self) -> RecordBatch {
+        self.rows = 0;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.ts.finish()),
+            Arc::new(self.received_at.finish()),
+            Arc::new(self.subject.finish()),
+            Arc::new(self.machine.finish()),
+            Arc::new(self.device.finish()),
+            Arc::new(self.seq.finish()),
+            Arc::new(self.metric.finish()),
+            Arc::new(self.value.finish()),
+            Arc::new(self.payload_bytes.finish()),
+            Arc::new(self.machine_id.finish()),
+            Arc::new(self.device_id.finish()),
+            Arc::new(self.metric_id.finish()),
+            Arc::new(self.message.finish()),
+        ];
+        RecordBatch::try_new(readings_schema(), cols).expect("readings columns match their schema")
+    }
+}
+
+impl MessagesBuilder {
+    fn new() -> Self {
+        MessagesBuilder {
+            ts: ts_builder(),
+            received_at: ts_builder(),
+            subject: StringBuilder::new(),
+            machine: StringBuilder::new(),
+            device: StringBuilder::new(),
+            seq: UInt64Builder::new(),
+            payload_bytes: UInt32Builder::new(),
+            readings: UInt32Builder::new(),
+            machine_id: UInt32Builder::new(),
+            device_id: UInt32Builder::new(),
+            first_reading: UInt32Builder::new(),
+            envelope: UInt32Builder::new(),
+            rows: 0,
+        }
+    }
+
+    fn finish(&mut self) -> RecordBatch {
+        self.rows = 0;
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.ts.finish()),
+            Arc::new(self.received_at.finish()),
+            Arc::new(self.subject.finish()),
+            Arc::new(self.machine.finish()),
+            Arc::new(self.device.finish()),
+            Arc::new(self.seq.finish()),
+            Arc::new(self.payload_bytes.finish()),
+            Arc::new(self.readings.finish()),
+            Arc::new(self.machine_id.finish()),
+            Arc::new(self.device_id.finish()),
+            Arc::new(self.first_reading.finish()),
+            Arc::new(self.envelope.finish()),
+        ];
+        RecordBatch::try_new(messages_schema(), cols).expect("messages columns match their schema")
+    }
+}
+
+impl FlowsBuilder {
+    fn new() -> Self {
+        FlowsBuilder {
+            ts: ts_builder(),
+            received_at: ts_builder(),
+            subject: StringBuilder::new(),
+            machine: StringBuilder::new(),
+            src: StringBuilder::new(),
+            dst: StringBuilder::new(),
+            dst_port: UInt16Builder::new(),
+            proto: StringBuilder::new(),
+            app: StringBuilder::new(),
+            op: StringBuilder::new(),
+            bytes: UInt64Builder::new(),
+            packets: UInt64Builder::new(),
+            payload_bytes: UInt32Builder::new(),
+            machine_id: UInt32Builder::new(),
+            envelope: UInt32Builder::new(),
+        }
+    }
+
+    fn finish(&mut self) -> RecordBatch {
+        let cols: Vec<ArrayRef> = vec![
+            Arc::new(self.ts.finish()),
+            Arc::new(self.received_at.finish()),
+            Arc::new(self.subject.finish()),
+            Arc::new(self.machine.finish()),
+            Arc::new(self.src.finish()),
+            Arc::new(self.dst.finish()),
+            Arc::new(self.dst_port.finish()),
+            Arc::new(self.proto.finish()),
+            Arc::new(self.app.finish()),
+            Arc::new(self.op.finish()),
+            Arc::new(self.bytes.finish()),
+            Arc::new(self.packets.finish()),
+            Arc::new(self.payload_bytes.finish()),
+            Arc::new(self.machine_id.finish()),
+            Arc::new(self.envelope.finish()),
+        ];
+        RecordBatch::try_new(flows_schema(), cols).expect("flows columns match their schema")
+    }
+}
+
+// ---------------------------------------------------------------- decoder
+
+/// Turns envelopes into Arrow tables. Holds the interners, so ids are stable
+/// for the life of the decoder.
+pub struct Decoder {
+    cfg: InputConfig,
+    /// Machine names → ids.
+    pub machines: Interner,
+    /// Device names → ids.
+    pub devices: Interner,
+    /// Metric names → ids.
+    pub metrics: Interner,
+    readings: ReadingsBuilder,
+    messages: MessagesBuilder,
+    flows: FlowsBuilder,
+}
+
+/// The last token of a subject: the default machine.
+fn last_token(subject: &str) -> Option<&str> {
+    subject.rsplit('.').next().filter(|t| !t.is_empty())
+}
+
+fn check_name<'a>(field: &str, name: &'a str) -> Result<&'a str, DecodeError> {
+    if name.len() > MAX_NAME_BYTES {
+        return Err(DecodeError::new(
+            Reason::BadName,
+            format!("`{field}` is longer than {MAX_NAME_BYTES} bytes"),
+        ));
+    }
+    if name.chars().any(char::is_control) {
+        return Err(DecodeError::new(
+            Reason::BadName,
+            format!("`{field}` holds control characters"),
+        ));
+    }
+    Ok(name)
+}
+
+fn check_ts(ts: Millis) -> Result<Millis, DecodeError> {
+    if plausible(ts) {
+        Ok(ts)
+    } else {
+        Err(DecodeError::new(
+            Reason::BadTimestamp,
+            format!("ts {ts} is outside 2000..2100 (seconds sent as milliseconds?)"),
+        ))
+    }
+}
+
+impl Decoder {
+    pub fn new(cfg: InputConfig) -> Self {
+        Decoder {
+            machines: Interner::new(cfg.max_machines),
+            devices: Interner::new(cfg.max_devices),
+            metrics: Interner::new(cfg.max_metrics),
+            cfg,
+            readings: ReadingsBuilder::new(),
+            messages: MessagesBuilder::new(),
+            flows: FlowsBuilder::new(),
+        }
+    }
+
+    /// Decodes a batch of envelopes.
+    pub fn decode(&mut self, envelopes: &[Envelope]) -> DecodedBatch {
+        let mut rejected = Vec::new();
+        let mut telemetry: Vec<RawTelemetry> = Vec::new();
+        let mut flows: Vec<RawFlow> = Vec::new();
+        for (index, env) in envelopes.iter().enumerate() {
+            let result = match env.stream() {
+                Stream::Telemetry => self.decode_telemetry(env, index as u32, &mut telemetry),
+                Stream::Flows => self.decode_flows(env, index as u32, &mut flows),
+            };
+            if let Err(error) = result {
+                rejected.push(Rejected { index, error });
+            }
+        }
+        DecodedBatch {
+            readings: self.readings.finish(),
+            messages: self.messages.finish(),
+            flows: self.flows.finish(),
+            rejected,
+        }
+    }
+
+    fn text<'e>(&self, env: &'e Envelope) -> Result<&'e str, DecodeError> {
+        if env.payload.len() > self.cfg.max_payload_bytes {
+            return Err(DecodeError::new(
+                Reason::TooLarge,
+                format!(
+                    "payload of {} bytes exceeds input.max_payload_bytes = {}",
+                    env.payload.len(),
+                    self.cfg.max_payload_bytes
+                ),
+            ));
+        }
+        std::str::from_utf8(&env.payload).map_err(|e| {
+            DecodeError::new(Reason::InvalidUtf8, format!("payload is not UTF-8: {e}"))
+        })
+    }
+
+    fn decode_telemetry<'e>(
+        &mut self,
+        env: &'e Envelope,
+        index: u32,
+        scratch: &mut Vec<RawTelemetry<'e>>,
+    ) -> Result<(), DecodeError> {
+        let text = self.text(env)?;
+        scratch.clear();
+        parse_payload(text, scratch, self.cfg.max_messages_per_payload)?;
+        let default_machine = last_token(&env.subject);
+        // Validate and intern everything before appending any row, so a bad
+        // object rejects its whole payload without leaving rows behind.
+        let mut ids = Vec::with_capacity(scratch.len());
+        for m in scratch.iter() {
+            check_ts(m.ts.0)?;
+            let machine = match m
+                .machine
+                .as_ref()
+                .map(|n| n.0.as_ref())
+                .filter(|s| !s.is_empty())
+            {
+                Some(name) => check_name("machine", name)?,
+                None => default_machine.ok_or_else(|| {
+                    DecodeError::new(
+                        Reason::MissingField,
+                        "missing field `machine` (and no subject to take it from)",
+                    )
+                })?,
+            };
+            let device = match m
+                .device
+                .as_ref()
+                .map(|n| n.0.as_ref())
+                .filter(|s| !s.is_empty())
+            {
+                Some(name) => check_name("device", name)?,
+                None => machine,
+            };
+            for (k, _) in &m.readings.0 {
+                check_name("readings key", k)?;
+            }
+            let machine_id = self
+                .machines
+                .intern(machine)
+                .ok_or_else(|| capacity("machines", "input.max_machines"))?;
+            let device_id = self
+                .devices
+                .intern(device)
+                .ok_or_else(|| capacity("devices", "input.max_devices"))?;
+            ids.push((machine_id, device_id));
+        }
+        let mut metric_ids = Vec::new();
+        for m in scratch.iter() {
+            for (k, _) in &m.readings.0 {
+                metric_ids.push(
+                    self.metrics
+                        .intern(k)
+                        .ok_or_else(|| capacity("metrics", "input.max_metrics"))?,
+                );
+            }
+        }
+        let payload_bytes = env.payload.len().min(u32::MAX as usize) as u32;
+        let mut metric_ids = metric_ids.into_iter();
+        for (m, (machine_id, device_id)) in scratch.iter().zip(ids) {
+            let ts = m.ts.0;
+            let received_at = env.received_at.unwrap_or(ts);
+            let machine = self.machines.name(machine_id);
+            let device = self.devices.name(device_id);
+            let msg_row = self.messages.rows;
+            let b = &mut self.messages;
+            b.ts.append_value(ts);
+            b.received_at.append_value(received_at);
+            b.subject.append_value(&env.subject);
+            b.machine.append_value(machine);
+            b.device.append_value(device);
+            b.seq.append_option(m.seq);
+            b.payload_bytes.append_value(payload_bytes);
+            b.readings.append_value(m.readings.0.len() as u32);
+            b.machine_id.append_value(machine_id);
+            b.device_id.append_value(device_id);
+            b.first_reading.append_value(self.readings.rows);
+            b.envelope.append_value(index);
+            b.rows += 1;
+            let r = &mut self.readings;
+            for (k, v) in &m.readings.0 {
+                let metric_id = metric_ids.next().expect("one id per reading");
+                r.ts.append_value(ts);
+                r.received_at.append_value(received_at);
+                r.subject.append_value(&env.subject);
+                r.machine.append_value(machine);
+                r.device.append_value(device);
+                r.seq.append_option(m.seq);
+                r.metric.append_value(k);
+                r.value.append_option(*v);
+                r.payload_bytes.append_value(payload_bytes);
+                r.machine_id.append_value(machine_id);
+                r.device_id.append_value(device_id);
+                r.metric_id.append_value(metric_id);
+                r.message.append_value(msg_row);
+                r.rows += 1;
+            }
+        }
+        Ok(())
+    }
+
+    fn decode_flows<'e>(
+        &mut self,
+        env: &'e Envelope,
+        index: u32,
+        scratch: &mut Vec<RawFlow<'e>>,
+    ) -> Result<(), DecodeError> {
+        let text = self.text(env)?;
+        scratch.clear();
+        parse_payload(text, scratch, self.cfg.max_messages_per_payload)?;
+        let default_machine = last_token(&env.subject);
+        let mut ids = Vec::with_capacity(scratch.len());
+        for f in scratch.iter() {
+            check_ts(f.ts.0)?;
+            let machine = match f
+                .machine
+                .as_ref()
+                .map(|n| n.0.as_ref())
+                .filter(|s| !s.is_empty())
+            {
+                Some(name) => check_name("machine", name)?,
+                None => default_machine.ok_or_else(|| {
+                    DecodeError::new(Reason::MissingField, "missing field `machine`")
+                })?,
+            };
+            check_name("src", &f.src.0)?;
+            check_name("dst", &f.dst.0)?;
+            for (field, v) in [("proto", &f.proto), ("app", &f.app), ("op", &f.op)] {
+                if let Some(n) = v {
+                    check_name(field, &n.0)?;
+                }
+            }
+            ids.push(
+                self.machines
+                    .intern(machine)
+                    .ok_or_else(|| capacity("machines", "input.max_machines"))?,
+            );
+        }
+        let payload_bytes = env.payload.len().min(u32::MAX as usize) as u32;
+        let b = &mut self.flows;
+        for (f, machine_id) in scratch.iter().zip(ids) {
+            b.ts.append_value(f.ts.0);
+            b.received_at
+                .append_value(env.received_at.unwrap_or(f.ts.0));
+            b.subject.append_value(&env.subject);
+            b.machine.append_value(self.machines.name(machine_id));
+            b.src.append_value(&f.src.0);
+            b.dst.append_value(&f.dst.0);
+            b.dst_port.append_option(f.dst_port);
+            b.proto.append_option(f.proto.as_ref().map(|n| &n.0));
+            b.app.append_option(f.app.as_ref().map(|n| &n.0));
+            b.op.append_option(f.op.as_ref().map(|n| &n.0));
+            b.bytes.append_value(f.bytes);
+            b.packets.append_option(f.packets);
+            b.payload_bytes.append_value(payload_bytes);
+            b.machine_id.append_value(machine_id);
+            b.envelope.append_value(index);
+        }
+        Ok(())
+    }
+}
+
+fn capacity(what: &str, key: &str) -> DecodeError {
+    DecodeError::new(
+        Reason::Capacity,
+        format!("too many distinct {what}: the cap {key} is reached"),
+    )
+}

@@ -1,0 +1,509 @@
+//! Fast path: per-reading detectors on each machine's sensors, in event order.
+//!
+//! For every telemetry message, [`Detectors::observe`] looks at its readings
+//! together — first to see whether the machine is changing operating mode
+//! ([`mode`]), then each reading against its (machine, metric) baseline:
+//! [`spike`] (one-step prediction residual), [`shift`] (CUSUM against a slow
+//! reference), [`stuck`] (frozen value) and [`range`] (learned envelope). What
+//! departs comes out as [`Finding`]s carrying a tail probability (as a
+//! surprise, -log10 p); scoring and dedup happen in [`crate::alerts`].
+//!
+//! Each machine *learns* for `baseline.warmup` of event time from its first
+//! message, then *protects*. While protecting, a reading with a finding at or
+//! above the alert threshold does not update its baseline, so an attacker
+//! cannot teach the baseline his signal. Late (out-of-order) and future-dated
+//! readings are scored but never update a baseline.
+
+pub mod mode;
+pub mod range;
+pub mod shift;
+pub mod spike;
+pub mod stuck;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::score::{normal_two_sided_surprise, surprise_from_score};
+use crate::time::Millis;
+
+use mode::ModeTracker;
+use range::Envelope;
+use shift::Drift;
+use spike::{Predictor, Taus};
+use stuck::Freeze;
+
+/// Most metrics tracked per machine; readings of further metrics are counted and skipped.
+pub const MAX_METRICS_PER_MACHINE: usize = 256;
+
+/// What was found (the contract's canonical `kind` values).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    SensorSpike,
+    SensorShift,
+    SensorStuck,
+    SensorOutOfRange,
+    Multivariate,
+    TrafficRate,
+    TrafficSize,
+    SequenceGap,
+    SequenceReplay,
+    ClockSkew,
+    UnknownDevice,
+    DeviceMismatch,
+    SignatureInvalid,
+    FlowNewPeer,
+    FlowNewPort,
+    FlowNewOp,
+    FlowVolume,
+    FlowFanout,
+    Rule,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::SensorSpike => "sensor_spike",
+            Kind::SensorShift => "sensor_shift",
+            Kind::SensorStuck => "sensor_stuck",
+            Kind::SensorOutOfRange => "sensor_out_of_range",
+            Kind::Multivariate => "multivariate",
+            Kind::TrafficRate => "traffic_rate",
+            Kind::TrafficSize => "traffic_size",
+            Kind::SequenceGap => "sequence_gap",
+            Kind::SequenceReplay => "sequence_replay",
+            Kind::ClockSkew => "clock_skew",
+            Kind::UnknownDevice => "unknown_device",
+            Kind::DeviceMismatch => "device_mismatch",
+            Kind::SignatureInvalid => "signature_invalid",
+            Kind::FlowNewPeer => "flow_new_peer",
+            Kind::FlowNewPort => "flow_new_port",
+            Kind::FlowNewOp => "flow_new_op",
+            Kind::FlowVolume => "flow_volume",
+            Kind::FlowFanout => "flow_fanout",
+            Kind::Rule => "rule",
+        }
+    }
+}
+
+/// Kind-specific numbers behind a finding, for its explanation.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Detail {
+    Spike {
+        z: f64,
+        sigma: f64,
+    },
+    Shift {
+        statistic: f64,
+        since: Millis,
+        sigma: f64,
+    },
+    Stuck {
+        since: Millis,
+        duration: Millis,
+        readings: u32,
+        longest_learned: Millis,
+    },
+    Range {
+        lo: f64,
+        hi: f64,
+        margin: f64,
+    },
+}
+
+/// One departure from a baseline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Finding {
+    pub machine: u32,
+    pub device: u32,
+    pub metric: u32,
+    pub kind: Kind,
+    /// Which baseline produced it (the alert's `detector`).
+    pub detector: &'static str,
+    /// Event time of the observation.
+    pub ts: Millis,
+    pub value: f64,
+    pub expected: f64,
+    /// -log10 of the tail probability.
+    pub surprise: f64,
+    pub detail: Detail,
+}
+
+/// State of one (machine, metric).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MetricState {
+    pub metric: u32,
+    pub predictor: Predictor,
+    pub drift: Drift,
+    pub freeze: Freeze,
+    pub envelope: Envelope,
+    /// Settled since the machine's last mode change (drift is judged only when settled).
+    pub settled: bool,
+    /// When the sensor last stopped being settled.
+    pub unsettled_since: Millis,
+    /// Level and time of the last settling probe.
+    pub probe_level: f64,
+    pub probe_ts: Millis,
+    /// Start of the current uninterrupted run of anomalous readings.
+    pub anomalous_since: Option<Millis>,
+}
+
+/// State of one machine.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineState {
+    pub first_ts: Millis,
+    pub protecting: bool,
+    pub mode: ModeTracker,
+    pub metrics: Vec<MetricState>,
+    /// Readings skipped because the machine has too many metrics.
+    pub skipped: u64,
+}
+
+/// Learning or protecting, for counters and summaries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Learning,
+    Protecting,
+}
+
+/// The parameters the detectors run with, in the units they use.
+#[derive(Debug, Clone)]
+struct Params {
+    warmup: Millis,
+    taus: Taus,
+    reference_tau: f64,
+    min_surprise: f64,
+    spike: bool,
+    shift: bool,
+    slack: f64,
+    threshold: f64,
+    rebase_after: Millis,
+    stuck: bool,
+    stuck_min: Millis,
+    stuck_factor: f64,
+    range: bool,
+    margin: f64,
+    move_z: f64,
+    min_moving: usize,
+    hold: Millis,
+    settle_max: Millis,
+}
+
+/// Per-machine baselines for every sensor.
+pub struct Detectors {
+    p: Params,
+    machines: Vec<Option<MachineState>>,
+    /// Scratch per message: (slot, value, z).
+    scratch: Vec<(usize, f64, f64)>,
+    /// Machines that entered protection since the last call to [`Detectors::take_newly_protecting`].
+    newly_protecting: Vec<u32>,
+}
+
+impl Detectors {
+    pub fn new(cfg: &Config) -> Self {
+        let s = |ms: Millis| ms as f64 / 1000.0;
+        let b = &cfg.baseline;
+        let d = &cfg.detect;
+        Detectors {
+            p: Params {
+                warmup: b.warmup,
+                taus: Taus {
+                    level: s(b.level_tau),
+                    trend: s(b.trend_tau),
+                    scale: s(b.scale_tau),
+                },
+                reference_tau: s(b.reference_tau),
+                min_surprise: surprise_from_score(cfg.alerts.min_score),
+                spike: d.spike.enabled,
+                shift: d.shift.enabled,
+                slack: d.shift.slack,
+                threshold: d.shift.threshold,
+                rebase_after: b.rebase_after,
+                stuck: d.stuck.enabled,
+                stuck_min: d.stuck.min_duration,
+                stuck_factor: d.stuck.learned_run_factor,
+                range: d.range.enabled,
+                margin: d.range.margin,
+                move_z: d.mode.move_z,
+                min_moving: d.mode.min_moving,
+                hold: d.mode.hold,
+                settle_max: d.mode.settle_max,
+            },
+            machines: Vec::new(),
+            scratch: Vec::new(),
+            newly_protecting: Vec::new(),
+        }
+    }
+
+    /// The state of a machine, if it has sent anything.
+    pub fn machine(&self, machine: u32) -> Option<&MachineState> {
+        self.machines.get(machine as usize).and_then(Option::as_ref)
+    }
+
+    /// How many machines are learning and protecting.
+    pub fn phase_counts(&self) -> (usize, usize) {
+        let mut counts = (0, 0);
+        for m in self.machines.iter().flatten() {
+            if m.protecting {
+                counts.1 += 1;
+            } else {
+                counts.0 += 1;
+            }
+        }
+        counts
+    }
+
+    /// Machines that started protecting since the last call.
+    pub fn take_newly_protecting(&mut self) -> Vec<u32> {
+        std::mem::take(&mut self.newly_protecting)
+    }
+
+    /// Observes one telemetry message of `machine` sent by `device` at `ts`.
+    /// `readings` are (metric id, value) pairs with nulls already dropped.
+    /// `trusted` is false for late or future-dated messages: they are scored
+    /// but never update a baseline.
+    pub fn observe(
+        &mut self,
+        machine: u32,
+        device: u32,
+        ts: Millis,
+        trusted: bool,
+        readings: &[(u32, f64)],
+        out: &mut Vec<Finding>,
+    ) {
+        let p = &self.p;
+        let idx = machine as usize;
+        if self.machines.len() <= idx {
+            self.machines.resize_with(idx + 1, || None);
+        }
+        let m = self.machines[idx].get_or_insert_with(|| MachineState {
+            first_ts: ts,
+            protecting: false,
+            mode: ModeTracker::default(),
+            metrics: Vec::new(),
+            skipped: 0,
+        });
+        if !m.protecting && trusted && ts >= m.first_ts.saturating_add(p.warmup) {
+            m.protecting = true;
+            self.newly_protecting.push(machine);
+            // Drift is measured from where learning left each sensor.
+            for s in &mut m.metrics {
+                let level = s.predictor.level;
+                s.drift.anchor(level, ts);
+            }
+        }
+        let learning = !m.protecting;
+
+        // Pass 1: z of every reading, and how many sensors moved together.
+        let scratch = &mut self.scratch;
+        scratch.clear();
+        let mut moving = 0;
+        for &(metric, x) in readings {
+            let slot = match m.metrics.iter().position(|s| s.metric == metric) {
+                Some(slot) => slot,
+                None if m.metrics.len() < MAX_METRICS_PER_MACHINE => {
+                    m.metrics.push(MetricState {
+                        metric,
+                        ..MetricState::default()
+                    });
+                    m.metrics.len() - 1
+                }
+                None => {
+                    m.skipped += 1;
+                    continue;
+                }
+            };
+            let z = m.metrics[slot].predictor.z(ts, x, &p.taus);
+            if z.abs() >= p.move_z {
+                moving += 1;
+            }
+            scratch.push((slot, x, z));
+        }
+        let in_transition = if trusted {
+            m.mode.observe(ts, moving, p.min_moving, p.hold)
+        } else {
+            m.mode.in_transition(ts)
+        };
+        if in_transition {
+            for s in &mut m.metrics {
+                if s.settled {
+                    s.settled = false;
+                    s.unsettled_since = ts;
+                }
+                s.probe_ts = ts;
+                s.probe_level = s.predictor.level;
+            }
+        }
+
+        // Pass 2: judge each reading, then let the normal ones teach the baseline.
+        for &(slot, x, z) in scratch.iter() {
+            let s = &mut m.metrics[slot];
+            let in_order = trusted && ts >= s.predictor.last_ts;
+            let first = out.len();
+            if !learning {
+                judge(p, machine, device, ts, x, z, in_transition, s, out);
+            }
+            if p.stuck {
+                let frozen = s
+                    .freeze
+                    .observe(ts, x, learning, p.stuck_min, p.stuck_factor)
+                    .filter(|f| f.surprise >= p.min_surprise);
+                if let Some(f) = frozen {
+                    out.push(Finding {
+                        machine,
+                        device,
+                        metric: s.metric,
+                        kind: Kind::SensorStuck,
+                        detector: "frozen_run",
+                        ts,
+                        value: x,
+                        expected: s.predictor.level,
+                        surprise: f.surprise,
+                        detail: Detail::Stuck {
+                            since: f.since,
+                            duration: f.duration,
+                            readings: f.readings,
+                            longest_learned: f.longest_learned,
+                        },
+                    });
+                }
+            }
+            let anomalous = !learning && out.len() > first;
+            if !in_order {
+                continue;
+            }
+            if !anomalous {
+                s.anomalous_since = None;
+                learn(p, ts, x, in_transition, s);
+            } else if ts - *s.anomalous_since.get_or_insert(ts) >= p.rebase_after {
+                // Anomalous for too long to be a transient: start the short-term
+                // baselines afresh from here. The alerts raised stand, and the
+                // scale and envelope keep what they learned.
+                s.anomalous_since = None;
+                s.predictor.rebase(ts, x);
+                s.drift.anchor(x, ts);
+            } else {
+                s.predictor.skip(ts, &p.taus);
+            }
+        }
+    }
+
+    /// The phase of a machine.
+    pub fn phase(&self, machine: u32) -> Option<Phase> {
+        self.machine(machine).map(|m| {
+            if m.protecting {
+                Phase::Protecting
+            } else {
+                Phase::Learning
+            }
+        })
+    }
+}
+
+/// Runs the spike, range and drift checks on one reading.
+#[allow(clippy::too_many_arguments)]
+fn judge(
+    p: &Params,
+    machine: u32,
+    device: u32,
+    ts: Millis,
+    x: f64,
+    z: f64,
+    in_transition: bool,
+    s: &MetricState,
+    out: &mut Vec<Finding>,
+) {
+    let pred = &s.predictor;
+    if !pred.ready() {
+        return;
+    }
+    let sigma = pred.sigma();
+    let finding = |kind, detector, expected, surprise, detail| Finding {
+        machine,
+        device,
+        metric: s.metric,
+        kind,
+        detector,
+        ts,
+        value: x,
+        expected,
+        surprise,
+        detail,
+    };
+    if p.spike && !in_transition {
+        let surprise = normal_two_sided_surprise(z);
+        if surprise >= p.min_surprise {
+            out.push(finding(
+                Kind::SensorSpike,
+                "holt_z",
+                pred.predict(ts, &p.taus),
+                surprise,
+                Detail::Spike { z, sigma },
+            ));
+        }
+    }
+    if p.range
+        && let Some(o) = s.envelope.check(x, sigma, p.margin)
+        && o.surprise >= p.min_surprise
+    {
+        out.push(finding(
+            Kind::SensorOutOfRange,
+            "envelope",
+            o.bound,
+            o.surprise,
+            Detail::Range {
+                lo: o.lo,
+                hi: o.hi,
+                margin: o.margin,
+            },
+        ));
+    }
+    if p.shift && s.settled && !in_transition && s.drift.anchored {
+        let c = s.drift.peek(ts, x, sigma, p.slack);
+        let surprise = Drift::surprise(c.statistic, p.threshold);
+        if surprise >= p.min_surprise {
+            out.push(finding(
+                Kind::SensorShift,
+                "cusum",
+                c.reference,
+                surprise,
+                Detail::Shift {
+                    statistic: c.statistic,
+                    since: c.since,
+                    sigma: c.sigma,
+                },
+            ));
+        }
+    }
+}
+
+/// Lets a reading judged normal update the (machine, metric) baseline.
+fn learn(p: &Params, ts: Millis, x: f64, in_transition: bool, s: &mut MetricState) {
+    let dt = ((ts - s.predictor.last_ts) as f64 / 1000.0).clamp(0.0, p.reference_tau);
+    s.predictor.update(ts, x, &p.taus, in_transition);
+    s.envelope.learn(x);
+    let sigma = s.predictor.sigma();
+    if !s.drift.anchored {
+        s.drift.anchor(x, ts);
+        s.settled = true;
+        return;
+    }
+    if !s.settled {
+        // Follow the new level until this sensor has settled — moved less than
+        // two sigmas over a trend time constant — then start afresh from it.
+        s.drift.reference = s.predictor.level;
+        let probe_every = (p.taus.trend * 1000.0) as Millis;
+        if !in_transition && s.predictor.ready() && ts - s.probe_ts >= probe_every {
+            let still = (s.predictor.level - s.probe_level).abs() < 2.0 * sigma;
+            if still || ts - s.unsettled_since >= p.settle_max {
+                s.settled = true;
+                s.drift.anchor(s.predictor.level, ts);
+            } else {
+                s.probe_ts = ts;
+                s.probe_level = s.predictor.level;
+            }
+        }
+        return;
+    }
+    s.drift.update(ts, x, dt, p.reference_tau, sigma, p.slack);
+}

@@ -1,0 +1,95 @@
+//! String interning with a cap: machines, devices and metrics become small
+//! integer ids once, so per-entity state lives in `Vec`s indexed by id rather
+//! than in maps keyed by strings, and a flood of invented names cannot grow
+//! memory without bound.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Maps names to dense ids `0..len`, refusing new names past `cap`.
+#[derive(Debug)]
+pub struct Interner {
+    ids: HashMap<Arc<str>, u32>,
+    names: Vec<Arc<str>>,
+    cap: usize,
+    refused: u64,
+}
+
+impl Interner {
+    /// An empty interner that holds at most `cap` names.
+    pub fn new(cap: usize) -> Self {
+        Interner {
+            ids: HashMap::new(),
+            names: Vec::new(),
+            cap,
+            refused: 0,
+        }
+    }
+
+    /// The id of `name`, adding it if there is room; `None` once the cap is reached.
+    pub fn intern(&mut self, name: &str) -> Option<u32> {
+        if let Some(&id) = self.ids.get(name) {
+            return Some(id);
+        }
+        if self.names.len() >= self.cap {
+            self.refused += 1;
+            return None;
+        }
+        let id = self.names.len() as u32;
+        let name: Arc<str> = Arc::from(name);
+        self.ids.insert(name.clone(), id);
+        self.names.push(name);
+        Some(id)
+    }
+
+    /// The id of `name` if it is known.
+    pub fn get(&self, name: &str) -> Option<u32> {
+        self.ids.get(name).copied()
+    }
+
+    /// The name behind an id.
+    pub fn name(&self, id: u32) -> &Arc<str> {
+        &self.names[id as usize]
+    }
+
+    /// How many names are held.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether no name is held.
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+
+    /// How many new names were refused because the cap was reached.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_dense_and_stable() {
+        let mut i = Interner::new(10);
+        assert_eq!(i.intern("a"), Some(0));
+        assert_eq!(i.intern("b"), Some(1));
+        assert_eq!(i.intern("a"), Some(0));
+        assert_eq!(&**i.name(1), "b");
+        assert_eq!(i.get("c"), None);
+    }
+
+    #[test]
+    fn cap_holds_against_a_spray() {
+        let mut i = Interner::new(100);
+        for n in 0..10_000 {
+            i.intern(&format!("rogue-{n}"));
+        }
+        assert_eq!(i.len(), 100);
+        assert_eq!(i.refused(), 9_900);
+        assert_eq!(i.intern("rogue-5"), Some(5));
+    }
+}

@@ -1,0 +1,27 @@
+//! The `twinwatch` binary: parses the command line, sets up logging, runs the
+//! command, and turns errors into exit codes (0 ok, 1 runtime failure, 2 bad
+//! usage or configuration).
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+use twinwatch::cli::{Cli, UsageError, dispatch};
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("TWINWATCH_LOG")
+        .or_else(|_| EnvFilter::try_from_default_env())
+        .unwrap_or_else(|_| EnvFilter::new("twinwatch=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = dispatch(cli) {
+        eprintln!("twinwatch: {e:#}");
+        let code = if e.downcast_ref::<UsageError>().is_some() {
+            2
+        } else {
+            1
+        };
+        std::process::exit(code);
+    }
+}

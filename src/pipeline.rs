@@ -1,0 +1,348 @@
+//! Pipeline: wires the rooms together — the only module that knows them all.
+//!
+//! A batch of envelopes walks: [`decode`](crate::decode) → admission against
+//! the machine's watermark ([`window`](crate::window)) → fast path
+//! ([`detect`](crate::detect)) → scoring and dedup ([`alerts`](crate::alerts))
+//! → the sink; on-time rows wait in their windows, and windows the watermarks
+//! closed come out as tables for the feature queries.
+//!
+//! [`Pipeline`] is synchronous and deterministic: the same envelopes in the
+//! same order give the same alerts (but `emitted_at`). [`run`] drives it from
+//! a [`Source`] into a [`Sink`], committing each batch to the source only after
+//! its alerts were flushed (at-least-once).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, Float64Array, TimestampMillisecondArray, UInt32Array};
+use tracing::{debug_span, info, warn};
+
+use crate::alerts::{Alert, AlertBook, Names};
+use crate::config::Config;
+use crate::decode::{DecodeError, Decoder, Reason};
+use crate::detect::{Detectors, Finding};
+use crate::sink::{Sink, SinkError};
+use crate::source::{Envelope, Source, SourceError};
+use crate::time::{Millis, wall_now};
+use crate::window::{Admission, ClosedWindows, Windows};
+
+/// Counters users ask about.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Stats {
+    pub envelopes: u64,
+    pub payload_bytes: u64,
+    pub messages: u64,
+    pub readings: u64,
+    pub null_readings: u64,
+    pub flows: u64,
+    pub rejected: u64,
+    pub rejected_by_reason: HashMap<&'static str, u64>,
+    pub late: u64,
+    pub future: u64,
+    pub findings: u64,
+    pub alerts: u64,
+    pub suppressed: u64,
+    pub windows_closed: u64,
+    pub machine_windows: u64,
+    pub machines_learning: usize,
+    pub machines_protecting: usize,
+    /// Event time of the oldest and newest message seen.
+    pub oldest_ts: Option<Millis>,
+    pub newest_ts: Option<Millis>,
+}
+
+/// Logs a line per key at most once per interval, saying how many were held back.
+pub struct LogLimiter {
+    interval: Duration,
+    last: HashMap<&'static str, (Instant, u64)>,
+}
+
+impl LogLimiter {
+    pub fn new(interval: Duration) -> Self {
+        LogLimiter {
+            interval,
+            last: HashMap::new(),
+        }
+    }
+
+    /// `Some(held back since the last line)` when a line may be logged now.
+    pub fn allow(&mut self, key: &'static str) -> Option<u64> {
+        let now = Instant::now();
+        match self.last.get_mut(key) {
+            Some((at, held)) if now.duration_since(*at) < self.interval => {
+                *held += 1;
+                None
+            }
+            Some((at, held)) => {
+                let n = *held;
+                *at = now;
+                *held = 0;
+                Some(n)
+            }
+            None => {
+                self.last.insert(key, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
+/// What one batch produced.
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Alerts to publish, in event order per machine.
+    pub alerts: Vec<Alert>,
+    /// Rejected envelopes (index in the batch) and why.
+    pub rejected: Vec<(usize, DecodeError)>,
+    /// Machine-windows closed by this batch.
+    pub closed: Option<ClosedWindows>,
+}
+
+/// The detection pipeline.
+pub struct Pipeline {
+    decoder: Decoder,
+    windows: Windows,
+    detectors: Detectors,
+    book: AlertBook,
+    stats: Stats,
+    log: LogLimiter,
+    readings: Vec<(u32, f64)>,
+    findings: Vec<Finding>,
+}
+
+fn col<'b, T: 'static>(batch: &'b arrow::record_batch::RecordBatch, name: &str) -> &'b T {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .expect("decoded tables have their documented columns")
+}
+
+impl Pipeline {
+    pub fn new(cfg: &Config) -> Self {
+        Pipeline {
+            decoder: Decoder::new(cfg.input.clone()),
+            windows: Windows::new(cfg.window.clone()),
+            detectors: Detectors::new(cfg),
+            book: AlertBook::new(cfg.alerts.min_score, cfg.alerts.cooldown, cfg.window.size),
+            stats: Stats::default(),
+            log: LogLimiter::new(Duration::from_secs(10)),
+            readings: Vec::new(),
+            findings: Vec::new(),
+        }
+    }
+
+    /// Counters so far.
+    pub fn stats(&self) -> Stats {
+        let mut s = self.stats.clone();
+        s.late = self.windows.late;
+        s.future = self.windows.future;
+        s.alerts = self.book.raised;
+        s.suppressed = self.book.suppressed;
+        (s.machines_learning, s.machines_protecting) = self.detectors.phase_counts();
+        s
+    }
+
+    /// The detectors' state (for inspection and tests).
+    pub fn detectors(&self) -> &Detectors {
+        &self.detectors
+    }
+
+    /// The id of a machine name, if it was seen.
+    pub fn machine_id(&self, name: &str) -> Option<u32> {
+        self.decoder.machines.get(name)
+    }
+
+    /// Runs one batch through every room.
+    pub fn process(&mut self, envelopes: &[Envelope], emitted_at: Millis) -> Output {
+        let mut out = Output::default();
+        self.stats.envelopes += envelopes.len() as u64;
+        self.stats.payload_bytes += envelopes
+            .iter()
+            .map(|e| e.payload.len() as u64)
+            .sum::<u64>();
+
+        let decoded = {
+            let _s = debug_span!("decode", envelopes = envelopes.len()).entered();
+            self.decoder.decode(envelopes)
+        };
+        for r in &decoded.rejected {
+            self.reject(r.index, &r.error, envelopes, &mut out);
+        }
+        let messages = &decoded.messages;
+        let readings = &decoded.readings;
+        self.stats.messages += messages.num_rows() as u64;
+        self.stats.readings += readings.num_rows() as u64;
+        self.stats.flows += decoded.flows.num_rows() as u64;
+
+        // Admission: each message against its machine's watermark, in arrival order.
+        let m_ts = col::<TimestampMillisecondArray>(messages, "ts").values();
+        let m_recv = col::<TimestampMillisecondArray>(messages, "received_at").values();
+        let m_machine = col::<UInt32Array>(messages, "machine_id").values();
+        let m_device = col::<UInt32Array>(messages, "device_id").values();
+        let m_first = col::<UInt32Array>(messages, "first_reading").values();
+        let m_count = col::<UInt32Array>(messages, "readings").values();
+        let f_ts = col::<TimestampMillisecondArray>(&decoded.flows, "ts").values();
+        let f_recv = col::<TimestampMillisecondArray>(&decoded.flows, "received_at").values();
+        let f_machine = col::<UInt32Array>(&decoded.flows, "machine_id").values();
+        let r_metric = col::<UInt32Array>(readings, "metric_id").values();
+        let r_value = col::<Float64Array>(readings, "value");
+
+        let m_env = col::<UInt32Array>(messages, "envelope").values();
+        let f_env = col::<UInt32Array>(&decoded.flows, "envelope").values();
+        let mut msg_adm = Vec::with_capacity(messages.num_rows());
+        let mut flow_adm = Vec::with_capacity(decoded.flows.num_rows());
+        {
+            let _s = debug_span!("fast_path", messages = messages.num_rows()).entered();
+            // Messages and flow records are admitted in arrival order, interleaved,
+            // so each sees the watermark as it stood when it arrived.
+            let mut f = 0;
+            for i in 0..messages.num_rows() {
+                while f < f_env.len() && f_env[f] < m_env[i] {
+                    flow_adm.push(self.windows.admit(f_machine[f], f_ts[f], f_recv[f]));
+                    f += 1;
+                }
+                let adm = self.windows.admit(m_machine[i], m_ts[i], m_recv[i]);
+                msg_adm.push(adm);
+                let ts = m_ts[i];
+                if adm != Admission::Future {
+                    self.stats.newest_ts = Some(self.stats.newest_ts.map_or(ts, |n| n.max(ts)));
+                    self.stats.oldest_ts = Some(self.stats.oldest_ts.map_or(ts, |n| n.min(ts)));
+                }
+                self.readings.clear();
+                let first = m_first[i] as usize;
+                for r in first..first + m_count[i] as usize {
+                    if r_value.is_null(r) {
+                        self.stats.null_readings += 1;
+                    } else {
+                        self.readings.push((r_metric[r], r_value.value(r)));
+                    }
+                }
+                self.detectors.observe(
+                    m_machine[i],
+                    m_device[i],
+                    ts,
+                    adm != Admission::Future,
+                    &self.readings,
+                    &mut self.findings,
+                );
+            }
+            for f in f..f_env.len() {
+                flow_adm.push(self.windows.admit(f_machine[f], f_ts[f], f_recv[f]));
+            }
+        }
+
+        {
+            let _s = debug_span!("alerts", findings = self.findings.len()).entered();
+            self.stats.findings += self.findings.len() as u64;
+            let names = Names {
+                machines: &self.decoder.machines,
+                devices: &self.decoder.devices,
+                metrics: &self.decoder.metrics,
+            };
+            for f in self.findings.drain(..) {
+                if let Some(a) = self.book.offer(&f, &names, emitted_at) {
+                    out.alerts.push(a);
+                }
+            }
+        }
+        for m in self.detectors.take_newly_protecting() {
+            info!(machine = %self.decoder.machines.name(m), "baseline learned; machine is now protected");
+        }
+
+        {
+            let _s = debug_span!("window").entered();
+            self.windows.buffer(&decoded, &msg_adm, &flow_adm);
+            out.closed = self.windows.close();
+        }
+        self.count_closed(&out.closed);
+        out
+    }
+
+    /// End of input: closes every open window.
+    pub fn finish(&mut self) -> Output {
+        let closed = self.windows.close_all();
+        self.count_closed(&closed);
+        Output {
+            closed,
+            ..Output::default()
+        }
+    }
+
+    fn count_closed(&mut self, closed: &Option<ClosedWindows>) {
+        if let Some(c) = closed {
+            self.stats.windows_closed += 1;
+            self.stats.machine_windows += c.machine_windows as u64;
+        }
+    }
+
+    fn reject(
+        &mut self,
+        index: usize,
+        error: &DecodeError,
+        envelopes: &[Envelope],
+        out: &mut Output,
+    ) {
+        self.stats.rejected += 1;
+        *self
+            .stats
+            .rejected_by_reason
+            .entry(error.reason.as_str())
+            .or_default() += 1;
+        if let Some(held) = self.log.allow(error.reason.as_str()) {
+            warn!(
+                reason = %error.reason,
+                subject = %envelopes[index].subject,
+                held_back = held,
+                "message rejected: {}",
+                error.detail
+            );
+        }
+        out.rejected.push((index, error.clone()));
+    }
+}
+
+/// A failure that stops [`run`].
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+}
+
+/// Drives `pipeline` from `source` into `sink` until the source ends.
+/// `progress` is called after every batch (it throttles itself).
+pub async fn run<S: Source, K: Sink>(
+    pipeline: &mut Pipeline,
+    source: &mut S,
+    sink: &mut K,
+    progress: &mut dyn FnMut(&Pipeline),
+) -> Result<(), RunError> {
+    while let Some(batch) = source.next_batch().await? {
+        let out = pipeline.process(&batch, wall_now());
+        for (i, e) in &out.rejected {
+            sink.dead_letter(&batch[*i], e).await?;
+        }
+        sink.publish(&out.alerts).await?;
+        sink.flush().await?;
+        source.commit().await?;
+        progress(pipeline);
+    }
+    let out = pipeline.finish();
+    sink.publish(&out.alerts).await?;
+    sink.flush().await?;
+    Ok(())
+}
+
+/// Reasons in a stable order, for summaries.
+pub fn reasons_in_order(stats: &Stats) -> Vec<(&'static str, u64)> {
+    Reason::ALL
+        .iter()
+        .filter_map(|r| {
+            stats
+                .rejected_by_reason
+                .get(r.as_str())
+                .map(|n| (r.as_str(), *n))
+        })
+        .collect()
+}

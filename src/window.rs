@@ -1,0 +1,299 @@
+//! Window: event-time bookkeeping per machine.
+//!
+//! Each machine has its own watermark, `newest event time seen − allowed
+//! lateness`, because machines' clocks and links differ and one slow machine
+//! must not hold back the others. Tumbling windows of `window.size`, aligned
+//! to the epoch, close for a machine once its watermark passes their end.
+//! A message whose window has already closed is *late*: it is counted and kept
+//! out of the window tables, but the fast path still scores it. A message
+//! dated more than `window.max_future` ahead of its arrival is *future*: it
+//! never moves the watermark (one forged timestamp would otherwise close every
+//! window of the machine and make all its honest data late).
+//!
+//! Rows wait here in the batches they arrived in; each call to
+//! [`Windows::close`] hands over, as one set of tables, every machine-window
+//! that closed since the last call, with `window_start` and `window_end`
+//! columns added, so the feature queries run once per batch over all machines
+//! rather than once per machine.
+
+use std::sync::Arc;
+
+use arrow::array::{Array, ArrayRef, BooleanArray, TimestampMillisecondArray, UInt32Array};
+use arrow::compute::{concat_batches, filter_record_batch};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+
+use crate::config::WindowConfig;
+use crate::decode::DecodedBatch;
+use crate::time::{Millis, window_start};
+
+/// How an event stands against its machine's watermark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission {
+    /// Its window is still open.
+    OnTime,
+    /// Its window has closed already.
+    Late,
+    /// Dated too far ahead of its arrival; ignored by the watermark.
+    Future,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Clock {
+    newest: Millis,
+    /// Windows ending at or before this instant are closed.
+    closed_upto: Millis,
+}
+
+const NO_CLOCK: Clock = Clock {
+    newest: Millis::MIN,
+    closed_upto: Millis::MIN,
+};
+
+/// The machine-windows that closed, as tables.
+#[derive(Debug, Clone)]
+pub struct ClosedWindows {
+    /// `readings` rows (see [`crate::decode`]) plus `window_start`, `window_end`.
+    pub readings: RecordBatch,
+    /// `messages` rows plus `window_start`, `window_end`.
+    pub messages: RecordBatch,
+    /// `flows` rows plus `window_start`, `window_end`.
+    pub flows: RecordBatch,
+    /// How many distinct (machine, window) pairs closed.
+    pub machine_windows: usize,
+}
+
+/// Rows of one table waiting for their windows to close.
+struct TableBuffer {
+    schema: SchemaRef,
+    /// Columns of the decoded table kept in window tables (batch-local row links are dropped).
+    keep: Vec<usize>,
+    pending: Vec<Pending>,
+}
+
+struct Pending {
+    batch: RecordBatch,
+    machine: Vec<u32>,
+    start: Vec<Millis>,
+    open: Vec<bool>,
+    n_open: usize,
+}
+
+impl TableBuffer {
+    fn new(source: &Schema, drop: &[&str]) -> Self {
+        let keep: Vec<usize> = (0..source.fields().len())
+            .filter(|&i| !drop.contains(&source.field(i).name().as_str()))
+            .collect();
+        let mut fields: Vec<Field> = keep.iter().map(|&i| source.field(i).clone()).collect();
+        let ts = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+        fields.push(Field::new("window_start", ts.clone(), false));
+        fields.push(Field::new("window_end", ts, false));
+        TableBuffer {
+            schema: Arc::new(Schema::new(fields)),
+            keep,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Keeps the admitted rows of `batch`; `admitted[i]` says whether row i joins its window.
+    fn push(&mut self, batch: &RecordBatch, admitted: Vec<bool>, size: Millis) {
+        if !admitted.iter().any(|&a| a) {
+            return;
+        }
+        let mask = BooleanArray::from(admitted);
+        let batch = filter_record_batch(
+            &batch.project(&self.keep).expect("kept columns exist"),
+            &mask,
+        )
+        .expect("mask has the batch's length");
+        let ts = column::<TimestampMillisecondArray>(&batch, "ts");
+        let machine: Vec<u32> = column::<UInt32Array>(&batch, "machine_id")
+            .values()
+            .to_vec();
+        let start: Vec<Millis> = ts.values().iter().map(|&t| window_start(t, size)).collect();
+        let starts = TimestampMillisecondArray::from(start.clone()).with_timezone("UTC");
+        let ends =
+            TimestampMillisecondArray::from(start.iter().map(|s| s + size).collect::<Vec<_>>())
+                .with_timezone("UTC");
+        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+        cols.push(Arc::new(starts));
+        cols.push(Arc::new(ends));
+        let batch = RecordBatch::try_new(self.schema.clone(), cols).expect("window columns match");
+        let n = batch.num_rows();
+        self.pending.push(Pending {
+            batch,
+            machine,
+            start,
+            open: vec![true; n],
+            n_open: n,
+        });
+    }
+
+    /// Takes out the rows whose window is closed by `clocks` (all rows when `all`).
+    fn take(
+        &mut self,
+        clocks: &[Clock],
+        size: Millis,
+        all: bool,
+        windows: &mut Vec<(u32, Millis)>,
+    ) -> RecordBatch {
+        let mut parts = Vec::new();
+        for p in &mut self.pending {
+            let mut mask = Vec::with_capacity(p.open.len());
+            let mut any = false;
+            for i in 0..p.open.len() {
+                let closed = p.open[i]
+                    && (all || p.start[i] + size <= clocks[p.machine[i] as usize].closed_upto);
+                if closed {
+                    p.open[i] = false;
+                    p.n_open -= 1;
+                    windows.push((p.machine[i], p.start[i]));
+                    any = true;
+                }
+                mask.push(closed);
+            }
+            if any {
+                parts.push(
+                    filter_record_batch(&p.batch, &BooleanArray::from(mask))
+                        .expect("mask has the batch's length"),
+                );
+            }
+        }
+        self.pending.retain(|p| p.n_open > 0);
+        concat_batches(&self.schema, &parts).expect("parts share the schema")
+    }
+
+    fn rows_waiting(&self) -> usize {
+        self.pending.iter().map(|p| p.n_open).sum()
+    }
+}
+
+fn column<'b, T: 'static>(batch: &'b RecordBatch, name: &str) -> &'b T {
+    batch
+        .column_by_name(name)
+        .and_then(|c| c.as_any().downcast_ref::<T>())
+        .expect("decoded tables have their documented columns")
+}
+
+/// Per-machine watermarks and the rows of windows still open.
+pub struct Windows {
+    cfg: WindowConfig,
+    clocks: Vec<Clock>,
+    readings: TableBuffer,
+    messages: TableBuffer,
+    flows: TableBuffer,
+    /// Events that arrived after their window closed.
+    pub late: u64,
+    /// Events dated too far ahead of their arrival.
+    pub future: u64,
+}
+
+impl Windows {
+    pub fn new(cfg: WindowConfig) -> Self {
+        Windows {
+            cfg,
+            clocks: Vec::new(),
+            readings: TableBuffer::new(&crate::decode::readings_schema(), &["message"]),
+            messages: TableBuffer::new(
+                &crate::decode::messages_schema(),
+                &["first_reading", "envelope"],
+            ),
+            flows: TableBuffer::new(&crate::decode::flows_schema(), &["envelope"]),
+            late: 0,
+            future: 0,
+        }
+    }
+
+    /// The window size.
+    pub fn size(&self) -> Millis {
+        self.cfg.size
+    }
+
+    /// Admits one event of `machine`: advances its watermark unless the event
+    /// is future-dated, and says whether the event is late.
+    pub fn admit(&mut self, machine: u32, ts: Millis, received_at: Millis) -> Admission {
+        let i = machine as usize;
+        if self.clocks.len() <= i {
+            self.clocks.resize(i + 1, NO_CLOCK);
+        }
+        if ts > received_at.saturating_add(self.cfg.max_future) {
+            self.future += 1;
+            return Admission::Future;
+        }
+        let clock = &mut self.clocks[i];
+        let admission = if ts < clock.closed_upto {
+            self.late += 1;
+            Admission::Late
+        } else {
+            Admission::OnTime
+        };
+        if ts > clock.newest {
+            clock.newest = ts;
+            clock.closed_upto = window_start(ts - self.cfg.allowed_lateness, self.cfg.size);
+        }
+        admission
+    }
+
+    /// The watermark of a machine (newest event time − allowed lateness), if it has one.
+    pub fn watermark(&self, machine: u32) -> Option<Millis> {
+        self.clocks
+            .get(machine as usize)
+            .filter(|c| c.newest != Millis::MIN)
+            .map(|c| c.newest - self.cfg.allowed_lateness)
+    }
+
+    /// Keeps the on-time rows of a decoded batch until their windows close.
+    /// `messages` and `flows` give the admission of each row of those tables.
+    pub fn buffer(&mut self, batch: &DecodedBatch, messages: &[Admission], flows: &[Admission]) {
+        let size = self.cfg.size;
+        let on_time = |a: &Admission| *a == Admission::OnTime;
+        let msg_of = column::<UInt32Array>(&batch.readings, "message");
+        let readings: Vec<bool> = msg_of
+            .values()
+            .iter()
+            .map(|&m| on_time(&messages[m as usize]))
+            .collect();
+        self.readings.push(&batch.readings, readings, size);
+        self.messages.push(
+            &batch.messages,
+            messages.iter().map(on_time).collect(),
+            size,
+        );
+        self.flows
+            .push(&batch.flows, flows.iter().map(on_time).collect(), size);
+    }
+
+    /// Every machine-window closed by the watermarks since the last call.
+    pub fn close(&mut self) -> Option<ClosedWindows> {
+        self.take(false)
+    }
+
+    /// Closes every window still open (end of input).
+    pub fn close_all(&mut self) -> Option<ClosedWindows> {
+        self.take(true)
+    }
+
+    /// Rows waiting in open windows (all tables).
+    pub fn rows_waiting(&self) -> usize {
+        self.readings.rows_waiting() + self.messages.rows_waiting() + self.flows.rows_waiting()
+    }
+
+    fn take(&mut self, all: bool) -> Option<ClosedWindows> {
+        let size = self.cfg.size;
+        let mut windows = Vec::new();
+        let readings = self.readings.take(&self.clocks, size, all, &mut windows);
+        let messages = self.messages.take(&self.clocks, size, all, &mut windows);
+        let flows = self.flows.take(&self.clocks, size, all, &mut windows);
+        if windows.is_empty() {
+            return None;
+        }
+        windows.sort_unstable();
+        windows.dedup();
+        Some(ClosedWindows {
+            readings,
+            messages,
+            flows,
+            machine_windows: windows.len(),
+        })
+    }
+}
