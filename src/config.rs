@@ -212,6 +212,9 @@ pub struct ModeConfig {
     /// Longest settling after a transition (while slow sensors such as temperature converge).
     #[serde(with = "serde_duration")]
     pub settle_max: Millis,
+    /// While a sensor settles its prediction is catching up, so spikes are measured
+    /// against this many times its sigma.
+    pub settling_sigma: f64,
 }
 
 impl Default for ModeConfig {
@@ -221,6 +224,7 @@ impl Default for ModeConfig {
             min_moving: 2,
             hold: 30_000,
             settle_max: 1_200_000,
+            settling_sigma: 1.5,
         }
     }
 }
@@ -240,7 +244,7 @@ pub struct AlertsConfig {
 impl Default for AlertsConfig {
     fn default() -> Self {
         AlertsConfig {
-            min_score: 0.7,
+            min_score: 0.75,
             cooldown: 600_000,
         }
     }
@@ -316,10 +320,13 @@ move_z = 4.0
 min_moving = 2
 hold = "30s"
 settle_max = "20m"
+# While a sensor settles its prediction is catching up: spikes are measured against this many sigmas.
+settling_sigma = 1.5
 
 [alerts]
-# Findings scoring below this (0..1) are not alerted. 0.7 is severity `low`.
-min_score = 0.7
+# Findings scoring below this (0..1) are not alerted. Severity is `low` from 0.7, `medium` from
+# 0.85, `high` from 0.95, `critical` from 0.99; 0.75 is a spike of about 5 sigma.
+min_score = 0.75
 # One open alert per (machine, kind, feature): raised again on escalation or this long after it
 # was last raised; closed when no finding for it arrives for this long.
 cooldown = "10m"
@@ -439,6 +446,10 @@ impl Config {
         }
         if !(self.detect.mode.move_z.is_finite() && self.detect.mode.move_z > 0.0) {
             return bad("detect.mode.move_z", "must be a positive number");
+        }
+        if !(self.detect.mode.settling_sigma.is_finite() && self.detect.mode.settling_sigma >= 1.0)
+        {
+            return bad("detect.mode.settling_sigma", "must be at least 1");
         }
         if self.detect.mode.min_moving < 2 {
             return bad(

@@ -55,6 +55,39 @@ use crate::time::{EventTs, Millis, plausible};
 
 /// Longest machine, device or metric name accepted, in bytes.
 pub const MAX_NAME_BYTES: usize = 256;
+/// Deepest nesting of objects and arrays accepted. Contract messages need 3;
+/// anything far deeper is an attack on parsers, refused before parsing.
+pub const MAX_DEPTH: usize = 32;
+
+/// Whether JSON text nests objects/arrays deeper than `max` (brackets inside
+/// strings do not count). One pass over the bytes, no allocation.
+fn nests_deeper_than(text: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in text {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
+}
 
 /// Why a message was rejected. The name is the `<reason>` of the dead-letter
 /// subject `twin.deadletter.<reason>`.
@@ -724,9 +757,16 @@ impl Decoder {
                 ),
             ));
         }
-        std::str::from_utf8(&env.payload).map_err(|e| {
+        let text = std::str::from_utf8(&env.payload).map_err(|e| {
             DecodeError::new(Reason::InvalidUtf8, format!("payload is not UTF-8: {e}"))
-        })
+        })?;
+        if nests_deeper_than(text.as_bytes(), MAX_DEPTH) {
+            return Err(DecodeError::new(
+                Reason::TooDeep,
+                format!("objects and arrays nested deeper than {MAX_DEPTH}"),
+            ));
+        }
+        Ok(text)
     }
 
     fn decode_telemetry<'e>(

@@ -187,6 +187,7 @@ struct Params {
     min_moving: usize,
     hold: Millis,
     settle_max: Millis,
+    settling_sigma: f64,
 }
 
 /// Per-machine baselines for every sensor.
@@ -228,6 +229,7 @@ impl Detectors {
                 min_moving: d.mode.min_moving,
                 hold: d.mode.hold,
                 settle_max: d.mode.settle_max,
+                settling_sigma: d.mode.settling_sigma,
             },
             machines: Vec::new(),
             scratch: Vec::new(),
@@ -431,6 +433,7 @@ fn judge(
         detail,
     };
     if p.spike && !in_transition {
+        let z = if s.settled { z } else { z / p.settling_sigma };
         let surprise = normal_two_sided_surprise(z);
         if surprise >= p.min_surprise {
             out.push(finding(

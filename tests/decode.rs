@@ -1,0 +1,359 @@
+//! Decoder: contract §1/§2 shapes into Arrow, and every class of bad input
+//! rejected with its reason, without panics and without leftover rows.
+
+use arrow::array::{
+    Array, Float64Array, StringArray, TimestampMillisecondArray, UInt16Array, UInt32Array,
+    UInt64Array,
+};
+use arrow::record_batch::RecordBatch;
+use twinwatch::config::InputConfig;
+use twinwatch::decode::{Decoder, Reason};
+use twinwatch::source::Envelope;
+
+fn col<'a, T: 'static>(b: &'a RecordBatch, name: &str) -> &'a T {
+    b.column_by_name(name)
+        .unwrap()
+        .as_any()
+        .downcast_ref::<T>()
+        .unwrap()
+}
+
+fn env(subject: &str, payload: &[u8]) -> Envelope {
+    Envelope::new(subject, Some(1_795_766_400_500), payload.to_vec())
+}
+
+fn decoder() -> Decoder {
+    Decoder::new(InputConfig::default())
+}
+
+#[test]
+fn contract_example_round_trips() {
+    let mut d = decoder();
+    let payload = br#"{"ts": "2026-11-27T08:00:00.125Z", "machine": "press-07", "device": "plc-07a",
+ "seq": 18211, "readings": {"temperature_c": 71.2, "vibration_mm_s": 2.31, "spindle_rpm": 1198}, "firmware": {"v": [1, 2]}}"#;
+    let b = d.decode(&[env("twin.telemetry.s1.press-07", payload)]);
+    assert!(b.rejected.is_empty(), "{:?}", b.rejected);
+    let r = &b.readings;
+    assert_eq!(r.num_rows(), 3);
+    assert_eq!(
+        col::<TimestampMillisecondArray>(r, "ts").value(0),
+        1_795_766_400_125
+    );
+    assert_eq!(
+        col::<TimestampMillisecondArray>(r, "received_at").value(0),
+        1_795_766_400_500
+    );
+    assert_eq!(col::<StringArray>(r, "machine").value(2), "press-07");
+    assert_eq!(col::<StringArray>(r, "device").value(0), "plc-07a");
+    assert_eq!(
+        col::<StringArray>(r, "subject").value(0),
+        "twin.telemetry.s1.press-07"
+    );
+    assert_eq!(col::<UInt64Array>(r, "seq").value(1), 18211);
+    let metrics: Vec<&str> = (0..3)
+        .map(|i| col::<StringArray>(r, "metric").value(i))
+        .collect();
+    assert_eq!(metrics, ["temperature_c", "vibration_mm_s", "spindle_rpm"]);
+    assert_eq!(col::<Float64Array>(r, "value").value(2), 1198.0);
+    assert_eq!(
+        col::<UInt32Array>(r, "payload_bytes").value(0) as usize,
+        payload.len()
+    );
+    let m = &b.messages;
+    assert_eq!(m.num_rows(), 1);
+    assert_eq!(col::<UInt32Array>(m, "readings").value(0), 3);
+    assert_eq!(col::<UInt32Array>(m, "first_reading").value(0), 0);
+}
+
+#[test]
+fn arrays_epoch_ms_nulls_and_defaults() {
+    let mut d = decoder();
+    let payload = br#"[{"ts": 1764230400125, "readings": {"t": null, "p": -1.5e2}},
+                       {"ts": 1764230401125, "seq": 7, "readings": {"t": 20}}]"#;
+    let b = d.decode(&[env("twin.telemetry.site.lathe-3", payload)]);
+    assert!(b.rejected.is_empty(), "{:?}", b.rejected);
+    let r = &b.readings;
+    assert_eq!(r.num_rows(), 3);
+    let v = col::<Float64Array>(r, "value");
+    assert!(v.is_null(0), "null means no value this time");
+    assert_eq!(v.value(1), -150.0);
+    assert_eq!(
+        col::<StringArray>(r, "machine").value(0),
+        "lathe-3",
+        "machine defaults to the last subject token"
+    );
+    assert_eq!(
+        col::<StringArray>(r, "device").value(0),
+        "lathe-3",
+        "device defaults to the machine"
+    );
+    assert!(col::<UInt64Array>(r, "seq").is_null(0));
+    assert_eq!(
+        col::<TimestampMillisecondArray>(r, "ts").value(2),
+        1_764_230_401_125
+    );
+    assert_eq!(col::<UInt32Array>(r, "message").value(2), 1);
+    assert_eq!(b.messages.num_rows(), 2);
+}
+
+#[test]
+fn bare_capture_objects_need_a_machine() {
+    let mut d = decoder();
+    let ok = Envelope::new(
+        "",
+        None,
+        &br#"{"ts": 1764230400125, "machine": "m1", "readings": {"x": 1}}"#[..],
+    );
+    let bad = Envelope::new(
+        "",
+        None,
+        &br#"{"ts": 1764230400125, "readings": {"x": 1}}"#[..],
+    );
+    let b = d.decode(&[ok, bad]);
+    assert_eq!(b.readings.num_rows(), 1);
+    assert_eq!(
+        col::<TimestampMillisecondArray>(&b.readings, "received_at").value(0),
+        1_764_230_400_125,
+        "unknown arrival time falls back to the event time"
+    );
+    assert_eq!(b.rejected.len(), 1);
+    assert_eq!(b.rejected[0].index, 1);
+    assert_eq!(b.rejected[0].error.reason, Reason::MissingField);
+}
+
+#[test]
+fn flow_records() {
+    let mut d = decoder();
+    let payload = br#"[{"ts": 1764230400125, "machine": "press-07", "src": "10.20.7.11", "dst": "10.20.0.5",
+ "dst_port": 502, "proto": "tcp", "app": "modbus", "op": "write_single_register", "bytes": 120, "packets": 2},
+ {"ts": "2026-11-27T08:00:00Z", "src": "10.20.7.11", "dst": "10.20.0.9", "bytes": 64}]"#;
+    let b = d.decode(&[env("twin.flows.s1.press-07", payload)]);
+    assert!(b.rejected.is_empty(), "{:?}", b.rejected);
+    let f = &b.flows;
+    assert_eq!(f.num_rows(), 2);
+    assert_eq!(b.readings.num_rows(), 0);
+    assert_eq!(
+        col::<StringArray>(f, "op").value(0),
+        "write_single_register"
+    );
+    assert_eq!(col::<UInt16Array>(f, "dst_port").value(0), 502);
+    assert!(col::<UInt16Array>(f, "dst_port").is_null(1));
+    assert!(col::<StringArray>(f, "app").is_null(1));
+    assert_eq!(col::<UInt64Array>(f, "bytes").value(1), 64);
+    assert_eq!(col::<StringArray>(f, "machine").value(1), "press-07");
+}
+
+fn reason_of(d: &mut Decoder, subject: &str, payload: &[u8]) -> Reason {
+    let b = d.decode(&[env(subject, payload)]);
+    assert_eq!(
+        b.readings.num_rows() + b.flows.num_rows() + b.messages.num_rows(),
+        0,
+        "a rejected payload leaves no rows"
+    );
+    assert_eq!(
+        b.rejected.len(),
+        1,
+        "payload {:?} should be rejected",
+        String::from_utf8_lossy(payload)
+    );
+    b.rejected[0].error.reason
+}
+
+#[test]
+fn every_bad_input_class_has_its_reason() {
+    let mut d = Decoder::new(InputConfig {
+        max_payload_bytes: 4096,
+        ..InputConfig::default()
+    });
+    let t = "twin.telemetry.s.m";
+    let cases: Vec<(&[u8], Reason)> = vec![
+        (b"\xff\xfe{}", Reason::InvalidUtf8),
+        (
+            b"{\"ts\": 1764230400125, \"readings\": {",
+            Reason::InvalidJson,
+        ),
+        (b"not json at all", Reason::InvalidJson),
+        (
+            b"{\"ts\": 1764230400125, \"readings\": {}} trailing",
+            Reason::InvalidJson,
+        ),
+        (b"{\"readings\": {\"x\": 1}}", Reason::MissingField),
+        (b"{\"ts\": 1764230400125}", Reason::MissingField),
+        (
+            b"{\"ts\": 1764230400125, \"readings\": {\"x\": \"hot\"}}",
+            Reason::WrongType,
+        ),
+        (
+            b"{\"ts\": 1764230400125, \"readings\": {\"x\": true}}",
+            Reason::WrongType,
+        ),
+        (
+            b"{\"ts\": 1764230400125, \"readings\": {\"x\": [1]}}",
+            Reason::WrongType,
+        ),
+        (
+            b"{\"ts\": 1764230400125, \"readings\": [1, 2]}",
+            Reason::WrongType,
+        ),
+        (
+            b"{\"ts\": 1764230400125.5, \"readings\": {}}",
+            Reason::WrongType,
+        ),
+        (
+            b"{\"ts\": 1764230400125, \"seq\": -1, \"readings\": {}}",
+            Reason::WrongType,
+        ),
+        (b"\"just a string\"", Reason::WrongType),
+        (
+            b"{\"ts\": 1764230400125, \"readings\": {\"x\": 1e400}}",
+            Reason::NonFinite,
+        ),
+        (
+            b"{\"ts\": \"yesterday\", \"readings\": {}}",
+            Reason::BadTimestamp,
+        ),
+        (
+            b"{\"ts\": 1764230400, \"readings\": {}}",
+            Reason::BadTimestamp,
+        ),
+        (
+            b"{\"ts\": 1764230400125000, \"readings\": {}}",
+            Reason::BadTimestamp,
+        ),
+        (b"[]", Reason::Empty),
+        (
+            b"[{\"ts\": 1764230400125, \"readings\": {\"x\": 1}}, {\"ts\": 1}]",
+            Reason::MissingField,
+        ),
+        (
+            b"{\"ts\": 1764230400125, \"machine\": \"a\\u0000b\", \"readings\": {}}",
+            Reason::BadName,
+        ),
+    ];
+    for (payload, want) in cases {
+        assert_eq!(
+            reason_of(&mut d, t, payload),
+            want,
+            "payload {:?}",
+            String::from_utf8_lossy(payload)
+        );
+    }
+    let long_name = format!(
+        "{{\"ts\": 1764230400125, \"device\": \"{}\", \"readings\": {{}}}}",
+        "d".repeat(300)
+    );
+    assert_eq!(reason_of(&mut d, t, long_name.as_bytes()), Reason::BadName);
+    let big = format!(
+        "{{\"ts\": 1764230400125, \"readings\": {{}}, \"pad\": \"{}\"}}",
+        "x".repeat(5000)
+    );
+    assert_eq!(reason_of(&mut d, t, big.as_bytes()), Reason::TooLarge);
+    let deep = format!(
+        "{{\"ts\": 1764230400125, \"readings\": {{}}, \"x\": {}{}}}",
+        "[".repeat(1000),
+        "]".repeat(1000)
+    );
+    assert_eq!(reason_of(&mut d, t, deep.as_bytes()), Reason::TooDeep);
+    let fine = b"{\"ts\": 1764230400125, \"readings\": {}, \"x\": \"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\\"[[[[[[[[[[[[[[[[[[[[[[[[[[[\"}";
+    assert!(
+        d.decode(&[env(t, fine)]).rejected.is_empty(),
+        "brackets inside strings are not nesting"
+    );
+    // Flows: missing bytes, bad port.
+    let f = "twin.flows.s.m";
+    assert_eq!(
+        reason_of(
+            &mut d,
+            f,
+            b"{\"ts\": 1764230400125, \"src\": \"a\", \"dst\": \"b\"}"
+        ),
+        Reason::MissingField
+    );
+    assert_eq!(
+        reason_of(&mut d, f, b"{\"ts\": 1764230400125, \"src\": \"a\", \"dst\": \"b\", \"bytes\": 1, \"dst_port\": 70000}"),
+        Reason::WrongType
+    );
+}
+
+#[test]
+fn deep_nesting_is_rejected_not_a_stack_overflow() {
+    let mut d = Decoder::new(InputConfig::default());
+    let unbalanced = format!(
+        "{{\"ts\": 1764230400125, \"readings\": {{}}, \"x\": {}}}",
+        "[".repeat(100_000)
+    );
+    assert_eq!(
+        reason_of(&mut d, "twin.telemetry.s.m", unbalanced.as_bytes()),
+        Reason::TooDeep
+    );
+    let balanced = format!(
+        "{{\"ts\": 1764230400125, \"readings\": {{}}, \"x\": {}{}}}",
+        "{\"a\":[".repeat(50_000),
+        "]}".repeat(50_000)
+    );
+    assert_eq!(
+        reason_of(&mut d, "twin.telemetry.s.m", balanced.as_bytes()),
+        Reason::TooDeep
+    );
+}
+
+#[test]
+fn a_bad_message_does_not_disturb_its_batch() {
+    let mut d = decoder();
+    let good = br#"{"ts": 1764230400125, "readings": {"x": 1, "y": 2}}"#;
+    let b = d.decode(&[
+        env("twin.telemetry.s.a", good),
+        env("twin.telemetry.s.b", b"{broken"),
+        env("twin.telemetry.s.c", good),
+    ]);
+    assert_eq!(b.readings.num_rows(), 4);
+    assert_eq!(b.messages.num_rows(), 2);
+    assert_eq!(b.rejected.len(), 1);
+    assert_eq!(b.rejected[0].index, 1);
+    assert_eq!(col::<UInt32Array>(&b.messages, "first_reading").value(1), 2);
+    assert_eq!(col::<UInt32Array>(&b.messages, "envelope").value(1), 2);
+}
+
+#[test]
+fn machine_cap_rejects_with_capacity() {
+    let mut d = Decoder::new(InputConfig {
+        max_machines: 3,
+        ..InputConfig::default()
+    });
+    let p = br#"{"ts": 1764230400125, "readings": {"x": 1}}"#;
+    let envs: Vec<Envelope> = (0..10)
+        .map(|i| env(&format!("twin.telemetry.s.m{i}"), p))
+        .collect();
+    let b = d.decode(&envs);
+    assert_eq!(b.messages.num_rows(), 3);
+    assert_eq!(b.rejected.len(), 7);
+    assert!(
+        b.rejected
+            .iter()
+            .all(|r| r.error.reason == Reason::Capacity)
+    );
+    assert_eq!(d.machines.len(), 3);
+}
+
+#[test]
+fn random_bytes_never_panic() {
+    // A cheap fuzz: mutated copies of a valid payload, every one either decodes or is rejected.
+    let mut d = decoder();
+    let base = br#"[{"ts": "2026-11-27T08:00:00.125Z", "machine": "press-07", "seq": 1, "readings": {"t": 71.2, "v": null}}]"#;
+    let mut state: u64 = 0x1234_5678;
+    let mut next = || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    for _ in 0..5000 {
+        let mut p = base.to_vec();
+        for _ in 0..(1 + next() % 4) {
+            let i = (next() as usize) % p.len();
+            p[i] = (next() % 256) as u8;
+        }
+        let b = d.decode(&[env("twin.telemetry.s.m", &p)]);
+        assert!(b.rejected.len() + b.messages.num_rows() >= 1);
+    }
+}
