@@ -1,0 +1,259 @@
+//! The command line end to end: simulate → replay → scored alerts, the demo,
+//! configuration errors and exit codes.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use twinwatch::alerts::Alert;
+use twinwatch::eval::labels::score;
+use twinwatch::score::Severity;
+use twinwatch::sim::Label;
+
+fn twinwatch(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+        .args(args)
+        .env("TWINWATCH_LOG", "warn")
+        .output()
+        .expect("running twinwatch")
+}
+
+fn ok(args: &[&str]) -> Output {
+    let out = twinwatch(args);
+    assert!(
+        out.status.success(),
+        "twinwatch {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+fn read_alerts(path: &Path) -> Vec<Alert> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("every line is an alert"))
+        .collect()
+}
+
+fn simulate(dir: &Path, seed: u64, extra: &[&str]) -> (String, Vec<Label>) {
+    let capture = dir.join(format!("sim-{seed}.ndjson"));
+    let capture = capture.to_str().unwrap().to_string();
+    let seed = seed.to_string();
+    let mut args = vec!["simulate", "--seed", &seed, "--output", &capture];
+    args.extend_from_slice(extra);
+    ok(&args);
+    let labels = std::fs::read_to_string(format!("{capture}.labels.json")).unwrap();
+    (capture, serde_json::from_str(&labels).unwrap())
+}
+
+#[test]
+fn replay_finds_the_simulated_incidents() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut worst_recall: f64 = 1.0;
+    let mut worst_false: f64 = 0.0;
+    for seed in [11, 12, 13] {
+        let (capture, labels) = simulate(dir.path(), seed, &["--duration", "2h"]);
+        let alerts_path = dir.path().join(format!("alerts-{seed}.ndjson"));
+        ok(&[
+            "replay",
+            "--input",
+            &capture,
+            "--output",
+            alerts_path.to_str().unwrap(),
+        ]);
+        let alerts = read_alerts(&alerts_path);
+        // 6 machines x (2 h - 10 min of learning).
+        let result = score(&alerts, &labels, 6.0 * (2.0 - 10.0 / 60.0), 120_000);
+        println!("seed {seed}: {}", result.report().replace('\n', "\n  "));
+        assert!(result.incidents >= 15, "the simulation must hold incidents");
+        worst_recall = worst_recall.min(result.recall());
+        worst_false = worst_false.max(result.false_per_machine_hour());
+    }
+    println!(
+        "worst recall {worst_recall:.3}, worst false alerts per machine-hour {worst_false:.3}"
+    );
+    assert!(worst_recall >= 0.9, "recall {worst_recall}");
+    assert!(
+        worst_false <= 1.0,
+        "false alerts per machine-hour {worst_false}"
+    );
+}
+
+#[test]
+fn replay_is_deterministic_and_alerts_follow_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let (capture, _) = simulate(dir.path(), 21, &["--duration", "40m", "--machines", "4"]);
+    let a = dir.path().join("a.ndjson");
+    let b = dir.path().join("b.ndjson");
+    ok(&[
+        "replay",
+        "--input",
+        &capture,
+        "--output",
+        a.to_str().unwrap(),
+    ]);
+    ok(&["replay", "--input", &capture, "-o", b.to_str().unwrap()]);
+    let (a, b) = (read_alerts(&a), read_alerts(&b));
+    assert!(!a.is_empty());
+    let ids = |v: &[Alert]| v.iter().map(|x| x.id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&a), ids(&b), "same input, same ids");
+    for al in &a {
+        assert_eq!(al.id.len(), 32);
+        assert!((0.0..=1.0).contains(&al.score));
+        assert_eq!(al.severity, Severity::from_score(al.score));
+        assert!(!al.explanation.is_empty() && !al.detector.is_empty());
+        assert!(
+            al.subject()
+                .starts_with(&format!("twin.alerts.{}.", al.severity.as_str()))
+        );
+        assert!(twinwatch::time::parse_rfc3339(&al.ts).is_some());
+        assert!(twinwatch::time::parse_rfc3339(&al.emitted_at).is_some());
+        let w: f64 = al.contributions.iter().map(|c| c.weight).sum();
+        assert!((w - 1.0).abs() < 1e-9);
+    }
+    // The raw JSON carries the contract's field names.
+    let line = std::fs::read_to_string(dir.path().join("a.ndjson")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(line.lines().next().unwrap()).unwrap();
+    for key in [
+        "id",
+        "ts",
+        "emitted_at",
+        "machine",
+        "kind",
+        "score",
+        "severity",
+        "detector",
+        "explanation",
+    ] {
+        assert!(v.get(key).is_some(), "missing {key}");
+    }
+}
+
+#[test]
+fn a_plant_without_incidents_stays_quiet_through_its_mode_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (capture, labels) = simulate(dir.path(), 31, &["--duration", "2h", "--no-incidents"]);
+    assert!(labels.is_empty());
+    let out = ok(&["replay", "--input", &capture]);
+    let alerts = String::from_utf8(out.stdout).unwrap();
+    let n = alerts.lines().count();
+    println!("{n} alerts over 11 protected machine-hours of mode changes and breaks");
+    assert!(n <= 2, "{alerts}");
+}
+
+#[test]
+fn malformed_lines_are_rejected_not_fatal() {
+    let dir = tempfile::tempdir().unwrap();
+    let capture = dir.path().join("bad.ndjson");
+    std::fs::write(
+        &capture,
+        concat!(
+            "{\"ts\": 1795766400000, \"machine\": \"m\", \"readings\": {\"x\": 1}}\n",
+            "this is not json\n",
+            "{\"subject\": \"twin.telemetry.s.m\", \"payload\": {\"ts\": \"never\", \"readings\": {}}}\n",
+            "\n",
+            "{\"subject\": \"twin.flows.s.m\", \"payload\": [{\"ts\": 1795766400000, \"src\": \"a\", \"dst\": \"b\", \"bytes\": 1}]}\n",
+        ),
+    )
+    .unwrap();
+    let out = twinwatch(&["replay", "--input", capture.to_str().unwrap()]);
+    assert!(out.status.success());
+    let out = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+        .args(["replay", "--input", capture.to_str().unwrap()])
+        .env("TWINWATCH_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        log.contains("2 rejected (invalid_json 1, bad_timestamp 1)"),
+        "{log}"
+    );
+}
+
+#[test]
+fn bad_configuration_exits_2_naming_file_line_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("plant.toml");
+    std::fs::write(
+        &cfg,
+        "[window]\nsize = \"10s\"\n[alerts]\ncooldwon = \"5m\"\n",
+    )
+    .unwrap();
+    let out = twinwatch(&[
+        "replay",
+        "--input",
+        "/nonexistent",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("plant.toml:4:1") && err.contains("cooldwon"),
+        "{err}"
+    );
+
+    std::fs::write(&cfg, "[alerts]\nmin_score = 7\n").unwrap();
+    let out = twinwatch(&["config", "--check", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("alerts.min_score"));
+
+    let out = twinwatch(&["replay"]);
+    assert_eq!(out.status.code(), Some(2), "missing --input is bad usage");
+}
+
+#[test]
+fn missing_input_is_a_runtime_failure_with_a_hint() {
+    let out = twinwatch(&["replay", "--input", "/nonexistent/capture.ndjson"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/capture.ndjson"));
+}
+
+#[test]
+fn printed_defaults_are_a_valid_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = ok(&["config", "--print-defaults"]);
+    let path = dir.path().join("defaults.toml");
+    std::fs::write(&path, &out.stdout).unwrap();
+    ok(&["config", "--check", path.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[detect.mode]"));
+}
+
+#[test]
+fn demo_runs_without_nats_and_summarises() {
+    let out = ok(&[
+        "demo",
+        "--duration",
+        "40m",
+        "--speed",
+        "max",
+        "--machines",
+        "3",
+        "--seed",
+        "5",
+    ]);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        text.contains("twinwatch demo: 3 simulated machines"),
+        "{text}"
+    );
+    assert!(text.contains("Summary"), "{text}");
+    assert!(text.contains("recall"), "{text}");
+    assert!(
+        text.lines().any(|l| l.contains("sensor_")),
+        "alerts are printed: {text}"
+    );
+}
+
+#[test]
+fn simulate_is_deterministic_by_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = dir.path().join("a");
+    let b = dir.path().join("b");
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    let (ca, la) = simulate(&a, 4, &["--duration", "20m"]);
+    let (cb, lb) = simulate(&b, 4, &["--duration", "20m"]);
+    assert_eq!(std::fs::read(ca).unwrap(), std::fs::read(cb).unwrap());
+    assert_eq!(la, lb);
+}

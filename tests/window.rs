@@ -1,0 +1,172 @@
+//! Event time: per-machine watermarks, window closing, lateness and
+//! future-dated messages, through the pipeline.
+
+use arrow::array::{Array, Float64Array, StringArray, TimestampMillisecondArray};
+use twinwatch::config::{Config, WindowConfig};
+use twinwatch::pipeline::Pipeline;
+use twinwatch::source::Envelope;
+use twinwatch::window::{Admission, Windows};
+
+const T0: i64 = 1_795_766_400_000; // 2026-11-27T08:00:00Z, a multiple of 10 s
+
+fn msg(machine: &str, ts: i64, value: f64) -> Envelope {
+    Envelope::new(
+        format!("twin.telemetry.s.{machine}"),
+        Some(ts + 5),
+        format!(r#"{{"ts": {ts}, "readings": {{"x": {value}}}}}"#),
+    )
+}
+
+fn windows() -> Windows {
+    Windows::new(WindowConfig::default())
+}
+
+#[test]
+fn watermarks_are_per_machine_and_future_dated_messages_do_not_move_them() {
+    let mut w = windows();
+    assert_eq!(w.admit(0, T0 + 100_000, T0 + 100_000), Admission::OnTime);
+    assert_eq!(
+        w.admit(1, T0, T0),
+        Admission::OnTime,
+        "machine 1 is not late because machine 0 is ahead"
+    );
+    assert_eq!(w.watermark(0), Some(T0 + 95_000));
+    // Dated an hour ahead of its arrival: ignored by the watermark.
+    assert_eq!(w.admit(1, T0 + 3_600_000, T0 + 1_000), Admission::Future);
+    assert_eq!(w.watermark(1), Some(T0 - 5_000));
+    assert_eq!(w.admit(1, T0 + 2_000, T0 + 2_000), Admission::OnTime);
+    // Within the allowed lateness the older window is still open.
+    assert_eq!(w.admit(0, T0 + 91_000, T0 + 101_000), Admission::OnTime);
+    assert_eq!(w.admit(0, T0 + 89_999, T0 + 101_000), Admission::Late);
+    assert_eq!((w.late, w.future), (1, 1));
+}
+
+#[test]
+fn windows_close_when_the_watermark_passes_their_end() {
+    let mut p = Pipeline::new(&Config::default());
+    let mut closed = Vec::new();
+    for s in 0..15 {
+        let out = p.process(&[msg("a", T0 + s * 1000, s as f64)], 0);
+        if let Some(c) = out.closed {
+            closed.push((s, c));
+        }
+    }
+    assert!(
+        closed.is_empty(),
+        "window [0, 10 s) waits for the 5 s of lateness"
+    );
+    let out = p.process(
+        &[msg("a", T0 + 15_000, 15.0), msg("b", T0 + 15_000, 0.0)],
+        0,
+    );
+    let c = out
+        .closed
+        .expect("newest 15 s - lateness 5 s = 10 s closes [0, 10 s)");
+    assert_eq!(c.machine_windows, 1);
+    let r = &c.readings;
+    assert_eq!(r.num_rows(), 10);
+    let starts = r
+        .column_by_name("window_start")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .unwrap();
+    let ends = r
+        .column_by_name("window_end")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .unwrap();
+    assert!((0..10).all(|i| starts.value(i) == T0 && ends.value(i) == T0 + 10_000));
+    let values = r
+        .column_by_name("value")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<Float64Array>()
+        .unwrap();
+    assert_eq!(values.iter().flatten().sum::<f64>(), 45.0);
+    assert_eq!(c.messages.num_rows(), 10);
+    assert!(
+        r.column_by_name("message").is_none(),
+        "batch-local links are dropped"
+    );
+    // The rest closes at the end of input.
+    let end = p
+        .finish()
+        .closed
+        .expect("the open windows close at the end");
+    assert_eq!(end.readings.num_rows(), 7);
+    let machines = end
+        .readings
+        .column_by_name("machine")
+        .unwrap()
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .unwrap();
+    assert_eq!(machines.iter().flatten().filter(|m| *m == "b").count(), 1);
+    assert_eq!(end.machine_windows, 2);
+}
+
+#[test]
+fn late_data_is_counted_kept_out_of_windows_and_still_scored() {
+    let mut cfg = Config::default();
+    cfg.baseline.warmup = 60_000;
+    let mut p = Pipeline::new(&cfg);
+    let mut rows = 0;
+    for s in 0..300 {
+        let v = 10.0 + ((s * 7919) % 13) as f64 * 0.01;
+        if let Some(c) = p.process(&[msg("a", T0 + s * 1000, v)], 0).closed {
+            rows += c.readings.num_rows();
+        }
+    }
+    // A reading from two minutes ago arrives now, with a huge value.
+    let out = p.process(&[msg("a", T0 + 180_000, 500.0)], 0);
+    assert_eq!(p.stats().late, 1);
+    assert!(
+        out.alerts.iter().any(|a| a.value == Some(500.0)),
+        "late data is still scored"
+    );
+    rows += p.finish().closed.map_or(0, |c| c.readings.num_rows());
+    assert_eq!(rows, 300, "the late reading is in no window");
+}
+
+#[test]
+fn future_dated_readings_do_not_close_windows() {
+    let mut p = Pipeline::new(&Config::default());
+    p.process(&[msg("a", T0, 1.0)], 0);
+    let forged = Envelope::new(
+        "twin.telemetry.s.a",
+        Some(T0 + 1_000),
+        format!(r#"{{"ts": {}, "readings": {{"x": 1}}}}"#, T0 + 86_400_000),
+    );
+    let out = p.process(&[forged], 0);
+    assert!(
+        out.closed.is_none(),
+        "a forged future timestamp must not close the machine's windows"
+    );
+    assert_eq!(p.stats().future, 1);
+    let out = p.process(&[msg("a", T0 + 1_000, 1.0)], 0);
+    assert!(out.closed.is_none());
+    assert_eq!(
+        p.stats().late,
+        0,
+        "honest data after the forgery is not late"
+    );
+}
+
+#[test]
+fn flows_join_their_machine_windows() {
+    let mut p = Pipeline::new(&Config::default());
+    let flow = Envelope::new(
+        "twin.flows.s.a",
+        Some(T0 + 2_000),
+        format!(
+            r#"{{"ts": {}, "src": "10.0.0.1", "dst": "10.0.0.2", "dst_port": 502, "bytes": 100}}"#,
+            T0 + 2_000
+        ),
+    );
+    p.process(&[msg("a", T0, 1.0), flow], 0);
+    let c = p.process(&[msg("a", T0 + 20_000, 1.0)], 0).closed.unwrap();
+    assert_eq!(c.flows.num_rows(), 1);
+    assert!(c.flows.column_by_name("window_start").is_some());
+}
