@@ -109,7 +109,7 @@ pub struct Names<'a> {
     pub metrics: &'a Interner,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 struct Open {
     first_ts: Millis,
     last_ts: Millis,
@@ -207,6 +207,51 @@ impl AlertBook {
     pub fn open_count(&self) -> usize {
         self.open.len()
     }
+
+    /// The open alerts, for a snapshot (sorted, so snapshots are deterministic).
+    pub fn snapshot(&self) -> BookState {
+        let mut open: Vec<OpenEntry> = self
+            .open
+            .iter()
+            .map(|(&(machine, kind, feature), o)| OpenEntry {
+                machine,
+                kind,
+                feature,
+                open: o.clone(),
+            })
+            .collect();
+        open.sort_by_key(|e| (e.machine, e.kind, e.feature));
+        BookState {
+            open,
+            newest: self.newest,
+        }
+    }
+
+    /// Restores the open alerts of a snapshot.
+    pub fn restore(&mut self, state: BookState) {
+        self.newest = state.newest;
+        self.open = state
+            .open
+            .into_iter()
+            .map(|e| ((e.machine, e.kind, e.feature), e.open))
+            .collect();
+    }
+}
+
+/// The dedup state in a snapshot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BookState {
+    open: Vec<OpenEntry>,
+    newest: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+struct OpenEntry {
+    machine: u32,
+    kind: Kind,
+    feature: u32,
+    #[serde(flatten)]
+    open: Open,
 }
 
 fn hash_id(parts: &[&[u8]]) -> String {

@@ -62,6 +62,21 @@ impl Interner {
         self.names.is_empty()
     }
 
+    /// Every name, in id order (for snapshots).
+    pub fn names(&self) -> &[Arc<str>] {
+        &self.names
+    }
+
+    /// An interner holding `names` with ids in their order (restoring a snapshot).
+    pub fn from_names<S: AsRef<str>>(names: &[S], cap: usize) -> Self {
+        let mut i = Interner::new(cap.max(names.len()));
+        for n in names {
+            i.intern(n.as_ref());
+        }
+        i.cap = cap;
+        i
+    }
+
     /// How many new names were refused because the cap was reached.
     pub fn refused(&self) -> u64 {
         self.refused

@@ -25,5 +25,6 @@ pub mod score;
 pub mod sim;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod time;
 pub mod window;

@@ -98,8 +98,21 @@ pub struct Output {
     pub closed: Option<ClosedWindows>,
 }
 
+/// Everything the pipeline has learned, serializable: what a restart needs so
+/// it does not learn from zero (see [`crate::state`]).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct PipelineState {
+    pub machines: Vec<String>,
+    pub devices: Vec<String>,
+    pub metrics: Vec<String>,
+    pub clocks: Vec<crate::window::Clock>,
+    pub detectors: Vec<Option<crate::detect::MachineState>>,
+    pub alerts: crate::alerts::BookState,
+}
+
 /// The detection pipeline.
 pub struct Pipeline {
+    cfg: Config,
     decoder: Decoder,
     windows: Windows,
     detectors: Detectors,
@@ -120,6 +133,7 @@ fn col<'b, T: 'static>(batch: &'b arrow::record_batch::RecordBatch, name: &str) 
 impl Pipeline {
     pub fn new(cfg: &Config) -> Self {
         Pipeline {
+            cfg: cfg.clone(),
             decoder: Decoder::new(cfg.input.clone()),
             windows: Windows::new(cfg.window.clone()),
             detectors: Detectors::new(cfg),
@@ -140,6 +154,32 @@ impl Pipeline {
         s.suppressed = self.book.suppressed;
         (s.machines_learning, s.machines_protecting) = self.detectors.phase_counts();
         s
+    }
+
+    /// A snapshot of everything learned so far.
+    pub fn snapshot(&self) -> PipelineState {
+        let names = |i: &crate::intern::Interner| i.names().iter().map(|n| n.to_string()).collect();
+        PipelineState {
+            machines: names(&self.decoder.machines),
+            devices: names(&self.decoder.devices),
+            metrics: names(&self.decoder.metrics),
+            clocks: self.windows.clocks().to_vec(),
+            detectors: self.detectors.machines().to_vec(),
+            alerts: self.book.snapshot(),
+        }
+    }
+
+    /// A pipeline that continues from a snapshot.
+    pub fn restore(cfg: &Config, state: PipelineState) -> Self {
+        let mut p = Pipeline::new(cfg);
+        let c = &p.cfg.input;
+        p.decoder.machines = crate::intern::Interner::from_names(&state.machines, c.max_machines);
+        p.decoder.devices = crate::intern::Interner::from_names(&state.devices, c.max_devices);
+        p.decoder.metrics = crate::intern::Interner::from_names(&state.metrics, c.max_metrics);
+        p.windows.restore_clocks(state.clocks);
+        p.detectors.restore(state.detectors);
+        p.book.restore(state.alerts);
+        p
     }
 
     /// The detectors' state (for inspection and tests).

@@ -38,8 +38,8 @@ pub enum Admission {
     Future,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Clock {
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Clock {
     newest: Millis,
     /// Windows ending at or before this instant are closed.
     closed_upto: Millis,
@@ -271,6 +271,17 @@ impl Windows {
     /// Closes every window still open (end of input).
     pub fn close_all(&mut self) -> Option<ClosedWindows> {
         self.take(true)
+    }
+
+    /// The per-machine clocks, for a snapshot. Rows of open windows are not
+    /// kept: after a restart windows start empty.
+    pub fn clocks(&self) -> &[Clock] {
+        &self.clocks
+    }
+
+    /// Restores per-machine clocks from a snapshot.
+    pub fn restore_clocks(&mut self, clocks: Vec<Clock>) {
+        self.clocks = clocks;
     }
 
     /// Rows waiting in open windows (all tables).

@@ -237,6 +237,16 @@ impl Detectors {
         }
     }
 
+    /// Every machine's state, indexed by machine id, for a snapshot.
+    pub fn machines(&self) -> &[Option<MachineState>] {
+        &self.machines
+    }
+
+    /// Restores machine states from a snapshot.
+    pub fn restore(&mut self, machines: Vec<Option<MachineState>>) {
+        self.machines = machines;
+    }
+
     /// The state of a machine, if it has sent anything.
     pub fn machine(&self, machine: u32) -> Option<&MachineState> {
         self.machines.get(machine as usize).and_then(Option::as_ref)

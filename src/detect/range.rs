@@ -19,8 +19,9 @@ pub struct Envelope {
 impl Default for Envelope {
     fn default() -> Self {
         Envelope {
-            lo: f64::INFINITY,
-            hi: f64::NEG_INFINITY,
+            // Finite sentinels (not infinities) so the state serializes as JSON.
+            lo: f64::MAX,
+            hi: f64::MIN,
         }
     }
 }

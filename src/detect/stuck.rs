@@ -18,7 +18,8 @@ const MAX_REST_VALUES: usize = 8;
 /// Run tracking for one (machine, metric).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Freeze {
-    pub last: f64,
+    /// The previous reading (none before the first).
+    pub last: Option<f64>,
     pub run_start: Millis,
     pub run_len: u32,
     /// Identical consecutive pairs, and all pairs, from runs judged normal.
@@ -32,7 +33,7 @@ pub struct Freeze {
 impl Default for Freeze {
     fn default() -> Self {
         Freeze {
-            last: f64::NAN,
+            last: None,
             run_start: 0,
             run_len: 0,
             repeats: 0,
@@ -70,11 +71,11 @@ impl Freeze {
         min_duration: Millis,
         factor: f64,
     ) -> Option<Frozen> {
-        if x == self.last {
+        if Some(x) == self.last {
             self.run_len = self.run_len.saturating_add(1);
         } else {
             self.end_run(ts, learning, min_duration);
-            self.last = x;
+            self.last = Some(x);
             self.run_start = ts;
             self.run_len = 1;
             return None;
@@ -111,11 +112,12 @@ impl Freeze {
         }
         if learning {
             self.longest_learned = self.longest_learned.max(duration);
-            if duration >= min_duration
+            if let Some(last) = self.last
+                && duration >= min_duration
                 && self.rest_values.len() < MAX_REST_VALUES
-                && !self.rest_values.contains(&self.last)
+                && !self.rest_values.contains(&last)
             {
-                self.rest_values.push(self.last);
+                self.rest_values.push(last);
             }
         }
     }
