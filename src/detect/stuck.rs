@@ -16,7 +16,7 @@ use crate::time::Millis;
 const MAX_REST_VALUES: usize = 8;
 
 /// Run tracking for one (machine, metric).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Freeze {
     /// The previous reading (none before the first).
     pub last: Option<f64>,
@@ -30,19 +30,6 @@ pub struct Freeze {
     pub rest_values: Vec<f64>,
 }
 
-impl Default for Freeze {
-    fn default() -> Self {
-        Freeze {
-            last: None,
-            run_start: 0,
-            run_len: 0,
-            repeats: 0,
-            pairs: 0,
-            longest_learned: 0,
-            rest_values: Vec::new(),
-        }
-    }
-}
 
 /// A frozen run long enough to report.
 #[derive(Debug, Clone, Copy)]
