@@ -16,11 +16,178 @@ use crate::time::{Millis, serde_duration};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    pub nats: NatsConfig,
+    pub source: SourceConfig,
+    pub sink: SinkConfig,
+    pub state: StateConfig,
     pub input: InputConfig,
     pub window: WindowConfig,
     pub baseline: BaselineConfig,
     pub detect: DetectConfig,
     pub alerts: AlertsConfig,
+}
+
+/// A secret (password, token): never printed, not even by `{:?}`.
+#[derive(Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"<redacted>\""
+        })
+    }
+}
+
+/// How to reach and authenticate to NATS. Empty strings mean "not set".
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated; `tls://` requires TLS. `NATS_URL` and `--nats-url` override it.
+    pub url: String,
+    /// Client name shown by the server.
+    pub name: String,
+    /// Credentials file (user JWT + nkey seed), as made by `nsc`.
+    pub creds: String,
+    /// File holding an nkey seed (`SU...`).
+    pub nkey_seed: String,
+    pub user: String,
+    pub password: Secret,
+    pub token: Secret,
+    /// PEM file of the CA that signed the server's certificate.
+    pub ca: String,
+    /// Client certificate and key (PEM) for mutual TLS.
+    pub cert: String,
+    pub key: String,
+    /// Refuse to talk to a server without TLS.
+    pub require_tls: bool,
+    #[serde(with = "serde_duration")]
+    pub connect_timeout: Millis,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            name: "twinwatch".into(),
+            creds: String::new(),
+            nkey_seed: String::new(),
+            user: String::new(),
+            password: Secret::default(),
+            token: Secret::default(),
+            ca: String::new(),
+            cert: String::new(),
+            key: String::new(),
+            require_tls: false,
+            connect_timeout: 5_000,
+        }
+    }
+}
+
+/// What `run` consumes and how messages are batched.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    pub subjects: Vec<String>,
+    /// Core subscriptions join this queue group when set, so several processes share the load.
+    pub queue_group: String,
+    /// Most messages in one pipeline batch.
+    pub max_batch: usize,
+    /// The longest a message waits for its batch to fill.
+    #[serde(with = "serde_duration")]
+    pub max_latency: Millis,
+    pub jetstream: JetStreamSourceConfig,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            subjects: vec!["twin.telemetry.>".into(), "twin.flows.>".into()],
+            queue_group: String::new(),
+            max_batch: 4096,
+            max_latency: 20,
+            jetstream: JetStreamSourceConfig::default(),
+        }
+    }
+}
+
+/// A durable JetStream pull consumer instead of core subscriptions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JetStreamSourceConfig {
+    pub enabled: bool,
+    pub stream: String,
+    pub consumer: String,
+    /// Create the stream (on `source.subjects`) and the consumer when missing; otherwise a missing one is an error.
+    pub create: bool,
+    #[serde(with = "serde_duration")]
+    pub ack_wait: Millis,
+    pub max_ack_pending: i64,
+}
+
+impl Default for JetStreamSourceConfig {
+    fn default() -> Self {
+        JetStreamSourceConfig {
+            enabled: false,
+            stream: "TWIN_TELEMETRY".into(),
+            consumer: "twinwatch".into(),
+            create: false,
+            ack_wait: 30_000,
+            max_ack_pending: 1_000_000,
+        }
+    }
+}
+
+/// Where `run` publishes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SinkConfig {
+    /// Dead letters go to `<deadletter_prefix>.<reason>`.
+    pub deadletter_prefix: String,
+    /// Also store alerts in a JetStream stream (publishing waits for its acknowledgement).
+    pub jetstream: bool,
+    pub stream: String,
+    /// Create the alert stream (subjects `twin.alerts.>`) when missing.
+    pub create: bool,
+    /// How long the alert stream remembers `Nats-Msg-Id`s to drop duplicates.
+    #[serde(with = "serde_duration")]
+    pub duplicate_window: Millis,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig {
+            deadletter_prefix: "twin.deadletter".into(),
+            jetstream: false,
+            stream: "TWIN_ALERTS".into(),
+            create: true,
+            duplicate_window: 600_000,
+        }
+    }
+}
+
+/// Snapshots of the learned state (see the `state` module).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StateConfig {
+    pub enabled: bool,
+    pub path: String,
+    /// How often `run` writes a snapshot (and, with JetStream, acknowledges up to it).
+    #[serde(with = "serde_duration")]
+    pub interval: Millis,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            enabled: true,
+            path: "models/state.json".into(),
+            interval: 5_000,
+        }
+    }
 }
 
 /// Limits on what the decoder accepts.
@@ -254,6 +421,57 @@ impl Default for AlertsConfig {
 pub const DEFAULT_TOML: &str = r#"# twinwatch configuration. Every key is optional; these are the defaults.
 # Durations are strings with a unit: "500ms", "10s", "5m", "2h".
 
+[nats]
+# Server URL(s), comma-separated. tls:// requires TLS. NATS_URL and --nats-url override it.
+url = "nats://127.0.0.1:4222"
+name = "twinwatch"
+# Authentication: set at most one of creds (JWT + nkey file), nkey_seed (file), user/password, token.
+creds = ""
+nkey_seed = ""
+user = ""
+password = ""
+token = ""
+# TLS: the CA that signed the server certificate; a client certificate and key for mutual TLS.
+ca = ""
+cert = ""
+key = ""
+require_tls = false
+connect_timeout = "5s"
+
+[source]
+subjects = ["twin.telemetry.>", "twin.flows.>"]
+# Join a queue group so several twinwatch processes share the subjects (core NATS only).
+queue_group = ""
+# A pipeline batch closes at this many messages, or this long after its first message.
+max_batch = 4096
+max_latency = "20ms"
+
+[source.jetstream]
+# Consume through a durable pull consumer instead of core subscriptions.
+enabled = false
+stream = "TWIN_TELEMETRY"
+consumer = "twinwatch"
+# Create the stream (on source.subjects) and the consumer when missing; when false, a missing one is an error.
+create = false
+ack_wait = "30s"
+max_ack_pending = 1000000
+
+[sink]
+# Rejected messages are republished unchanged to <deadletter_prefix>.<reason>, header Twin-Error.
+deadletter_prefix = "twin.deadletter"
+# Also store alerts in a JetStream stream; duplicates (same Nats-Msg-Id) are dropped by the server.
+jetstream = false
+stream = "TWIN_ALERTS"
+create = true
+duplicate_window = "10m"
+
+[state]
+# Snapshots of everything learned, so a restart does not learn from zero.
+# With JetStream, messages are acknowledged up to the last snapshot written.
+enabled = true
+path = "models/state.json"
+interval = "5s"
+
 [input]
 # Payloads larger than this are dead-lettered with reason `too_large`.
 max_payload_bytes = 1048576
@@ -410,6 +628,39 @@ impl Config {
             if v <= 0 {
                 return bad(key, "must be greater than zero");
             }
+        }
+        if self.source.max_batch == 0 {
+            return bad("source.max_batch", "must be greater than zero");
+        }
+        if self.source.subjects.is_empty() {
+            return bad("source.subjects", "needs at least one subject");
+        }
+        if self.state.enabled && self.state.interval <= 0 {
+            return bad("state.interval", "must be greater than zero");
+        }
+        if self.source.jetstream.max_ack_pending == 0 {
+            return bad(
+                "source.jetstream.max_ack_pending",
+                "must not be zero (-1 means unlimited)",
+            );
+        }
+        if self.nats.cert.is_empty() != self.nats.key.is_empty() {
+            return bad(
+                "nats.cert",
+                "a client certificate needs its key (nats.key), and the other way round",
+            );
+        }
+        let auths = [
+            !self.nats.creds.is_empty(),
+            !self.nats.nkey_seed.is_empty(),
+            !self.nats.user.is_empty(),
+            !self.nats.token.0.is_empty(),
+        ];
+        if auths.iter().filter(|&&a| a).count() > 1 {
+            return bad(
+                "nats",
+                "set at most one of creds, nkey_seed, user/password and token",
+            );
         }
         if self.input.max_payload_bytes == 0 {
             return bad("input.max_payload_bytes", "must be greater than zero");

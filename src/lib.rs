@@ -20,6 +20,8 @@ pub mod decode;
 pub mod detect;
 pub mod eval;
 pub mod intern;
+pub mod live;
+pub mod nats;
 pub mod pipeline;
 pub mod score;
 pub mod sim;

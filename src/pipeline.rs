@@ -106,6 +106,7 @@ pub struct PipelineState {
     pub devices: Vec<String>,
     pub metrics: Vec<String>,
     pub clocks: Vec<crate::window::Clock>,
+    pub flow_clocks: Vec<crate::window::Clock>,
     pub detectors: Vec<Option<crate::detect::MachineState>>,
     pub alerts: crate::alerts::BookState,
 }
@@ -163,7 +164,8 @@ impl Pipeline {
             machines: names(&self.decoder.machines),
             devices: names(&self.decoder.devices),
             metrics: names(&self.decoder.metrics),
-            clocks: self.windows.clocks().to_vec(),
+            clocks: self.windows.clocks().0.to_vec(),
+            flow_clocks: self.windows.clocks().1.to_vec(),
             detectors: self.detectors.machines().to_vec(),
             alerts: self.book.snapshot(),
         }
@@ -176,7 +178,7 @@ impl Pipeline {
         p.decoder.machines = crate::intern::Interner::from_names(&state.machines, c.max_machines);
         p.decoder.devices = crate::intern::Interner::from_names(&state.devices, c.max_devices);
         p.decoder.metrics = crate::intern::Interner::from_names(&state.metrics, c.max_metrics);
-        p.windows.restore_clocks(state.clocks);
+        p.windows.restore_clocks(state.clocks, state.flow_clocks);
         p.detectors.restore(state.detectors);
         p.book.restore(state.alerts);
         p
@@ -238,7 +240,7 @@ impl Pipeline {
             let mut f = 0;
             for i in 0..messages.num_rows() {
                 while f < f_env.len() && f_env[f] < m_env[i] {
-                    flow_adm.push(self.windows.admit(f_machine[f], f_ts[f], f_recv[f]));
+                    flow_adm.push(self.windows.admit_flow(f_machine[f], f_ts[f], f_recv[f]));
                     f += 1;
                 }
                 let adm = self.windows.admit(m_machine[i], m_ts[i], m_recv[i]);
@@ -267,7 +269,7 @@ impl Pipeline {
                 );
             }
             for f in f..f_env.len() {
-                flow_adm.push(self.windows.admit(f_machine[f], f_ts[f], f_recv[f]));
+                flow_adm.push(self.windows.admit_flow(f_machine[f], f_ts[f], f_recv[f]));
             }
         }
 

@@ -2,7 +2,10 @@
 //!
 //! Each machine has its own watermark, `newest event time seen − allowed
 //! lateness`, because machines' clocks and links differ and one slow machine
-//! must not hold back the others. Tumbling windows of `window.size`, aligned
+//! must not hold back the others. Telemetry and flow records keep separate
+//! watermarks: they come from different collectors over different paths (and
+//! different subscriptions), so flow records running ahead must not make a
+//! machine's telemetry late. Tumbling windows of `window.size`, aligned
 //! to the epoch, close for a machine once its watermark passes their end.
 //! A message whose window has already closed is *late*: it is counted and kept
 //! out of the window tables, but the fast path still scores it. A message
@@ -179,6 +182,7 @@ fn column<'b, T: 'static>(batch: &'b RecordBatch, name: &str) -> &'b T {
 pub struct Windows {
     cfg: WindowConfig,
     clocks: Vec<Clock>,
+    flow_clocks: Vec<Clock>,
     readings: TableBuffer,
     messages: TableBuffer,
     flows: TableBuffer,
@@ -193,6 +197,7 @@ impl Windows {
         Windows {
             cfg,
             clocks: Vec::new(),
+            flow_clocks: Vec::new(),
             readings: TableBuffer::new(&crate::decode::readings_schema(), &["message"]),
             messages: TableBuffer::new(
                 &crate::decode::messages_schema(),
@@ -212,24 +217,57 @@ impl Windows {
     /// Admits one event of `machine`: advances its watermark unless the event
     /// is future-dated, and says whether the event is late.
     pub fn admit(&mut self, machine: u32, ts: Millis, received_at: Millis) -> Admission {
+        Self::admit_on(
+            &mut self.clocks,
+            &self.cfg,
+            &mut self.late,
+            &mut self.future,
+            machine,
+            ts,
+            received_at,
+        )
+    }
+
+    /// Admits one flow record of `machine` against the machine's flow watermark.
+    pub fn admit_flow(&mut self, machine: u32, ts: Millis, received_at: Millis) -> Admission {
+        Self::admit_on(
+            &mut self.flow_clocks,
+            &self.cfg,
+            &mut self.late,
+            &mut self.future,
+            machine,
+            ts,
+            received_at,
+        )
+    }
+
+    fn admit_on(
+        clocks: &mut Vec<Clock>,
+        cfg: &WindowConfig,
+        late: &mut u64,
+        future: &mut u64,
+        machine: u32,
+        ts: Millis,
+        received_at: Millis,
+    ) -> Admission {
         let i = machine as usize;
-        if self.clocks.len() <= i {
-            self.clocks.resize(i + 1, NO_CLOCK);
+        if clocks.len() <= i {
+            clocks.resize(i + 1, NO_CLOCK);
         }
-        if ts > received_at.saturating_add(self.cfg.max_future) {
-            self.future += 1;
+        if ts > received_at.saturating_add(cfg.max_future) {
+            *future += 1;
             return Admission::Future;
         }
-        let clock = &mut self.clocks[i];
+        let clock = &mut clocks[i];
         let admission = if ts < clock.closed_upto {
-            self.late += 1;
+            *late += 1;
             Admission::Late
         } else {
             Admission::OnTime
         };
         if ts > clock.newest {
             clock.newest = ts;
-            clock.closed_upto = window_start(ts - self.cfg.allowed_lateness, self.cfg.size);
+            clock.closed_upto = window_start(ts - cfg.allowed_lateness, cfg.size);
         }
         admission
     }
@@ -275,13 +313,14 @@ impl Windows {
 
     /// The per-machine clocks, for a snapshot. Rows of open windows are not
     /// kept: after a restart windows start empty.
-    pub fn clocks(&self) -> &[Clock] {
-        &self.clocks
+    pub fn clocks(&self) -> (&[Clock], &[Clock]) {
+        (&self.clocks, &self.flow_clocks)
     }
 
-    /// Restores per-machine clocks from a snapshot.
-    pub fn restore_clocks(&mut self, clocks: Vec<Clock>) {
+    /// Restores per-machine clocks (telemetry, flows) from a snapshot.
+    pub fn restore_clocks(&mut self, clocks: Vec<Clock>, flow_clocks: Vec<Clock>) {
         self.clocks = clocks;
+        self.flow_clocks = flow_clocks;
     }
 
     /// Rows waiting in open windows (all tables).
@@ -294,7 +333,7 @@ impl Windows {
         let mut windows = Vec::new();
         let readings = self.readings.take(&self.clocks, size, all, &mut windows);
         let messages = self.messages.take(&self.clocks, size, all, &mut windows);
-        let flows = self.flows.take(&self.clocks, size, all, &mut windows);
+        let flows = self.flows.take(&self.flow_clocks, size, all, &mut windows);
         if windows.is_empty() {
             return None;
         }

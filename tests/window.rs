@@ -155,7 +155,7 @@ fn future_dated_readings_do_not_close_windows() {
 }
 
 #[test]
-fn flows_join_their_machine_windows() {
+fn flows_join_their_machine_windows_on_their_own_watermark() {
     let mut p = Pipeline::new(&Config::default());
     let flow = Envelope::new(
         "twin.flows.s.a",
@@ -165,8 +165,22 @@ fn flows_join_their_machine_windows() {
             T0 + 2_000
         ),
     );
+    let later = Envelope::new(
+        "twin.flows.s.a",
+        Some(T0 + 20_000),
+        format!(
+            r#"{{"ts": {}, "src": "10.0.0.1", "dst": "10.0.0.2", "bytes": 10}}"#,
+            T0 + 20_000
+        ),
+    );
     p.process(&[msg("a", T0, 1.0), flow], 0);
-    let c = p.process(&[msg("a", T0 + 20_000, 1.0)], 0).closed.unwrap();
+    let c = p.process(&[msg("a", T0 + 60_000, 1.0)], 0).closed.unwrap();
+    assert_eq!(
+        c.flows.num_rows(),
+        0,
+        "flows keep their own watermark: telemetry running ahead does not close them"
+    );
+    let c = p.process(&[later], 0).closed.unwrap();
     assert_eq!(c.flows.num_rows(), 1);
     assert!(c.flows.column_by_name("window_start").is_some());
 }

@@ -30,7 +30,6 @@ pub struct Freeze {
     pub rest_values: Vec<f64>,
 }
 
-
 /// A frozen run long enough to report.
 #[derive(Debug, Clone, Copy)]
 pub struct Frozen {

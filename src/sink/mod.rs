@@ -3,6 +3,7 @@
 //! the runner calls before it commits the batch to its source.
 
 pub mod console;
+pub mod nats;
 pub mod ndjson;
 
 use std::future::Future;

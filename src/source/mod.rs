@@ -8,6 +8,7 @@
 //! acknowledge there, which makes delivery at-least-once.
 
 pub mod capture;
+pub mod nats;
 pub mod sim;
 
 use std::future::Future;
@@ -94,4 +95,12 @@ pub trait Source: Send {
     fn commit(&mut self) -> impl Future<Output = Result<(), SourceError>> + Send {
         async { Ok(()) }
     }
+
+    /// Where in a replayable log the last message handed out sits (JetStream stream sequence).
+    fn position(&self) -> Option<u64> {
+        None
+    }
+
+    /// Stop taking new input; later calls to `next_batch` hand out what is in hand, then `None`.
+    fn stop(&mut self) {}
 }

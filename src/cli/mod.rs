@@ -19,6 +19,8 @@ use crate::source::capture::{CaptureSource, CaptureWriter};
 use crate::source::sim::SimSource;
 use crate::time::{Millis, parse_duration, parse_rfc3339};
 
+mod live;
+
 /// twinwatch: security monitoring for manufacturing digital-twin telemetry.
 #[derive(Debug, Parser)]
 #[command(name = "twinwatch", version, about, propagate_version = true)]
@@ -29,17 +31,53 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Live: consume telemetry and flows from NATS, publish alerts and dead letters.
+    Run(RunArgs),
     /// Run the pipeline over a capture file, in event time; alerts as NDJSON.
     Replay(ReplayArgs),
     /// Generate a simulated factory's telemetry and flows, with labelled incidents, as a capture file.
     Simulate(SimulateArgs),
     /// Simulate a factory and detect in one process, no NATS needed; alerts printed as they come.
     Demo(DemoArgs),
+    /// Write what flows on the bus as a capture file, for later `replay`.
+    Record(RecordArgs),
     /// Configuration helpers.
     Config(ConfigArgs),
     /// Measure detection quality.
     #[command(subcommand)]
     Eval(EvalCommand),
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// NATS server URL(s); overrides the configuration.
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// NATS server URL(s); overrides the configuration.
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Capture file to write.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Subjects to record (repeatable); default: the configured source subjects.
+    #[arg(long = "subject")]
+    pub subjects: Vec<String>,
+    /// Stop after this long.
+    #[arg(long, value_parser = duration_arg)]
+    pub duration: Option<Millis>,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Configuration file (TOML) for the [nats] connection settings.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -63,9 +101,9 @@ pub struct FactoryArgs {
     /// Number of machines.
     #[arg(long, default_value_t = 6)]
     pub machines: usize,
-    /// Telemetry messages per second per machine.
+    /// Telemetry messages per second per machine (plant time).
     #[arg(long, default_value_t = 1.0)]
-    pub rate: f64,
+    pub hz: f64,
     /// Simulate without incidents.
     #[arg(long)]
     pub no_incidents: bool,
@@ -82,9 +120,9 @@ impl FactoryArgs {
         if self.machines == 0 || self.machines > 100_000 {
             return Err(UsageError("--machines must be between 1 and 100000".into()));
         }
-        if !(self.rate > 0.0 && self.rate <= 1000.0) {
+        if !(self.hz > 0.0 && self.hz <= 1000.0) {
             return Err(UsageError(
-                "--rate must be above 0 and at most 1000 messages per second".into(),
+                "--hz must be above 0 and at most 1000 messages per second".into(),
             ));
         }
         Ok(SimConfig {
@@ -92,7 +130,7 @@ impl FactoryArgs {
             machines: self.machines,
             start,
             duration,
-            rate_hz: self.rate,
+            rate_hz: self.hz,
             incidents: !self.no_incidents,
             ..SimConfig::default()
         })
@@ -112,6 +150,15 @@ pub struct SimulateArgs {
     /// Labels file (JSON list of machine, type, start, end); default: next to --output as `<output>.labels.json`.
     #[arg(long)]
     pub labels: Option<PathBuf>,
+    /// Publish live to this NATS server instead of writing a capture file.
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// Publishing pace on NATS: messages per second, or `max`; default: real time.
+    #[arg(long)]
+    pub rate: Option<String>,
+    /// Configuration file (TOML) for the [nats] connection settings.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -182,6 +229,8 @@ impl From<ConfigError> for UsageError {
 /// Runs a parsed command line.
 pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Run(a) => live::run(a),
+        Command::Record(a) => live::record(a),
         Command::Replay(a) => replay(a),
         Command::Simulate(a) => simulate(a),
         Command::Demo(a) => demo(a),
@@ -190,11 +239,11 @@ pub fn dispatch(cli: Cli) -> Result<()> {
     }
 }
 
-fn load_config(path: Option<&Path>) -> Result<Config> {
+pub(crate) fn load_config(path: Option<&Path>) -> Result<Config> {
     Config::load_or_default(path).map_err(|e| UsageError::from(e).into())
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -301,6 +350,9 @@ fn write_labels(path: &Path, labels: &[Label]) -> Result<()> {
 }
 
 fn simulate(a: SimulateArgs) -> Result<()> {
+    if a.nats_url.is_some() {
+        return live::simulate(a);
+    }
     let sim = a.factory.sim_config(a.duration)?;
     let mut factory = Factory::new(sim);
     let out: Box<dyn Write> = match &a.output {

@@ -1,0 +1,254 @@
+//! The commands that talk to NATS: `run`, `record`, and `simulate --nats-url`.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures_util::StreamExt;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::{
+    RecordArgs, RunArgs, SimulateArgs, UsageError, load_config, runtime, summary_line, write_labels,
+};
+use crate::config::Config;
+use crate::live::{Checkpoints, run_live};
+use crate::nats::{NatsError, connect};
+use crate::pipeline::Pipeline;
+use crate::sim::Factory;
+use crate::sink::nats::NatsSink;
+use crate::source::Source;
+use crate::source::capture::CaptureWriter;
+use crate::source::nats::{NatsSource, headers_of};
+use crate::state::StateStore;
+use crate::time::wall_now;
+
+/// A watch that turns true on SIGTERM or Ctrl-C.
+fn shutdown_signal() -> watch::Receiver<bool> {
+    let (tx, rx) = watch::channel(false);
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            match signal(SignalKind::terminate()) {
+                Ok(mut term) => {
+                    tokio::select! {
+                        _ = term.recv() => {}
+                        _ = tokio::signal::ctrl_c() => {}
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "cannot listen for SIGTERM; Ctrl-C still stops");
+                    let _ = tokio::signal::ctrl_c().await;
+                }
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
+        let _ = tx.send(true);
+    });
+    rx
+}
+
+/// Maps connection failures: refusals are bad configuration (exit 2).
+fn nats_error(e: NatsError) -> anyhow::Error {
+    match e {
+        NatsError::Refused(m) => UsageError(m).into(),
+        other => anyhow::anyhow!(other),
+    }
+}
+
+fn with_url(mut cfg: Config, url: Option<String>) -> Config {
+    if let Some(u) = url {
+        cfg.nats.url = u;
+    }
+    cfg
+}
+
+pub fn run(a: RunArgs) -> Result<()> {
+    let cfg = with_url(load_config(a.config.as_deref())?, a.nats_url);
+    runtime()?.block_on(async move {
+        let stop = shutdown_signal();
+        let client = match connect(&cfg.nats, &mut stop.clone()).await {
+            Ok(c) => c,
+            Err(NatsError::Stopped) => return Ok(()),
+            Err(e) => return Err(nats_error(e)),
+        };
+        let store = cfg.state.enabled.then(|| StateStore::new(&cfg.state.path));
+        let restored = store.as_ref().and_then(StateStore::load);
+        let resume_after = restored.as_ref().and_then(|c| c.stream_seq);
+        let mut pipeline = match restored {
+            Some(c) => Pipeline::restore(&cfg, c.pipeline),
+            None => Pipeline::new(&cfg),
+        };
+        let mut sink = NatsSink::new(client.clone(), &cfg.sink)
+            .await
+            .map_err(nats_error)?;
+        let checkpoints = store.as_ref().map(|store| Checkpoints {
+            store,
+            interval: Duration::from_millis(cfg.state.interval.max(1) as u64),
+        });
+        let started = Instant::now();
+        let summary = if cfg.source.jetstream.enabled {
+            let mut source = NatsSource::jetstream(&client, &cfg.source, resume_after)
+                .await
+                .map_err(nats_error)?;
+            drive(&mut pipeline, &mut source, &mut sink, checkpoints, stop).await?
+        } else {
+            let mut source = NatsSource::core(&client, &cfg.source)
+                .await
+                .map_err(nats_error)?;
+            drive(&mut pipeline, &mut source, &mut sink, checkpoints, stop).await?
+        };
+        if let Err(e) = client.drain().await {
+            warn!(error = %e, "draining the NATS connection");
+        }
+        info!(
+            batches = summary.batches,
+            checkpoints = summary.checkpoints,
+            dead_letters = sink.dead_letters,
+            "stopped: {}",
+            summary_line(&pipeline.stats(), started.elapsed().as_secs_f64())
+        );
+        Ok(())
+    })
+}
+
+async fn drive<S: Source>(
+    pipeline: &mut Pipeline,
+    source: &mut S,
+    sink: &mut NatsSink,
+    checkpoints: Option<Checkpoints<'_>>,
+    stop: watch::Receiver<bool>,
+) -> Result<crate::live::LiveSummary> {
+    Ok(run_live(pipeline, source, sink, checkpoints, stop).await?)
+}
+
+pub fn record(a: RecordArgs) -> Result<()> {
+    let cfg = with_url(load_config(a.config.as_deref())?, a.nats_url);
+    let subjects = if a.subjects.is_empty() {
+        cfg.source.subjects.clone()
+    } else {
+        a.subjects.clone()
+    };
+    let file = std::fs::File::create(&a.output)
+        .with_context(|| format!("creating {}", a.output.display()))?;
+    runtime()?.block_on(async move {
+        let mut stop = shutdown_signal();
+        let client = match connect(&cfg.nats, &mut stop.clone()).await {
+            Ok(c) => c,
+            Err(NatsError::Stopped) => return Ok(()),
+            Err(e) => return Err(nats_error(e)),
+        };
+        let mut subs = futures_util::stream::SelectAll::new();
+        for s in &subjects {
+            subs.push(client.subscribe(s.clone()).await.with_context(|| format!("subscribing to {s}"))?);
+        }
+        client.flush().await.context("confirming the subscriptions")?;
+        info!(subjects = ?subjects, output = %a.output.display(), "recording");
+        let mut w = CaptureWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
+        let deadline = a.duration.map(|d| tokio::time::Instant::now() + Duration::from_millis(d as u64));
+        let mut n = 0u64;
+        loop {
+            let m = tokio::select! {
+                _ = stop.changed() => break,
+                _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
+                m = subs.next() => match m { Some(m) => m, None => break },
+            };
+            w.write(&crate::source::Envelope {
+                subject: m.subject.to_string(),
+                received_at: Some(wall_now()),
+                headers: headers_of(m.headers.as_ref()),
+                payload: m.payload.clone(),
+            })?;
+            n += 1;
+            if a.count.is_some_and(|c| n >= c) {
+                break;
+            }
+        }
+        w.flush()?;
+        info!(messages = n, output = %a.output.display(), "recording written");
+        Ok(())
+    })
+}
+
+pub fn simulate(a: SimulateArgs) -> Result<()> {
+    let url = a.nats_url.clone().expect("simulate::live needs --nats-url");
+    let cfg = with_url(load_config(a.config.as_deref())?, Some(url));
+    let rate = match a.rate.as_deref() {
+        None => Pace::RealTime,
+        Some("max") => Pace::Max,
+        Some(r) => match r.parse::<f64>() {
+            Ok(v) if v > 0.0 && v.is_finite() => Pace::PerSecond(v),
+            _ => {
+                return Err(
+                    UsageError(format!("--rate `{r}`: give messages per second or `max`")).into(),
+                );
+            }
+        },
+    };
+    let mut sim = a.factory.sim_config(a.duration)?;
+    // Live data should carry live timestamps: real-time runs start now; faster
+    // ones end now, so no message is dated in the future.
+    let now = wall_now() / 1000 * 1000;
+    sim.start = match rate {
+        Pace::RealTime => now,
+        _ => now - a.duration,
+    };
+    let mut factory = Factory::new(sim);
+    if let Some(p) = &a.labels {
+        write_labels(p, factory.labels())?;
+    }
+    runtime()?.block_on(async move {
+        let mut stop = shutdown_signal();
+        let client = match connect(&cfg.nats, &mut stop.clone()).await {
+            Ok(c) => c,
+            Err(NatsError::Stopped) => return Ok(()),
+            Err(e) => return Err(nats_error(e)),
+        };
+        let started = Instant::now();
+        let t0 = factory.now();
+        let mut sent = 0u64;
+        while let Some(tick) = factory.next_tick() {
+            if *stop.borrow() {
+                break;
+            }
+            for e in tick {
+                client
+                    .publish(e.subject, e.payload)
+                    .await
+                    .context("publishing to NATS")?;
+                sent += 1;
+            }
+            let due = match rate {
+                Pace::Max => None,
+                Pace::RealTime => Some(Duration::from_millis((factory.now() - t0).max(0) as u64)),
+                Pace::PerSecond(r) => Some(Duration::from_secs_f64(sent as f64 / r)),
+            };
+            if let Some(due) = due {
+                let wait = due.saturating_sub(started.elapsed());
+                if !wait.is_zero() {
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = stop.changed() => break,
+                    }
+                }
+            }
+        }
+        client.flush().await.context("flushing to NATS")?;
+        let secs = started.elapsed().as_secs_f64();
+        info!(
+            messages = sent,
+            seconds = format!("{secs:.2}"),
+            rate = format!("{:.0}/s", sent as f64 / secs.max(1e-9)),
+            "simulation published"
+        );
+        Ok(())
+    })
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Pace {
+    RealTime,
+    PerSecond(f64),
+    Max,
+}

@@ -1,0 +1,276 @@
+//! NATS source: core subscriptions (optionally in a queue group) or a durable
+//! JetStream pull consumer, turned into batches of envelopes bounded in size
+//! (`source.max_batch`) and in latency (`source.max_latency` after the batch's
+//! first message).
+//!
+//! JetStream: with `create = true` the stream (on `source.subjects`) and the
+//! consumer are created when missing; otherwise both are bound and a missing
+//! one is a configuration error. Messages are acknowledged in [`Source::commit`],
+//! which the live runner calls once the alerts a batch caused are published
+//! and a state snapshot holding its effects is written — at-least-once delivery
+//! with state that matches what was acknowledged. When a snapshot says which
+//! stream sequence it holds, a created consumer restarts right after it; a bound
+//! consumer's older messages are acknowledged and skipped.
+//!
+//! `next_batch` is cancel-safe: a partial batch lives in the source, not in the
+//! future, so the runner may race it against a shutdown signal.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, AckKind, consumer::AckPolicy, consumer::DeliverPolicy, consumer::pull,
+};
+use async_nats::{Client, HeaderMap, Message};
+use futures_util::stream::{BoxStream, SelectAll, StreamExt};
+use tracing::{info, warn};
+
+use super::{Envelope, Source, SourceError};
+use crate::config::SourceConfig;
+use crate::nats::NatsError;
+use crate::time::wall_now;
+
+/// Converts NATS headers to envelope headers.
+pub fn headers_of(h: Option<&HeaderMap>) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    if let Some(h) = h {
+        for (name, values) in h.iter() {
+            for v in values {
+                out.push((name.to_string(), v.as_str().to_string()));
+            }
+        }
+        out.sort();
+    }
+    out
+}
+
+fn envelope(m: &Message, received_at: i64) -> Envelope {
+    Envelope {
+        subject: m.subject.to_string(),
+        received_at: Some(received_at),
+        headers: headers_of(m.headers.as_ref()),
+        payload: m.payload.clone(),
+    }
+}
+
+enum Feed {
+    Core(SelectAll<BoxStream<'static, Message>>),
+    JetStream(BoxStream<'static, Result<jetstream::Message, String>>),
+    Ended,
+}
+
+/// Consumes from NATS.
+pub struct NatsSource {
+    feed: Feed,
+    max_batch: usize,
+    max_latency: Duration,
+    pending: Vec<Envelope>,
+    /// Ackers of messages handed out but not yet acknowledged.
+    ackers: Vec<jetstream::message::Acker>,
+    ack_all: bool,
+    /// Messages at or below this stream sequence are already in the restored state.
+    skip_through: u64,
+    position: Option<u64>,
+    stopping: bool,
+}
+
+impl NatsSource {
+    /// Core subscriptions on `cfg.subjects`.
+    pub async fn core(client: &Client, cfg: &SourceConfig) -> Result<Self, NatsError> {
+        let mut all = SelectAll::new();
+        for subject in &cfg.subjects {
+            let sub = if cfg.queue_group.is_empty() {
+                client.subscribe(subject.clone()).await
+            } else {
+                client
+                    .queue_subscribe(subject.clone(), cfg.queue_group.clone())
+                    .await
+            }
+            .map_err(|e| NatsError::Request(format!("subscribing to {subject}: {e}")))?;
+            all.push(sub.boxed());
+        }
+        client
+            .flush()
+            .await
+            .map_err(|e| NatsError::Request(format!("confirming the subscriptions: {e}")))?;
+        info!(subjects = ?cfg.subjects, queue_group = %cfg.queue_group, "subscribed");
+        Ok(Self::new(Feed::Core(all), cfg, true, 0))
+    }
+
+    /// A durable pull consumer; `resume_after` is the stream sequence the restored state holds.
+    pub async fn jetstream(
+        client: &Client,
+        cfg: &SourceConfig,
+        resume_after: Option<u64>,
+    ) -> Result<Self, NatsError> {
+        let j = &cfg.jetstream;
+        let js = jetstream::new(client.clone());
+        let req =
+            |what: &str, e: &dyn std::fmt::Display| NatsError::Request(format!("{what}: {e}"));
+        let stream = if j.create {
+            js.get_or_create_stream(jetstream::stream::Config {
+                name: j.stream.clone(),
+                subjects: cfg.subjects.clone(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| req(&format!("creating stream {}", j.stream), &e))?
+        } else {
+            js.get_stream(&j.stream).await.map_err(|e| {
+                NatsError::Refused(format!(
+                    "JetStream stream `{}` not found ({e}); create it, or set source.jetstream.create = true",
+                    j.stream
+                ))
+            })?
+        };
+        let wanted = pull::Config {
+            durable_name: Some(j.consumer.clone()),
+            ack_policy: AckPolicy::All,
+            ack_wait: Duration::from_millis(j.ack_wait.max(1) as u64),
+            max_ack_pending: j.max_ack_pending,
+            deliver_policy: match resume_after {
+                Some(seq) => DeliverPolicy::ByStartSequence {
+                    start_sequence: seq + 1,
+                },
+                None => DeliverPolicy::All,
+            },
+            ..Default::default()
+        };
+        let consumer: jetstream::consumer::Consumer<pull::Config> = if j.create {
+            if resume_after.is_some() {
+                // Restart exactly after what the restored state holds.
+                let _ = stream.delete_consumer(&j.consumer).await;
+                stream
+                    .create_consumer(wanted)
+                    .await
+                    .map_err(|e| req(&format!("creating consumer {}", j.consumer), &e))?
+            } else {
+                stream
+                    .get_or_create_consumer(&j.consumer, wanted)
+                    .await
+                    .map_err(|e| req(&format!("creating consumer {}", j.consumer), &e))?
+            }
+        } else {
+            stream.get_consumer(&j.consumer).await.map_err(|e| {
+                NatsError::Refused(format!(
+                    "JetStream consumer `{}` on stream `{}` not found ({e}); create it, or set source.jetstream.create = true",
+                    j.consumer, j.stream
+                ))
+            })?
+        };
+        let ack_all = consumer.cached_info().config.ack_policy == AckPolicy::All;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(cfg.max_batch.max(1))
+            .messages()
+            .await
+            .map_err(|e| req("starting to pull", &e))?
+            .map(|r| r.map_err(|e| e.to_string()))
+            .boxed();
+        info!(stream = %j.stream, consumer = %j.consumer, resume_after = ?resume_after, "consuming from JetStream");
+        Ok(Self::new(
+            Feed::JetStream(messages),
+            cfg,
+            ack_all,
+            resume_after.unwrap_or(0),
+        ))
+    }
+
+    fn new(feed: Feed, cfg: &SourceConfig, ack_all: bool, skip_through: u64) -> Self {
+        NatsSource {
+            feed,
+            max_batch: cfg.max_batch.max(1),
+            max_latency: Duration::from_millis(cfg.max_latency.max(0) as u64),
+            pending: Vec::new(),
+            ackers: Vec::new(),
+            ack_all,
+            skip_through,
+            position: None,
+            stopping: false,
+        }
+    }
+
+    /// Waits for the next message; `None` when the feed has ended.
+    async fn next_one(&mut self) -> Option<()> {
+        let now = wall_now();
+        match &mut self.feed {
+            Feed::Core(s) => {
+                let m = s.next().await?;
+                self.pending.push(envelope(&m, now));
+                Some(())
+            }
+            Feed::JetStream(s) => loop {
+                match s.next().await? {
+                    Ok(m) => {
+                        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        let (msg, acker) = m.split();
+                        if seq != 0 && seq <= self.skip_through {
+                            // Already in the restored state.
+                            let _ = acker.ack_with(AckKind::Ack).await;
+                            continue;
+                        }
+                        if seq != 0 && self.position.is_some_and(|p| seq <= p) {
+                            // A redelivery of a message already processed; a later ack covers it.
+                            continue;
+                        }
+                        self.pending.push(envelope(&msg, now));
+                        if self.ack_all {
+                            self.ackers.clear();
+                        }
+                        self.ackers.push(acker);
+                        if seq != 0 {
+                            self.position = Some(seq);
+                        }
+                        return Some(());
+                    }
+                    Err(e) => warn!(error = %e, "JetStream pull failed; retrying"),
+                }
+            },
+            Feed::Ended => None,
+        }
+    }
+}
+
+impl Source for NatsSource {
+    async fn next_batch(&mut self) -> Result<Option<Vec<Envelope>>, SourceError> {
+        if self.pending.is_empty() {
+            if self.stopping {
+                return Ok(None);
+            }
+            if self.next_one().await.is_none() {
+                self.feed = Feed::Ended;
+                return Ok(None);
+            }
+        }
+        let deadline = tokio::time::Instant::now() + self.max_latency;
+        while self.pending.len() < self.max_batch && !self.stopping {
+            match tokio::time::timeout_at(deadline, self.next_one()).await {
+                Ok(Some(())) => {}
+                Ok(None) => {
+                    self.feed = Feed::Ended;
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        Ok(Some(std::mem::take(&mut self.pending)))
+    }
+
+    async fn commit(&mut self) -> Result<(), SourceError> {
+        for a in self.ackers.drain(..) {
+            a.ack()
+                .await
+                .map_err(|e| SourceError::Other(format!("acknowledging to JetStream: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn position(&self) -> Option<u64> {
+        self.position
+    }
+
+    fn stop(&mut self) {
+        // Stop pulling new messages; what is already in hand still goes through.
+        self.stopping = true;
+        self.feed = Feed::Ended;
+    }
+}
