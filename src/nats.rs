@@ -108,6 +108,22 @@ async fn options(cfg: &NatsConfig) -> Result<ConnectOptions, NatsError> {
         }))
 }
 
+/// Whether a connection error is a TLS verdict (an untrusted or missing
+/// certificate) rather than a network fault; rustls reports those as I/O errors.
+fn is_tls_failure(message: &str) -> bool {
+    [
+        "invalid peer certificate",
+        "certificate required",
+        "CertificateRequired",
+        "BadCertificate",
+        "UnknownCA",
+        "HandshakeFailure",
+        "peer is incompatible",
+    ]
+    .iter()
+    .any(|m| message.contains(m))
+}
+
 /// Connects, retrying an unreachable server until `stop` resolves.
 pub async fn connect(
     cfg: &NatsConfig,
@@ -131,6 +147,11 @@ pub async fn connect(
                     )));
                 }
                 ConnectErrorKind::Tls => {
+                    return Err(NatsError::Refused(format!(
+                        "TLS with NATS at {shown} failed ({e}); check nats.ca, nats.cert and nats.key"
+                    )));
+                }
+                _ if is_tls_failure(&e.to_string()) => {
                     return Err(NatsError::Refused(format!(
                         "TLS with NATS at {shown} failed ({e}); check nats.ca, nats.cert and nats.key"
                     )));

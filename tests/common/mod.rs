@@ -1,0 +1,245 @@
+//! Test harness: a private `nats-server` on a free loopback port with the
+//! configuration a test needs, the twinwatch binary as a child process, and
+//! certificates made at test time.
+
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The nats-server binary: `NATS_SERVER_BIN`, else `nats-server` on PATH, else Debian's path.
+pub fn nats_server_bin() -> String {
+    if let Ok(b) = std::env::var("NATS_SERVER_BIN") {
+        return b;
+    }
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/local/bin"])
+    {
+        let p = Path::new(dir).join("nats-server");
+        if p.is_file() {
+            return p.display().to_string();
+        }
+    }
+    panic!("nats-server not found: install it (scripts/test does) or set NATS_SERVER_BIN");
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+/// A nats-server owned by one test; killed when dropped.
+pub struct NatsServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    conf: PathBuf,
+}
+
+impl NatsServer {
+    /// Starts a server; `extra` is appended to its configuration (`{dir}` is replaced by a private folder).
+    pub fn start(extra: &str) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    pub fn start_on(port: u16, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("nats.conf");
+        let text = format!(
+            "listen: 127.0.0.1:{port}\n{}\n",
+            extra.replace("{dir}", &dir.path().display().to_string())
+        );
+        std::fs::write(&conf, text).unwrap();
+        let mut s = NatsServer {
+            child: None,
+            port,
+            dir,
+            conf,
+        };
+        s.spawn();
+        s
+    }
+
+    /// Starts a server with JetStream storing under its private folder.
+    pub fn jetstream(extra: &str) -> Self {
+        Self::start(&format!(
+            "jetstream {{ store_dir: \"{{dir}}/js\" }}\n{extra}"
+        ))
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.path().join("server.log")).unwrap();
+        let child = Command::new(nats_server_bin())
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting nats-server");
+        self.child = Some(child);
+        if !wait_for_port(self.port, Duration::from_secs(15)) {
+            panic!("nats-server did not listen: {}", self.log());
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn tls_url(&self) -> String {
+        format!("tls://127.0.0.1:{}", self.port)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Stops and starts the server again on the same port with the same storage.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A twinwatch child process; killed when dropped. Its standard error goes to a file.
+pub struct Twinwatch {
+    pub child: Child,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Twinwatch {
+    pub fn spawn(args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let stderr = dir.path().join("stderr.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+            .args(args)
+            .env("TWINWATCH_LOG", "info")
+            .env_remove("NATS_URL")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("starting twinwatch");
+        Twinwatch {
+            child,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    pub fn stderr(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = std::fs::File::open(&self.stderr) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// Waits for the process to exit; its exit code, or `None` on timeout.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let t = Instant::now();
+        while t.elapsed() < timeout {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status.code().unwrap_or(-1));
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        None
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+}
+
+impl Drop for Twinwatch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes a configuration file and returns its path.
+pub fn write_config(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+/// A CA, a server certificate for 127.0.0.1/localhost and a client certificate, as PEM files.
+pub struct Pki {
+    pub ca: String,
+    pub server_cert: String,
+    pub server_key: String,
+    pub client_cert: String,
+    pub client_key: String,
+}
+
+pub fn make_pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "twinwatch test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+    let (client_cert, client_key) = leaf(vec!["twinwatch-processor".into()]);
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p.display().to_string()
+    };
+    Pki {
+        ca: write("ca.pem", &ca.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server-key.pem", &server_key),
+        client_cert: write("client.pem", &client_cert),
+        client_key: write("client-key.pem", &client_key),
+    }
+}

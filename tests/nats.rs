@@ -1,0 +1,437 @@
+//! `twinwatch run` against real nats-server processes: alerts and dead letters
+//! on their subjects with their headers, every authentication mode and its
+//! refusal, an unreachable server, a server restart, SIGKILL with JetStream
+//! (nothing lost, same alert ids), SIGTERM, `record` and `simulate --nats-url`.
+//! Each test starts its own server on a free loopback port.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use async_nats::{Client, ConnectOptions, HeaderMap};
+use base64::Engine;
+use common::{NatsServer, Twinwatch, make_pki, write_config};
+use futures_util::StreamExt;
+use twinwatch::alerts::Alert;
+
+/// Event time of the first test message: ten minutes ago, on a whole minute, so
+/// no message is dated in the future of its arrival.
+fn t0() -> i64 {
+    (twinwatch::time::wall_now() - 600_000) / 60_000 * 60_000
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+async fn connect(url: &str, opts: ConnectOptions) -> Client {
+    opts.connect(url).await.expect("test client connects")
+}
+
+/// Publishes a malformed payload until twinwatch dead-letters it: proves it is
+/// connected and subscribed. Returns the dead letter's headers.
+async fn probe(c: &Client, machine: &str, timeout: Duration) -> Option<HeaderMap> {
+    let mut dl = c.subscribe("twin.deadletter.>").await.unwrap();
+    c.flush().await.unwrap();
+    let body = format!("probe for {machine}: not json");
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        c.publish(
+            format!("twin.telemetry.test.{machine}"),
+            body.clone().into(),
+        )
+        .await
+        .unwrap();
+        c.flush().await.unwrap();
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_millis(300), dl.next()).await
+            && m.payload == body.as_bytes()
+        {
+            assert_eq!(m.subject.as_str(), "twin.deadletter.invalid_json");
+            return m.headers;
+        }
+    }
+    None
+}
+
+fn base_config(dir: &std::path::Path, extra: &str) -> String {
+    write_config(
+        dir,
+        "twinwatch.toml",
+        &format!("[baseline]\nwarmup = \"1m\"\n[state]\nenabled = false\n{extra}"),
+    )
+}
+
+fn telemetry(t0: i64, machine: &str, s: i64, value: f64) -> String {
+    let noise = ((s * 7919) % 17) as f64 * 0.01;
+    format!(
+        r#"{{"ts": {}, "machine": "{machine}", "device": "plc-{machine}", "seq": {s}, "readings": {{"temperature_c": {}, "pressure_bar": {}}}}}"#,
+        t0 + s * 1000,
+        value + noise,
+        5.0 + noise
+    )
+}
+
+#[test]
+fn alerts_and_dead_letters_on_their_subjects_with_headers() {
+    let server = NatsServer::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = base_config(dir.path(), "");
+    let tw = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", &server.url()]);
+    rt().block_on(async {
+        let c = connect(&server.url(), ConnectOptions::new()).await;
+        let headers = probe(&c, "press-9", Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("no dead letter: {}", tw.stderr()));
+        let why = headers
+            .get("Twin-Error")
+            .expect("Twin-Error header")
+            .as_str()
+            .to_string();
+        assert!(why.starts_with("invalid_json:"), "{why}");
+        assert_eq!(
+            headers.get("Twin-Subject").unwrap().as_str(),
+            "twin.telemetry.test.press-9"
+        );
+
+        let mut alerts = c.subscribe("twin.alerts.>").await.unwrap();
+        c.flush().await.unwrap();
+        let t0 = t0();
+        for s in 0..300 {
+            c.publish(
+                "twin.telemetry.plant.press-9",
+                telemetry(t0, "press-9", s, 70.0).into(),
+            )
+            .await
+            .unwrap();
+        }
+        c.publish(
+            "twin.telemetry.plant.press-9",
+            telemetry(t0, "press-9", 300, 95.0).into(),
+        )
+        .await
+        .unwrap();
+        c.flush().await.unwrap();
+        let m = tokio::time::timeout(Duration::from_secs(10), alerts.next())
+            .await
+            .unwrap_or_else(|_| panic!("no alert: {}", tw.stderr()))
+            .unwrap();
+        let a: Alert = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(
+            m.subject.as_str(),
+            format!("twin.alerts.{}.press-9", a.severity.as_str())
+        );
+        assert_eq!(
+            m.headers
+                .as_ref()
+                .unwrap()
+                .get("Nats-Msg-Id")
+                .unwrap()
+                .as_str(),
+            a.id
+        );
+        assert_eq!(a.feature.as_deref(), Some("temperature_c"));
+        assert_eq!(a.device.as_deref(), Some("plc-press-9"));
+        assert_eq!(a.ts, twinwatch::time::format_rfc3339(t0 + 300_000));
+    });
+}
+
+/// Starts twinwatch with `nats` settings against `server` and checks it works, using `client_opts` for the test client.
+fn works_with(
+    server: &NatsServer,
+    url: &str,
+    nats: &str,
+    client_opts: impl Fn() -> ConnectOptions,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = base_config(dir.path(), &format!("[nats]\n{nats}\n"));
+    let tw = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", url]);
+    rt().block_on(async {
+        let c = connect(url, client_opts()).await;
+        assert!(
+            probe(&c, "m1", Duration::from_secs(20)).await.is_some(),
+            "twinwatch did not work: {}\nserver: {}",
+            tw.stderr(),
+            server.log()
+        );
+    });
+    for secret in ["s3cret-pw", "t0ken-xyz"] {
+        assert!(!tw.stderr().contains(secret), "a secret was logged");
+    }
+}
+
+/// Starts twinwatch with `nats` settings and expects exit code 2 naming the problem.
+fn refused_with(url: &str, nats: &str, expect: &str) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = base_config(dir.path(), &format!("[nats]\n{nats}\n"));
+    let mut tw = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", url]);
+    let code = tw.wait_exit(Duration::from_secs(20));
+    let err = tw.stderr();
+    assert_eq!(code, Some(2), "expected exit 2: {err}");
+    assert!(
+        err.to_lowercase().contains(expect),
+        "expected `{expect}` in: {err}"
+    );
+    for secret in ["wrong-pw", "bad-token"] {
+        assert!(!err.contains(secret), "a secret was logged: {err}");
+    }
+}
+
+#[test]
+fn user_and_password() {
+    let server =
+        NatsServer::start("authorization { users = [ { user: proc, password: s3cret-pw } ] }");
+    works_with(
+        &server,
+        &server.url(),
+        "user = \"proc\"\npassword = \"s3cret-pw\"",
+        || ConnectOptions::with_user_and_password("proc".into(), "s3cret-pw".into()),
+    );
+    refused_with(
+        &server.url(),
+        "user = \"proc\"\npassword = \"wrong-pw\"",
+        "refused the credentials",
+    );
+}
+
+#[test]
+fn token() {
+    let server = NatsServer::start("authorization { token: t0ken-xyz }");
+    works_with(&server, &server.url(), "token = \"t0ken-xyz\"", || {
+        ConnectOptions::with_token("t0ken-xyz".into())
+    });
+    refused_with(
+        &server.url(),
+        "token = \"bad-token\"",
+        "refused the credentials",
+    );
+}
+
+#[test]
+fn nkey_seed_file() {
+    let user = nkeys::KeyPair::new_user();
+    let other = nkeys::KeyPair::new_user();
+    let server = NatsServer::start(&format!(
+        "authorization {{ users = [ {{ nkey: {} }} ] }}",
+        user.public_key()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let seed = write_config(
+        dir.path(),
+        "proc.nk",
+        &format!("{}\n", user.seed().unwrap()),
+    );
+    let wrong = write_config(dir.path(), "other.nk", &other.seed().unwrap());
+    let s = user.seed().unwrap();
+    works_with(
+        &server,
+        &server.url(),
+        &format!("nkey_seed = \"{seed}\""),
+        || ConnectOptions::with_nkey(s.clone()),
+    );
+    refused_with(
+        &server.url(),
+        &format!("nkey_seed = \"{wrong}\""),
+        "refused the credentials",
+    );
+    let junk = write_config(dir.path(), "junk.nk", "not a seed");
+    refused_with(
+        &server.url(),
+        &format!("nkey_seed = \"{junk}\""),
+        "nkey seed",
+    );
+}
+
+fn jwt(claims: serde_json::Value, signer: &nkeys::KeyPair) -> String {
+    let b64 = |d: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d);
+    let mut claims = claims;
+    claims["iat"] = serde_json::json!(chrono::Utc::now().timestamp());
+    claims["jti"] = serde_json::json!(format!("{:x}", rand_id()));
+    let head = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let body = b64(claims.to_string().as_bytes());
+    let sig = signer.sign(format!("{head}.{body}").as_bytes()).unwrap();
+    format!("{head}.{body}.{}", b64(&sig))
+}
+
+fn rand_id() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+#[test]
+fn creds_file_with_operator_jwts() {
+    let op = nkeys::KeyPair::new_operator();
+    let acc = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let op_jwt = jwt(
+        serde_json::json!({"iss": op.public_key(), "sub": op.public_key(), "name": "plant", "nats": {"type": "operator", "version": 2}}),
+        &op,
+    );
+    let acc_jwt = jwt(
+        serde_json::json!({"iss": op.public_key(), "sub": acc.public_key(), "name": "PROCESSOR", "nats": {
+            "limits": {"subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1, "wildcards": true, "conn": -1, "leaf": -1},
+            "default_permissions": {"pub": {}, "sub": {}}, "type": "account", "version": 2}}),
+        &op,
+    );
+    let user_jwt = jwt(
+        serde_json::json!({"iss": acc.public_key(), "sub": user.public_key(), "name": "twinwatch", "nats": {
+            "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1, "type": "user", "version": 2}}),
+        &acc,
+    );
+    let server = NatsServer::start(&format!(
+        "operator: \"{op_jwt}\"\nresolver: MEMORY\nresolver_preload: {{ {}: \"{acc_jwt}\" }}\n",
+        acc.public_key()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let creds = |jwt: &str, seed: &str| {
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{jwt}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n"
+        )
+    };
+    let good = write_config(
+        dir.path(),
+        "proc.creds",
+        &creds(&user_jwt, &user.seed().unwrap()),
+    );
+    let text = std::fs::read_to_string(&good).unwrap();
+    works_with(
+        &server,
+        &server.url(),
+        &format!("creds = \"{good}\""),
+        || ConnectOptions::with_credentials(&text).unwrap(),
+    );
+    // A user signed by an account the server does not know.
+    let stranger = nkeys::KeyPair::new_account();
+    let bad_jwt = jwt(
+        serde_json::json!({"iss": stranger.public_key(), "sub": user.public_key(), "name": "x", "nats": {"pub": {}, "sub": {}, "type": "user", "version": 2}}),
+        &stranger,
+    );
+    let bad = write_config(
+        dir.path(),
+        "bad.creds",
+        &creds(&bad_jwt, &user.seed().unwrap()),
+    );
+    refused_with(
+        &server.url(),
+        &format!("creds = \"{bad}\""),
+        "refused the credentials",
+    );
+}
+
+#[test]
+fn tls_with_a_custom_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let server = NatsServer::start(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\" }}",
+        pki.server_cert, pki.server_key
+    ));
+    let ca = pki.ca.clone();
+    works_with(
+        &server,
+        &server.tls_url(),
+        &format!("ca = \"{}\"", pki.ca),
+        || {
+            ConnectOptions::new()
+                .add_root_certificates(ca.clone().into())
+                .require_tls(true)
+        },
+    );
+    // Without the CA the server's certificate cannot be trusted.
+    refused_with(&server.tls_url(), "", "tls");
+}
+
+#[test]
+fn mutual_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = make_pki(dir.path());
+    let server = NatsServer::start(&format!(
+        "tls {{ cert_file: \"{}\", key_file: \"{}\", ca_file: \"{}\", verify: true }}",
+        pki.server_cert, pki.server_key, pki.ca
+    ));
+    let (ca, cert, key) = (
+        pki.ca.clone(),
+        pki.client_cert.clone(),
+        pki.client_key.clone(),
+    );
+    works_with(
+        &server,
+        &server.tls_url(),
+        &format!(
+            "ca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"",
+            pki.ca, pki.client_cert, pki.client_key
+        ),
+        || {
+            ConnectOptions::new()
+                .add_root_certificates(ca.clone().into())
+                .add_client_certificate(cert.clone().into(), key.clone().into())
+                .require_tls(true)
+        },
+    );
+    // No client certificate: the server refuses the handshake.
+    let dir2 = tempfile::tempdir().unwrap();
+    let cfg = base_config(dir2.path(), &format!("[nats]\nca = \"{}\"\n", pki.ca));
+    let mut tw = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", &server.tls_url()]);
+    let code = tw.wait_exit(Duration::from_secs(10));
+    assert_eq!(
+        code,
+        Some(2),
+        "a client without a certificate is refused: {}",
+        tw.stderr()
+    );
+    assert!(tw.stderr().contains("TLS with NATS"), "{}", tw.stderr());
+}
+
+#[test]
+fn unreachable_server_is_retried_until_it_comes() {
+    let port = common::free_port();
+    let url = format!("nats://127.0.0.1:{port}");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = base_config(dir.path(), "");
+    let mut tw = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", &url]);
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        tw.wait_exit(Duration::from_millis(10)),
+        None,
+        "must not exit: {}",
+        tw.stderr()
+    );
+    let attempts = tw.stderr().matches("cannot reach NATS").count();
+    assert!(attempts >= 2, "one line per attempt: {}", tw.stderr());
+    let server = NatsServer::start_on(port, "");
+    rt().block_on(async {
+        let c = connect(&server.url(), ConnectOptions::new()).await;
+        assert!(
+            probe(&c, "m1", Duration::from_secs(40)).await.is_some(),
+            "{}",
+            tw.stderr()
+        );
+    });
+}
+
+#[test]
+fn server_restart_mid_stream() {
+    let mut server = NatsServer::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = base_config(dir.path(), "");
+    let tw = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", &server.url()]);
+    rt().block_on(async {
+        let c = connect(&server.url(), ConnectOptions::new()).await;
+        assert!(probe(&c, "before", Duration::from_secs(20)).await.is_some());
+    });
+    server.restart();
+    rt().block_on(async {
+        let c = connect(&server.url(), ConnectOptions::new()).await;
+        assert!(
+            probe(&c, "after", Duration::from_secs(30)).await.is_some(),
+            "no recovery: {}",
+            tw.stderr()
+        );
+    });
+    assert!(tw.stderr().contains("connection lost"), "{}", tw.stderr());
+}
