@@ -435,3 +435,229 @@ fn server_restart_mid_stream() {
     });
     assert!(tw.stderr().contains("connection lost"), "{}", tw.stderr());
 }
+
+/// The simulated plant of the JetStream tests: its envelopes in order, event
+/// times ending now so that nothing is dated in the future of its arrival.
+fn plant(minutes: i64) -> (Vec<twinwatch::source::Envelope>, Vec<twinwatch::sim::Label>) {
+    use twinwatch::sim::{Factory, SimConfig};
+    let mut f = Factory::new(SimConfig {
+        seed: 7,
+        machines: 3,
+        duration: minutes * 60_000,
+        start: (twinwatch::time::wall_now() - minutes * 60_000) / 1000 * 1000,
+        ..SimConfig::default()
+    });
+    let mut envs = Vec::new();
+    while let Some(t) = f.next_tick() {
+        envs.extend(t);
+    }
+    (envs, f.labels().to_vec())
+}
+
+async fn stream_alerts(js: &async_nats::jetstream::Context) -> Vec<Alert> {
+    use async_nats::jetstream::consumer::{DeliverPolicy, pull};
+    let mut stream = js.get_stream("TWIN_ALERTS").await.unwrap();
+    let n = stream.info().await.unwrap().state.messages as usize;
+    let consumer = stream
+        .create_consumer(pull::Config {
+            deliver_policy: DeliverPolicy::All,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let mut msgs = consumer
+        .fetch()
+        .max_messages(n.max(1))
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    while let Some(Ok(m)) = msgs.next().await {
+        out.push(serde_json::from_slice(&m.payload).unwrap());
+        if out.len() == n {
+            break;
+        }
+    }
+    assert_eq!(out.len(), n);
+    out
+}
+
+#[test]
+fn jetstream_sigkill_restart_loses_nothing_and_keeps_alert_ids() {
+    let server = NatsServer::jetstream("");
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("models/state.json");
+    let cfg = write_config(
+        dir.path(),
+        "twinwatch.toml",
+        &format!(
+            "[source]\nmax_batch = 16\n[source.jetstream]\nenabled = true\ncreate = true\n\
+             [sink]\njetstream = true\n[state]\npath = \"{}\"\ninterval = \"50ms\"\n",
+            state.display()
+        ),
+    );
+    let (envs, labels) = plant(40);
+    // What an uninterrupted pipeline raises on the same input.
+    let mut p = twinwatch::pipeline::Pipeline::new(&twinwatch::config::Config::default());
+    let expected: Vec<Alert> = envs
+        .chunks(64)
+        .flat_map(|c| p.process(c, 0).alerts)
+        .collect();
+    assert!(!expected.is_empty());
+
+    rt().block_on(async {
+        let c = connect(&server.url(), ConnectOptions::new()).await;
+        let js = async_nats::jetstream::new(c.clone());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "TWIN_TELEMETRY".into(),
+            subjects: vec!["twin.telemetry.>".into(), "twin.flows.>".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for chunk in envs.chunks(500) {
+            let mut acks = Vec::new();
+            for e in chunk {
+                acks.push(
+                    js.publish(e.subject.clone(), e.payload.clone())
+                        .await
+                        .unwrap(),
+                );
+            }
+            for a in acks {
+                a.await.unwrap();
+            }
+        }
+        let total = envs.len() as u64;
+
+        let mut first = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", &server.url()]);
+        let stream = js.get_stream("TWIN_TELEMETRY").await.unwrap();
+        let t = Instant::now();
+        let killed_at = loop {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "no progress: {}",
+                first.stderr()
+            );
+            if let Ok(info) = stream.consumer_info("twinwatch").await
+                && info.delivered.stream_sequence >= total / 3
+                && state.exists()
+            {
+                first.signal("KILL");
+                break info.delivered.stream_sequence;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        first.wait_exit(Duration::from_secs(5));
+        println!("killed after {killed_at} of {total} messages");
+
+        let mut second = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", &server.url()]);
+        let t = Instant::now();
+        loop {
+            assert!(
+                t.elapsed() < Duration::from_secs(90),
+                "did not finish: {}",
+                second.stderr()
+            );
+            if let Ok(info) = stream.consumer_info("twinwatch").await
+                && info.ack_floor.stream_sequence >= total
+                && info.num_pending == 0
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Graceful stop: drains, saves state, acknowledges, exits 0.
+        second.signal("TERM");
+        assert_eq!(
+            second.wait_exit(Duration::from_secs(15)),
+            Some(0),
+            "{}",
+            second.stderr()
+        );
+        assert!(
+            second.stderr().contains("state restored"),
+            "{}",
+            second.stderr()
+        );
+        let info = stream.consumer_info("twinwatch").await.unwrap();
+        assert_eq!(info.num_ack_pending, 0);
+
+        let got = stream_alerts(&js).await;
+        let ids = |v: &[Alert]| {
+            let mut ids: Vec<String> = v.iter().map(|a| a.id.clone()).collect();
+            ids.sort();
+            ids
+        };
+        assert_eq!(
+            ids(&got),
+            ids(&expected),
+            "the alert stream holds exactly the uninterrupted run's alerts, once each"
+        );
+        let hours = 3.0 * (40.0 - 10.0) / 60.0;
+        let recall = twinwatch::eval::labels::score(&got, &labels, hours, 120_000);
+        println!("{}", recall.report());
+        assert_eq!(
+            recall.recall(),
+            twinwatch::eval::labels::score(&expected, &labels, hours, 120_000).recall()
+        );
+    });
+}
+
+#[test]
+fn record_what_simulate_publishes() {
+    let server = NatsServer::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("rec.ndjson");
+    let mut rec = Twinwatch::spawn(&[
+        "record",
+        "--nats-url",
+        &server.url(),
+        "--output",
+        out.to_str().unwrap(),
+        "--count",
+        "288",
+    ]);
+    let t = Instant::now();
+    while !rec.stderr().contains("recording") {
+        assert!(t.elapsed() < Duration::from_secs(20), "{}", rec.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sim = std::process::Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+        .args([
+            "simulate",
+            "--nats-url",
+            &server.url(),
+            "--duration",
+            "2m",
+            "--machines",
+            "2",
+            "--rate",
+            "max",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        sim.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sim.stderr)
+    );
+    assert_eq!(
+        rec.wait_exit(Duration::from_secs(20)),
+        Some(0),
+        "{}",
+        rec.stderr()
+    );
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text.lines().count(), 2 * 120 + 2 * 24);
+    assert!(text.lines().all(|l| l.contains("\"received_at\":")));
+    let replay = std::process::Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+        .args(["replay", "--input", out.to_str().unwrap()])
+        .env("TWINWATCH_LOG", "info")
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&replay.stderr);
+    assert!(log.contains("240 messages, 1440 readings"), "{log}");
+    assert!(log.contains("0 late, 0 future-dated"), "{log}");
+}
