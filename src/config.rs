@@ -66,6 +66,8 @@ pub struct NatsConfig {
     pub require_tls: bool,
     #[serde(with = "serde_duration")]
     pub connect_timeout: Millis,
+    /// Messages a subscription may buffer before the server counts twinwatch as a slow consumer and drops.
+    pub subscription_capacity: usize,
 }
 
 impl Default for NatsConfig {
@@ -83,6 +85,7 @@ impl Default for NatsConfig {
             key: String::new(),
             require_tls: false,
             connect_timeout: 5_000,
+            subscription_capacity: 262_144,
         }
     }
 }
@@ -437,6 +440,8 @@ cert = ""
 key = ""
 require_tls = false
 connect_timeout = "5s"
+# Messages a subscription may buffer to ride out bursts before the server drops (slow consumer).
+subscription_capacity = 262144
 
 [source]
 subjects = ["twin.telemetry.>", "twin.flows.>"]
@@ -628,6 +633,9 @@ impl Config {
             if v <= 0 {
                 return bad(key, "must be greater than zero");
             }
+        }
+        if self.nats.subscription_capacity == 0 {
+            return bad("nats.subscription_capacity", "must be greater than zero");
         }
         if self.source.max_batch == 0 {
             return bad("source.max_batch", "must be greater than zero");

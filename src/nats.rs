@@ -92,6 +92,7 @@ async fn options(cfg: &NatsConfig) -> Result<ConnectOptions, NatsError> {
         .name(&cfg.name)
         .connection_timeout(Duration::from_millis(cfg.connect_timeout.max(1) as u64))
         .max_reconnects(None)
+        .subscription_capacity(cfg.subscription_capacity)
         .event_callback(|event| async move {
             match event {
                 Event::Connected => info!("NATS connection (re)established"),

@@ -217,50 +217,38 @@ impl Windows {
     /// Admits one event of `machine`: advances its watermark unless the event
     /// is future-dated, and says whether the event is late.
     pub fn admit(&mut self, machine: u32, ts: Millis, received_at: Millis) -> Admission {
-        Self::admit_on(
-            &mut self.clocks,
-            &self.cfg,
-            &mut self.late,
-            &mut self.future,
-            machine,
-            ts,
-            received_at,
-        )
+        self.admit_to(false, machine, ts, received_at)
     }
 
     /// Admits one flow record of `machine` against the machine's flow watermark.
     pub fn admit_flow(&mut self, machine: u32, ts: Millis, received_at: Millis) -> Admission {
-        Self::admit_on(
-            &mut self.flow_clocks,
-            &self.cfg,
-            &mut self.late,
-            &mut self.future,
-            machine,
-            ts,
-            received_at,
-        )
+        self.admit_to(true, machine, ts, received_at)
     }
 
-    fn admit_on(
-        clocks: &mut Vec<Clock>,
-        cfg: &WindowConfig,
-        late: &mut u64,
-        future: &mut u64,
+    fn admit_to(
+        &mut self,
+        flows: bool,
         machine: u32,
         ts: Millis,
         received_at: Millis,
     ) -> Admission {
+        let cfg = &self.cfg;
+        let clocks = if flows {
+            &mut self.flow_clocks
+        } else {
+            &mut self.clocks
+        };
         let i = machine as usize;
         if clocks.len() <= i {
             clocks.resize(i + 1, NO_CLOCK);
         }
         if ts > received_at.saturating_add(cfg.max_future) {
-            *future += 1;
+            self.future += 1;
             return Admission::Future;
         }
         let clock = &mut clocks[i];
         let admission = if ts < clock.closed_upto {
-            *late += 1;
+            self.late += 1;
             Admission::Late
         } else {
             Admission::OnTime

@@ -419,7 +419,8 @@ fn server_restart_mid_stream() {
     let mut server = NatsServer::start("");
     let dir = tempfile::tempdir().unwrap();
     let cfg = base_config(dir.path(), "");
-    let tw = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", &server.url()]);
+    // The server comes from NATS_URL this time.
+    let mut tw = Twinwatch::spawn_env(&["run", "--config", &cfg], Some(&server.url()));
     rt().block_on(async {
         let c = connect(&server.url(), ConnectOptions::new()).await;
         assert!(probe(&c, "before", Duration::from_secs(20)).await.is_some());
@@ -434,6 +435,14 @@ fn server_restart_mid_stream() {
         );
     });
     assert!(tw.stderr().contains("connection lost"), "{}", tw.stderr());
+    tw.signal("TERM");
+    assert_eq!(
+        tw.wait_exit(Duration::from_secs(10)),
+        Some(0),
+        "SIGTERM stops cleanly: {}",
+        tw.stderr()
+    );
+    assert!(tw.stderr().contains("stopped:"), "{}", tw.stderr());
 }
 
 /// The simulated plant of the JetStream tests: its envelopes in order, event
@@ -509,26 +518,11 @@ fn jetstream_sigkill_restart_loses_nothing_and_keeps_alert_ids() {
     rt().block_on(async {
         let c = connect(&server.url(), ConnectOptions::new()).await;
         let js = async_nats::jetstream::new(c.clone());
-        js.create_stream(async_nats::jetstream::stream::Config {
-            name: "TWIN_TELEMETRY".into(),
-            subjects: vec!["twin.telemetry.>".into(), "twin.flows.>".into()],
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        for chunk in envs.chunks(500) {
-            let mut acks = Vec::new();
-            for e in chunk {
-                acks.push(
-                    js.publish(e.subject.clone(), e.payload.clone())
-                        .await
-                        .unwrap(),
-                );
-            }
-            for a in acks {
-                a.await.unwrap();
-            }
-        }
+        common::publish_backlog(
+            &js,
+            envs.iter().map(|e| (e.subject.clone(), e.payload.clone())),
+        )
+        .await;
         let total = envs.len() as u64;
 
         let mut first = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", &server.url()]);

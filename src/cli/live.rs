@@ -57,6 +57,18 @@ fn nats_error(e: NatsError) -> anyhow::Error {
     }
 }
 
+/// Connects (retrying an unreachable server); `None` when stopped first.
+async fn connect_until_stopped(
+    cfg: &Config,
+    stop: &watch::Receiver<bool>,
+) -> Result<Option<async_nats::Client>> {
+    match connect(&cfg.nats, &mut stop.clone()).await {
+        Ok(c) => Ok(Some(c)),
+        Err(NatsError::Stopped) => Ok(None),
+        Err(e) => Err(nats_error(e)),
+    }
+}
+
 fn with_url(mut cfg: Config, url: Option<String>) -> Config {
     if let Some(u) = url {
         cfg.nats.url = u;
@@ -68,10 +80,8 @@ pub fn run(a: RunArgs) -> Result<()> {
     let cfg = with_url(load_config(a.config.as_deref())?, a.nats_url);
     runtime()?.block_on(async move {
         let stop = shutdown_signal();
-        let client = match connect(&cfg.nats, &mut stop.clone()).await {
-            Ok(c) => c,
-            Err(NatsError::Stopped) => return Ok(()),
-            Err(e) => return Err(nats_error(e)),
+        let Some(client) = connect_until_stopped(&cfg, &stop).await? else {
+            return Ok(());
         };
         let store = cfg.state.enabled.then(|| StateStore::new(&cfg.state.path));
         let restored = store.as_ref().and_then(StateStore::load);
@@ -134,10 +144,8 @@ pub fn record(a: RecordArgs) -> Result<()> {
         .with_context(|| format!("creating {}", a.output.display()))?;
     runtime()?.block_on(async move {
         let mut stop = shutdown_signal();
-        let client = match connect(&cfg.nats, &mut stop.clone()).await {
-            Ok(c) => c,
-            Err(NatsError::Stopped) => return Ok(()),
-            Err(e) => return Err(nats_error(e)),
+        let Some(client) = connect_until_stopped(&cfg, &stop).await? else {
+            return Ok(());
         };
         let mut subs = futures_util::stream::SelectAll::new();
         for s in &subjects {
@@ -200,10 +208,8 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
     }
     runtime()?.block_on(async move {
         let mut stop = shutdown_signal();
-        let client = match connect(&cfg.nats, &mut stop.clone()).await {
-            Ok(c) => c,
-            Err(NatsError::Stopped) => return Ok(()),
-            Err(e) => return Err(nats_error(e)),
+        let Some(client) = connect_until_stopped(&cfg, &stop).await? else {
+            return Ok(());
         };
         let started = Instant::now();
         let t0 = factory.now();

@@ -142,12 +142,21 @@ pub struct Twinwatch {
 
 impl Twinwatch {
     pub fn spawn(args: &[&str]) -> Self {
+        Self::spawn_env(args, None)
+    }
+
+    /// Spawns with `NATS_URL` set to `nats_url` (or removed).
+    pub fn spawn_env(args: &[&str], nats_url: Option<&str>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let stderr = dir.path().join("stderr.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twinwatch"));
+        match nats_url {
+            Some(u) => cmd.env("NATS_URL", u),
+            None => cmd.env_remove("NATS_URL"),
+        };
+        let child = cmd
             .args(args)
             .env("TWINWATCH_LOG", "info")
-            .env_remove("NATS_URL")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
@@ -241,5 +250,32 @@ pub fn make_pki(dir: &Path) -> Pki {
         server_key: write("server-key.pem", &server_key),
         client_cert: write("client.pem", &client_cert),
         client_key: write("client-key.pem", &client_key),
+    }
+}
+
+/// Creates the telemetry stream and fills it, waiting for every acknowledgement
+/// (in chunks: the client bounds publishes awaiting their acknowledgement).
+pub async fn publish_backlog(
+    js: &async_nats::jetstream::Context,
+    messages: impl IntoIterator<Item = (String, bytes::Bytes)>,
+) {
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "TWIN_TELEMETRY".into(),
+        subjects: vec!["twin.telemetry.>".into(), "twin.flows.>".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut acks = Vec::new();
+    for (subject, payload) in messages {
+        acks.push(js.publish(subject, payload).await.unwrap());
+        if acks.len() == 500 {
+            for a in acks.drain(..) {
+                a.await.unwrap();
+            }
+        }
+    }
+    for a in acks {
+        a.await.unwrap();
     }
 }
