@@ -111,7 +111,7 @@ impl Default for SourceConfig {
             subjects: vec!["twin.telemetry.>".into(), "twin.flows.>".into()],
             queue_group: String::new(),
             max_batch: 4096,
-            max_latency: 20,
+            max_latency: 5,
             jetstream: JetStreamSourceConfig::default(),
         }
     }
@@ -449,7 +449,7 @@ subjects = ["twin.telemetry.>", "twin.flows.>"]
 queue_group = ""
 # A pipeline batch closes at this many messages, or this long after its first message.
 max_batch = 4096
-max_latency = "20ms"
+max_latency = "5ms"
 
 [source.jetstream]
 # Consume through a durable pull consumer instead of core subscriptions.
