@@ -102,6 +102,20 @@ pub fn severity_for(kind: Kind, score: f64) -> Severity {
     }
 }
 
+/// The device id of findings that no single device sent (features, rules).
+pub const NO_DEVICE: u32 = u32::MAX;
+
+/// The score a rule row gets when it gives none: the bottom of its severity band.
+pub fn rule_score(severity: Severity) -> f64 {
+    match severity {
+        Severity::Info => 0.5,
+        Severity::Low => 0.75,
+        Severity::Medium => 0.9,
+        Severity::High => 0.97,
+        Severity::Critical => 0.995,
+    }
+}
+
 /// Name tables for turning ids into text.
 pub struct Names<'a> {
     pub machines: &'a Interner,
@@ -151,7 +165,8 @@ impl AlertBook {
     /// Offers a finding; returns the alert to publish, if any.
     pub fn offer(&mut self, f: &Finding, names: &Names, emitted_at: Millis) -> Option<Alert> {
         let score = score_from_surprise(f.surprise);
-        if score < self.min_score {
+        // An operator's rule is explicit: it alerts whatever its score.
+        if score < self.min_score && f.kind != Kind::Rule {
             self.below_threshold += 1;
             return None;
         }
@@ -161,7 +176,7 @@ impl AlertBook {
             let horizon = self.newest - 2 * self.cooldown;
             self.open.retain(|_, o| o.last_ts >= horizon);
         }
-        let severity = severity_for(f.kind, score);
+        let severity = f.severity.unwrap_or_else(|| severity_for(f.kind, score));
         let key = (f.machine, f.kind, f.metric);
         let raise = match self.open.get_mut(&key) {
             Some(o) if f.ts - o.last_ts <= self.cooldown => {
@@ -285,13 +300,19 @@ fn build(
         id,
         ts: format_rfc3339(f.ts),
         emitted_at: format_rfc3339(emitted_at),
-        device: Some(names.devices.name(f.device).to_string()),
+        device: (f.device != NO_DEVICE).then(|| names.devices.name(f.device).to_string()),
         kind: f.kind,
         score: (score * 10_000.0).round() / 10_000.0,
         severity,
         detector: f.detector.to_string(),
-        value: Some(f.value),
-        expected: Some(round_sig(f.expected, 6)),
+        value: match &f.detail {
+            Detail::Rule { value, .. } => *value,
+            _ => Some(f.value),
+        },
+        expected: match f.detail {
+            Detail::Rule { .. } => None,
+            _ => Some(round_sig(f.expected, 6)),
+        },
         window: Some(AlertWindow {
             start: format_rfc3339(start),
             end: format_rfc3339(start + window),
@@ -338,7 +359,7 @@ pub fn fmt_num(x: f64) -> String {
 fn explain(f: &Finding, feature: &str) -> String {
     let v = fmt_num(f.value);
     let e = fmt_num(f.expected);
-    match f.detail {
+    match f.detail.clone() {
         Detail::Spike { z, .. } => format!(
             "{feature} {v} is {:.1} sigma {} its expected {e}",
             z.abs(),
@@ -371,6 +392,14 @@ fn explain(f: &Finding, feature: &str) -> String {
             fmt_num(hi),
             fmt_num(margin)
         ),
+        Detail::Rule {
+            explanation: Some(text),
+            ..
+        } => text,
+        Detail::Rule { value, .. } => match value {
+            Some(v) => format!("rule {feature} matched (value {})", fmt_num(v)),
+            None => format!("rule {feature} matched"),
+        },
     }
 }
 
@@ -401,6 +430,7 @@ mod tests {
             expected: 71.0,
             surprise: normal_two_sided_surprise(z),
             detail: Detail::Spike { z, sigma: 1.0 },
+            severity: None,
         }
     }
 

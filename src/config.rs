@@ -16,6 +16,7 @@ use crate::time::{Millis, serde_duration};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
+    pub queries: QueriesConfig,
     pub nats: NatsConfig,
     pub source: SourceConfig,
     pub sink: SinkConfig,
@@ -25,6 +26,40 @@ pub struct Config {
     pub baseline: BaselineConfig,
     pub detect: DetectConfig,
     pub alerts: AlertsConfig,
+}
+
+/// The SQL feature and rule files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueriesConfig {
+    pub enabled: bool,
+    /// Folder of `.sql` files; looked at again before every run, so edits apply at the next window.
+    pub dir: String,
+    /// Closed windows are gathered and queried together once they span this much event time ...
+    #[serde(with = "serde_duration")]
+    pub every: Millis,
+    /// ... or as soon as this many rows have gathered.
+    pub max_rows: usize,
+    /// Feature alerts below this score are not raised. Window aggregates are
+    /// coarser and heavier-tailed than single readings, so the bar is higher.
+    pub min_score: f64,
+    /// Out-of-range and stuck checks on features. Off by default: counts are
+    /// constant by design and spreads are skewed, so spike and drift checks
+    /// (which follow the feature's own variability) are what fit them.
+    pub range_and_stuck: bool,
+}
+
+impl Default for QueriesConfig {
+    fn default() -> Self {
+        QueriesConfig {
+            enabled: true,
+            dir: "queries".into(),
+            every: 30_000,
+            max_rows: 500_000,
+            min_score: 0.9,
+            range_and_stuck: false,
+        }
+    }
 }
 
 /// A secret (password, token): never printed, not even by `{:?}`.
@@ -424,6 +459,19 @@ impl Default for AlertsConfig {
 pub const DEFAULT_TOML: &str = r#"# twinwatch configuration. Every key is optional; these are the defaults.
 # Durations are strings with a unit: "500ms", "10s", "5m", "2h".
 
+[queries]
+# SQL feature and rule files (see the README, "Query files"). Edits apply at the next window.
+enabled = true
+dir = "queries"
+# Closed windows are gathered and queried together once they span this much event time
+# (so replay and live give the same results), or as soon as this many rows have gathered.
+every = "30s"
+max_rows = 500000
+# Feature alerts below this score are not raised (window aggregates are coarser than readings).
+min_score = 0.9
+# Out-of-range and stuck checks on features (off: counts are constant by design, spreads skewed).
+range_and_stuck = false
+
 [nats]
 # Server URL(s), comma-separated. tls:// requires TLS. NATS_URL and --nats-url override it.
 url = "nats://127.0.0.1:4222"
@@ -633,6 +681,12 @@ impl Config {
             if v <= 0 {
                 return bad(key, "must be greater than zero");
             }
+        }
+        if !(0.0..=1.0).contains(&self.queries.min_score) {
+            return bad("queries.min_score", "must be between 0 and 1");
+        }
+        if self.queries.max_rows == 0 {
+            return bad("queries.max_rows", "must be greater than zero");
         }
         if self.nats.subscription_capacity == 0 {
             return bad("nats.subscription_capacity", "must be greater than zero");

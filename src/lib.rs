@@ -19,6 +19,7 @@ pub mod config;
 pub mod decode;
 pub mod detect;
 pub mod eval;
+pub mod features;
 pub mod intern;
 pub mod live;
 pub mod nats;

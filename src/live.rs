@@ -43,6 +43,7 @@ pub async fn run_live<S: Source, K: Sink>(
     source: &mut S,
     sink: &mut K,
     checkpoints: Option<Checkpoints<'_>>,
+    mut features: Option<&mut crate::features::FeatureStage>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<LiveSummary, RunError> {
     let mut summary = LiveSummary::default();
@@ -85,10 +86,11 @@ pub async fn run_live<S: Source, K: Sink>(
         if batch.is_empty() {
             continue;
         }
-        let out = pipeline.process(&batch, wall_now());
+        let mut out = pipeline.process(&batch, wall_now());
         for (i, e) in &out.rejected {
             sink.dead_letter(&batch[*i], e).await?;
         }
+        pipeline.run_features(&mut features, &mut out, false).await;
         sink.publish(&out.alerts).await?;
         sink.flush().await?;
         summary.batches += 1;
@@ -104,7 +106,8 @@ pub async fn run_live<S: Source, K: Sink>(
             }
         }
     }
-    let out = pipeline.finish();
+    let mut out = pipeline.finish();
+    pipeline.run_features(&mut features, &mut out, true).await;
     sink.publish(&out.alerts).await?;
     sink.flush().await?;
     match &checkpoints {

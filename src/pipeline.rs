@@ -26,6 +26,18 @@ use crate::source::{Envelope, Source, SourceError};
 use crate::time::{Millis, wall_now};
 use crate::window::{Admission, ClosedWindows, Windows};
 
+/// The detector settings for query features.
+fn feature_config(cfg: &Config) -> Config {
+    let mut c = cfg.clone();
+    c.alerts.min_score = cfg.queries.min_score;
+    c.detect.range.enabled &= cfg.queries.range_and_stuck;
+    c.detect.stuck.enabled &= cfg.queries.range_and_stuck;
+    c
+}
+
+/// Most distinct query features (and rule files) tracked.
+pub const MAX_FEATURES: usize = 10_000;
+
 /// Counters users ask about.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Stats {
@@ -109,6 +121,13 @@ pub struct PipelineState {
     pub flow_clocks: Vec<crate::window::Clock>,
     pub detectors: Vec<Option<crate::detect::MachineState>>,
     pub alerts: crate::alerts::BookState,
+    /// Baselines of the query features, their names and their alerts.
+    #[serde(default)]
+    pub features: Vec<String>,
+    #[serde(default)]
+    pub feature_detectors: Vec<Option<crate::detect::MachineState>>,
+    #[serde(default)]
+    pub feature_alerts: Option<crate::alerts::BookState>,
 }
 
 /// The detection pipeline.
@@ -118,6 +137,10 @@ pub struct Pipeline {
     windows: Windows,
     detectors: Detectors,
     book: AlertBook,
+    /// Names (`<file>:<feature>`, and rule files), baselines and alerts of the query features.
+    features: crate::intern::Interner,
+    feature_detectors: Detectors,
+    feature_book: AlertBook,
     stats: Stats,
     log: LogLimiter,
     readings: Vec<(u32, f64)>,
@@ -139,6 +162,13 @@ impl Pipeline {
             windows: Windows::new(cfg.window.clone()),
             detectors: Detectors::new(cfg),
             book: AlertBook::new(cfg.alerts.min_score, cfg.alerts.cooldown, cfg.window.size),
+            features: crate::intern::Interner::new(MAX_FEATURES),
+            feature_detectors: Detectors::new(&feature_config(cfg)),
+            feature_book: AlertBook::new(
+                cfg.queries.min_score,
+                cfg.alerts.cooldown,
+                cfg.window.size,
+            ),
             stats: Stats::default(),
             log: LogLimiter::new(Duration::from_secs(10)),
             readings: Vec::new(),
@@ -151,8 +181,8 @@ impl Pipeline {
         let mut s = self.stats.clone();
         s.late = self.windows.late;
         s.future = self.windows.future;
-        s.alerts = self.book.raised;
-        s.suppressed = self.book.suppressed;
+        s.alerts = self.book.raised + self.feature_book.raised;
+        s.suppressed = self.book.suppressed + self.feature_book.suppressed;
         (s.machines_learning, s.machines_protecting) = self.detectors.phase_counts();
         s
     }
@@ -168,6 +198,9 @@ impl Pipeline {
             flow_clocks: self.windows.clocks().1.to_vec(),
             detectors: self.detectors.machines().to_vec(),
             alerts: self.book.snapshot(),
+            features: names(&self.features),
+            feature_detectors: self.feature_detectors.machines().to_vec(),
+            feature_alerts: Some(self.feature_book.snapshot()),
         }
     }
 
@@ -181,7 +214,90 @@ impl Pipeline {
         p.windows.restore_clocks(state.clocks, state.flow_clocks);
         p.detectors.restore(state.detectors);
         p.book.restore(state.alerts);
+        p.features = crate::intern::Interner::from_names(&state.features, MAX_FEATURES);
+        p.feature_detectors.restore(state.feature_detectors);
+        if let Some(b) = state.feature_alerts {
+            p.feature_book.restore(b);
+        }
         p
+    }
+
+    /// Feeds the rows of a query run to the feature baselines and turns rule
+    /// rows into alerts. Feature and rule alerts keep their own dedup book.
+    pub fn observe_features(
+        &mut self,
+        run: &crate::features::RunOutput,
+        emitted_at: Millis,
+    ) -> Vec<Alert> {
+        let _s = debug_span!(
+            "features",
+            features = run.features.len(),
+            rules = run.rules.len()
+        )
+        .entered();
+        let mut groups: std::collections::BTreeMap<(u32, Millis), Vec<(u32, f64)>> =
+            Default::default();
+        for row in &run.features {
+            let (Some(machine), Some(feature)) = (
+                self.decoder.machines.intern(&row.machine),
+                self.features.intern(&row.feature),
+            ) else {
+                continue;
+            };
+            groups
+                .entry((machine, row.ts))
+                .or_default()
+                .push((feature, row.value));
+        }
+        let mut findings = Vec::new();
+        for ((machine, ts), readings) in &groups {
+            self.feature_detectors.observe(
+                *machine,
+                crate::alerts::NO_DEVICE,
+                *ts,
+                true,
+                readings,
+                &mut findings,
+            );
+        }
+        self.feature_detectors.take_newly_protecting();
+        for r in &run.rules {
+            let (Some(machine), Some(rule)) = (
+                self.decoder.machines.intern(&r.machine),
+                self.features.intern(&r.file),
+            ) else {
+                continue;
+            };
+            let score = r
+                .score
+                .unwrap_or_else(|| crate::alerts::rule_score(r.severity));
+            findings.push(Finding {
+                machine,
+                device: crate::alerts::NO_DEVICE,
+                metric: rule,
+                kind: crate::detect::Kind::Rule,
+                detector: "rule",
+                ts: r.ts,
+                value: r.value.unwrap_or(0.0),
+                expected: 0.0,
+                surprise: crate::score::surprise_from_score(score),
+                detail: crate::detect::Detail::Rule {
+                    value: r.value,
+                    explanation: r.explanation.clone(),
+                },
+                severity: Some(r.severity),
+            });
+        }
+        self.stats.findings += findings.len() as u64;
+        let names = Names {
+            machines: &self.decoder.machines,
+            devices: &self.decoder.devices,
+            metrics: &self.features,
+        };
+        findings
+            .iter()
+            .filter_map(|f| self.feature_book.offer(f, &names, emitted_at))
+            .collect()
     }
 
     /// The detectors' state (for inspection and tests).
@@ -300,6 +416,26 @@ impl Pipeline {
         out
     }
 
+    /// Hands the windows `out` closed to the feature stage and, when a run is
+    /// due (or `force`), adds the alerts of the query features and rules to `out`.
+    pub async fn run_features(
+        &mut self,
+        stage: &mut Option<&mut crate::features::FeatureStage>,
+        out: &mut Output,
+        force: bool,
+    ) {
+        let Some(stage) = stage.as_deref_mut() else {
+            return;
+        };
+        stage.offer(out.closed.take());
+        if (force || stage.due())
+            && let Some(run) = stage.run().await
+        {
+            let alerts = self.observe_features(&run, wall_now());
+            out.alerts.extend(alerts);
+        }
+    }
+
     /// End of input: closes every open window.
     pub fn finish(&mut self) -> Output {
         let closed = self.windows.close_all();
@@ -358,19 +494,22 @@ pub async fn run<S: Source, K: Sink>(
     pipeline: &mut Pipeline,
     source: &mut S,
     sink: &mut K,
+    mut features: Option<&mut crate::features::FeatureStage>,
     progress: &mut dyn FnMut(&Pipeline),
 ) -> Result<(), RunError> {
     while let Some(batch) = source.next_batch().await? {
-        let out = pipeline.process(&batch, wall_now());
+        let mut out = pipeline.process(&batch, wall_now());
         for (i, e) in &out.rejected {
             sink.dead_letter(&batch[*i], e).await?;
         }
+        pipeline.run_features(&mut features, &mut out, false).await;
         sink.publish(&out.alerts).await?;
         sink.flush().await?;
         source.commit().await?;
         progress(pipeline);
     }
-    let out = pipeline.finish();
+    let mut out = pipeline.finish();
+    pipeline.run_features(&mut features, &mut out, true).await;
     sink.publish(&out.alerts).await?;
     sink.flush().await?;
     Ok(())

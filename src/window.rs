@@ -82,6 +82,27 @@ struct Pending {
     n_open: usize,
 }
 
+/// Columns of each decoded table dropped from its window table (batch-local row links).
+const DROPPED: [(&str, &[&str]); 3] = [
+    ("readings", &["message"]),
+    ("messages", &["first_reading", "envelope"]),
+    ("flows", &["envelope"]),
+];
+
+fn source_schema(table: &str) -> SchemaRef {
+    match table {
+        "readings" => crate::decode::readings_schema(),
+        "messages" => crate::decode::messages_schema(),
+        _ => crate::decode::flows_schema(),
+    }
+}
+
+/// The schemas of the window tables `readings`, `messages` and `flows`: the
+/// decoded tables without batch-local columns, plus `window_start` and `window_end`.
+pub fn table_schemas() -> [(&'static str, SchemaRef); 3] {
+    DROPPED.map(|(name, drop)| (name, TableBuffer::new(&source_schema(name), drop).schema))
+}
+
 impl TableBuffer {
     fn new(source: &Schema, drop: &[&str]) -> Self {
         let keep: Vec<usize> = (0..source.fields().len())
@@ -198,12 +219,9 @@ impl Windows {
             cfg,
             clocks: Vec::new(),
             flow_clocks: Vec::new(),
-            readings: TableBuffer::new(&crate::decode::readings_schema(), &["message"]),
-            messages: TableBuffer::new(
-                &crate::decode::messages_schema(),
-                &["first_reading", "envelope"],
-            ),
-            flows: TableBuffer::new(&crate::decode::flows_schema(), &["envelope"]),
+            readings: TableBuffer::new(&source_schema("readings"), DROPPED[0].1),
+            messages: TableBuffer::new(&source_schema("messages"), DROPPED[1].1),
+            flows: TableBuffer::new(&source_schema("flows"), DROPPED[2].1),
             late: 0,
             future: 0,
         }

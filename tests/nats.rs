@@ -501,7 +501,7 @@ fn jetstream_sigkill_restart_loses_nothing_and_keeps_alert_ids() {
         dir.path(),
         "twinwatch.toml",
         &format!(
-            "[source]\nmax_batch = 16\n[source.jetstream]\nenabled = true\ncreate = true\n\
+            "[queries]\nenabled = false\n[source]\nmax_batch = 16\n[source.jetstream]\nenabled = true\ncreate = true\n\
              [sink]\njetstream = true\n[state]\npath = \"{}\"\ninterval = \"50ms\"\n",
             state.display()
         ),

@@ -98,16 +98,33 @@ pub fn run(a: RunArgs) -> Result<()> {
             interval: Duration::from_millis(cfg.state.interval.max(1) as u64),
         });
         let started = Instant::now();
+        let mut stage = super::features(&cfg);
         let summary = if cfg.source.jetstream.enabled {
             let mut source = NatsSource::jetstream(&client, &cfg.source, resume_after)
                 .await
                 .map_err(nats_error)?;
-            drive(&mut pipeline, &mut source, &mut sink, checkpoints, stop).await?
+            drive(
+                &mut pipeline,
+                &mut source,
+                &mut sink,
+                checkpoints,
+                stage.as_mut(),
+                stop,
+            )
+            .await?
         } else {
             let mut source = NatsSource::core(&client, &cfg.source)
                 .await
                 .map_err(nats_error)?;
-            drive(&mut pipeline, &mut source, &mut sink, checkpoints, stop).await?
+            drive(
+                &mut pipeline,
+                &mut source,
+                &mut sink,
+                checkpoints,
+                stage.as_mut(),
+                stop,
+            )
+            .await?
         };
         if let Err(e) = client.drain().await {
             warn!(error = %e, "draining the NATS connection");
@@ -128,9 +145,10 @@ async fn drive<S: Source>(
     source: &mut S,
     sink: &mut NatsSink,
     checkpoints: Option<Checkpoints<'_>>,
+    features: Option<&mut crate::features::FeatureStage>,
     stop: watch::Receiver<bool>,
 ) -> Result<crate::live::LiveSummary> {
-    Ok(run_live(pipeline, source, sink, checkpoints, stop).await?)
+    Ok(run_live(pipeline, source, sink, checkpoints, features, stop).await?)
 }
 
 pub fn record(a: RecordArgs) -> Result<()> {

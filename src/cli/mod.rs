@@ -43,6 +43,9 @@ pub enum Command {
     Record(RecordArgs),
     /// Configuration helpers.
     Config(ConfigArgs),
+    /// Check or explain the SQL query files.
+    #[command(subcommand)]
+    Queries(QueriesCommand),
     /// Measure detection quality.
     #[command(subcommand)]
     Eval(EvalCommand),
@@ -187,6 +190,19 @@ pub struct ConfigArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum QueriesCommand {
+    /// Validate every .sql file of DIR (default: the configured folder) against the table schemas.
+    Check {
+        dir: Option<PathBuf>,
+        /// Configuration file (TOML), for the default folder.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Print what a query file computes: its kind, output columns and plan.
+    Explain { file: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum EvalCommand {
     /// Replay a `simulate` capture and score the alerts against its labels.
     Sim(EvalSimArgs),
@@ -236,11 +252,26 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo(a),
         Command::Config(a) => config(a),
         Command::Eval(EvalCommand::Sim(a)) => eval_sim(a),
+        Command::Queries(QueriesCommand::Check { dir, config }) => {
+            let dir = match dir {
+                Some(d) => d,
+                None => PathBuf::from(load_config(config.as_deref())?.queries.dir),
+            };
+            queries_check(&dir)
+        }
+        Command::Queries(QueriesCommand::Explain { file }) => queries_explain(&file),
     }
 }
 
 pub(crate) fn load_config(path: Option<&Path>) -> Result<Config> {
     Config::load_or_default(path).map_err(|e| UsageError::from(e).into())
+}
+
+/// The feature stage, when query files are enabled.
+pub(crate) fn features(cfg: &Config) -> Option<crate::features::FeatureStage> {
+    cfg.queries
+        .enabled
+        .then(|| crate::features::FeatureStage::new(&cfg.queries))
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -333,9 +364,14 @@ fn replay(a: ReplayArgs) -> Result<()> {
     let mut pipeline = Pipeline::new(&cfg);
     let mut progress = Progress::new();
     let started = Instant::now();
-    runtime()?.block_on(run(&mut pipeline, &mut source, &mut sink, &mut |p| {
-        progress.tick(&p.stats())
-    }))?;
+    let mut stage = features(&cfg);
+    runtime()?.block_on(run(
+        &mut pipeline,
+        &mut source,
+        &mut sink,
+        stage.as_mut(),
+        &mut |p| progress.tick(&p.stats()),
+    ))?;
     progress.done();
     tracing::info!(
         "replay: {}",
@@ -449,7 +485,14 @@ fn demo(a: DemoArgs) -> Result<()> {
         alerts: MemorySink::default(),
     };
     let started = Instant::now();
-    runtime()?.block_on(run(&mut pipeline, &mut source, &mut sink, &mut |_| {}))?;
+    let mut stage = features(&cfg);
+    runtime()?.block_on(run(
+        &mut pipeline,
+        &mut source,
+        &mut sink,
+        stage.as_mut(),
+        &mut |_| {},
+    ))?;
     let secs = started.elapsed().as_secs_f64();
     let stats = pipeline.stats();
     let result: LabelScore = score(
@@ -486,6 +529,55 @@ impl crate::sink::Sink for Recorder {
     }
 }
 
+fn queries_check(dir: &Path) -> Result<()> {
+    if !dir.is_dir() {
+        return Err(UsageError(format!("{}: not a folder of query files", dir.display())).into());
+    }
+    match runtime()?.block_on(crate::features::Queries::check_dir(dir)) {
+        Ok(files) => {
+            for (name, kind) in &files {
+                println!("{}: ok ({kind})", dir.join(name).display());
+            }
+            Ok(())
+        }
+        Err(errors) => {
+            let lines: Vec<String> = errors
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}:{}:{}: {}",
+                        dir.join(&e.file).display(),
+                        e.line,
+                        e.column,
+                        e.message
+                    )
+                })
+                .collect();
+            Err(UsageError(lines.join("\n")).into())
+        }
+    }
+}
+
+fn queries_explain(file: &Path) -> Result<()> {
+    match runtime()?.block_on(crate::features::Queries::explain(file)) {
+        Ok(text) => {
+            print!("{text}");
+            Ok(())
+        }
+        Err(e) => {
+            let dir = file.parent().unwrap_or(Path::new(""));
+            Err(UsageError(format!(
+                "{}:{}:{}: {}",
+                dir.join(&e.file).display(),
+                e.line,
+                e.column,
+                e.message
+            ))
+            .into())
+        }
+    }
+}
+
 fn config(a: ConfigArgs) -> Result<()> {
     if let Some(path) = &a.check {
         Config::load(path).map_err(UsageError::from)?;
@@ -510,9 +602,14 @@ fn eval_sim(a: EvalSimArgs) -> Result<()> {
     let mut sink = MemorySink::default();
     let mut progress = Progress::new();
     let started = Instant::now();
-    runtime()?.block_on(run(&mut pipeline, &mut source, &mut sink, &mut |p| {
-        progress.tick(&p.stats())
-    }))?;
+    let mut stage = features(&cfg);
+    runtime()?.block_on(run(
+        &mut pipeline,
+        &mut source,
+        &mut sink,
+        stage.as_mut(),
+        &mut |p| progress.tick(&p.stats()),
+    ))?;
     progress.done();
     let stats = pipeline.stats();
     if let Some(p) = &a.alerts {

@@ -87,7 +87,7 @@ impl Kind {
 }
 
 /// Kind-specific numbers behind a finding, for its explanation.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Detail {
     Spike {
         z: f64,
@@ -109,6 +109,11 @@ pub enum Detail {
         hi: f64,
         margin: f64,
     },
+    /// A row of a rule query file.
+    Rule {
+        value: Option<f64>,
+        explanation: Option<String>,
+    },
 }
 
 /// One departure from a baseline.
@@ -127,6 +132,8 @@ pub struct Finding {
     /// -log10 of the tail probability.
     pub surprise: f64,
     pub detail: Detail,
+    /// A severity fixed by the finding's source (rule files), instead of one from the score.
+    pub severity: Option<crate::score::Severity>,
 }
 
 /// State of one (machine, metric).
@@ -377,6 +384,7 @@ impl Detectors {
                             readings: f.readings,
                             longest_learned: f.longest_learned,
                         },
+                        severity: None,
                     });
                 }
             }
@@ -441,6 +449,7 @@ fn judge(
         expected,
         surprise,
         detail,
+        severity: None,
     };
     if p.spike && !in_transition {
         let z = if s.settled { z } else { z / p.settling_sigma };

@@ -67,7 +67,18 @@ impl Freeze {
             return None;
         }
         let duration = ts - self.run_start;
-        if learning || self.rest_values.contains(&x) {
+        if learning {
+            // A run still going when learning ends is learned too (a value that never changes).
+            self.longest_learned = self.longest_learned.max(duration);
+            if duration >= min_duration
+                && self.rest_values.len() < MAX_REST_VALUES
+                && !self.rest_values.contains(&x)
+            {
+                self.rest_values.push(x);
+            }
+            return None;
+        }
+        if self.rest_values.contains(&x) {
             return None;
         }
         let needed = (min_duration as f64).max(factor * self.longest_learned as f64);

@@ -1,0 +1,791 @@
+//! Features: the SQL files of the queries folder (`[queries] dir`, default
+//! `queries/`), run by DataFusion over the tables of closed windows.
+//!
+//! Every `.sql` file declares its kind on its first line:
+//!
+//! - `-- twinwatch: features` — rows of `machine` plus numeric columns (wide),
+//!   or `machine, feature, value` (long). Each feature gets the per-machine
+//!   baselines of [`crate::detect`]; its alerts name the file and the feature
+//!   (`feature = "<file>:<feature>"`).
+//! - `-- twinwatch: rule severity=<level>` — every row is an alert of kind
+//!   `rule`: `machine` (required), `value`, `score` (0..1) and `explanation`
+//!   (optional).
+//!
+//! Optional `window_start` (or `ts`) columns give a row's event time;
+//! otherwise the newest window end of the run stands in.
+//!
+//! The tables are `readings`, `messages` and `flows` (see [`crate::decode`]),
+//! each with `window_start` and `window_end`. A run sees every machine-window
+//! closed since the previous run — usually one window period live, several in
+//! a fast replay — so queries group by `machine, window_start`.
+//!
+//! Each file is parsed, planned and optimized once, and re-planned only when
+//! its content changes; a run swaps the tables' data and re-executes the
+//! cached plans. Files are looked at again before every run: additions,
+//! edits and removals take effect at the next window. A file that does not
+//! parse or plan is refused with `file:line:column: message`, counted and
+//! logged, and its previous version stays active. Nothing a query does at run
+//! time (division by zero, NULLs, wrong types, huge results) stops the
+//! pipeline: the error is logged for that file and that run.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use arrow::array::{Array, ArrayRef, Float64Array, StringArray, TimestampMillisecondArray};
+use arrow::compute::cast;
+use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use arrow::record_batch::RecordBatch;
+use datafusion::datasource::MemTable;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::prelude::{SessionConfig, SessionContext};
+use tracing::{debug, info, warn};
+
+use crate::score::Severity;
+use crate::time::Millis;
+use crate::window::ClosedWindows;
+
+/// Most result rows one file may return per run; the rest is dropped (and logged).
+pub const MAX_ROWS_PER_RUN: usize = 1_000_000;
+
+/// What a query file produces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueryKind {
+    Features,
+    Rule { severity: Severity },
+}
+
+impl std::fmt::Display for QueryKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueryKind::Features => f.write_str("features"),
+            QueryKind::Rule { severity } => write!(f, "rule severity={}", severity.as_str()),
+        }
+    }
+}
+
+/// A refused query file: where and why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{file}:{line}:{column}: {message}")]
+pub struct QueryError {
+    pub file: String,
+    pub line: u64,
+    pub column: u64,
+    pub message: String,
+}
+
+/// One feature value of one machine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FeatureRow {
+    pub machine: String,
+    /// `<file>:<feature>`.
+    pub feature: String,
+    pub value: f64,
+    pub ts: Millis,
+}
+
+/// One row of a rule file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RuleRow {
+    pub file: String,
+    pub severity: Severity,
+    pub machine: String,
+    pub value: Option<f64>,
+    pub score: Option<f64>,
+    pub explanation: Option<String>,
+    pub ts: Millis,
+}
+
+/// What one run produced.
+#[derive(Debug, Default)]
+pub struct RunOutput {
+    pub features: Vec<FeatureRow>,
+    pub rules: Vec<RuleRow>,
+    /// Files that failed at run time, with why.
+    pub failures: Vec<(String, String)>,
+    /// Time spent per file.
+    pub timings: Vec<(String, Duration)>,
+}
+
+struct QueryFile {
+    kind: QueryKind,
+    text: String,
+    plan: LogicalPlan,
+    columns: Vec<String>,
+}
+
+/// The queries folder, planned.
+pub struct Queries {
+    dir: PathBuf,
+    ctx: SessionContext,
+    tables: Vec<(&'static str, Arc<MemTable>)>,
+    files: BTreeMap<String, QueryFile>,
+    /// Refused file contents, so a bad file is reported once, not at every run.
+    refused: BTreeMap<String, String>,
+    /// Files refused so far (counter).
+    pub refusals: u64,
+}
+
+fn context() -> SessionContext {
+    let mut config = SessionConfig::new()
+        .with_target_partitions(1)
+        .with_information_schema(false);
+    config.options_mut().sql_parser.collect_spans = true;
+    SessionContext::new_with_config(config)
+}
+
+/// Parses the header line of a query file.
+fn parse_header(file: &str, text: &str) -> Result<QueryKind, QueryError> {
+    let first = text.lines().next().unwrap_or("").trim();
+    let err = |message: String| QueryError {
+        file: file.to_string(),
+        line: 1,
+        column: 1,
+        message,
+    };
+    let Some(rest) = first
+        .strip_prefix("--")
+        .map(str::trim)
+        .and_then(|r| r.strip_prefix("twinwatch:"))
+    else {
+        return Err(err(
+            "the first line must declare the file: `-- twinwatch: features` or `-- twinwatch: rule severity=<level>`".into(),
+        ));
+    };
+    let mut words = rest.split_whitespace();
+    match words.next() {
+        Some("features") => Ok(QueryKind::Features),
+        Some("rule") => {
+            let mut severity = Severity::Medium;
+            for w in words {
+                match w.strip_prefix("severity=") {
+                    Some(s) => severity = s.parse().map_err(err)?,
+                    None => {
+                        return Err(err(format!(
+                            "unknown rule setting `{w}` (expected severity=<level>)"
+                        )));
+                    }
+                }
+            }
+            Ok(QueryKind::Rule { severity })
+        }
+        other => Err(err(format!(
+            "unknown kind `{}` (expected `features` or `rule`)",
+            other.unwrap_or("")
+        ))),
+    }
+}
+
+/// Finds `Line: N, Column: M` in a message (the SQL parser's way of saying where).
+fn position_in_message(message: &str) -> Option<(u64, u64)> {
+    let i = message.find("Line: ")?;
+    let rest = &message[i + 6..];
+    let line: u64 = rest
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    let j = rest.find("Column: ")?;
+    let column: u64 = rest[j + 8..]
+        .split(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()?;
+    Some((line, column))
+}
+
+fn query_error(file: &str, text: &str, e: &datafusion::error::DataFusionError) -> QueryError {
+    let message = e.to_string();
+    // The parser gives no position when the text ends too early: point at its end.
+    let end = || {
+        let lines: Vec<&str> = text.trim_end().lines().collect();
+        (
+            lines.len().max(1) as u64,
+            lines.last().map_or(0, |l| l.chars().count()) as u64 + 1,
+        )
+    };
+    let span = e
+        .diagnostic()
+        .and_then(|d| d.span)
+        .map(|s| (s.start.line, s.start.column))
+        .filter(|(l, _)| *l > 0);
+    let (line, column) = span
+        .or_else(|| position_in_message(&message))
+        .unwrap_or_else(|| {
+            if message.contains("found: EOF") {
+                end()
+            } else {
+                (1, 1)
+            }
+        });
+    QueryError {
+        file: file.to_string(),
+        line,
+        column,
+        message: message.lines().next().unwrap_or("").to_string(),
+    }
+}
+
+impl Queries {
+    /// The queries of `dir` (which need not exist yet: files may be added later).
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        let ctx = context();
+        let mut tables = Vec::new();
+        for (name, schema) in crate::window::table_schemas() {
+            let table =
+                Arc::new(MemTable::try_new(schema, vec![vec![]]).expect("an empty table is valid"));
+            ctx.register_table(name, table.clone())
+                .expect("fresh context accepts the table");
+            tables.push((name, table));
+        }
+        Queries {
+            dir: dir.into(),
+            ctx,
+            tables,
+            files: BTreeMap::new(),
+            refused: BTreeMap::new(),
+            refusals: 0,
+        }
+    }
+
+    /// The folder.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Names and kinds of the active files.
+    pub fn active(&self) -> Vec<(String, QueryKind)> {
+        self.files
+            .iter()
+            .map(|(n, f)| (n.clone(), f.kind))
+            .collect()
+    }
+
+    /// Plans a query text; the error names the file, line and column.
+    async fn plan(&self, file: &str, text: &str) -> Result<(QueryKind, LogicalPlan), QueryError> {
+        let kind = parse_header(file, text)?;
+        let state = self.ctx.state();
+        let plan = state
+            .create_logical_plan(text)
+            .await
+            .map_err(|e| query_error(file, text, &e))?;
+        if matches!(
+            plan,
+            LogicalPlan::Ddl(_)
+                | LogicalPlan::Dml(_)
+                | LogicalPlan::Statement(_)
+                | LogicalPlan::Copy(_)
+        ) {
+            return Err(QueryError {
+                file: file.into(),
+                line: 1,
+                column: 1,
+                message: "only queries (SELECT, WITH ...) are allowed".into(),
+            });
+        }
+        let plan = state
+            .optimize(&plan)
+            .map_err(|e| query_error(file, text, &e))?;
+        let columns: Vec<String> = plan
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .collect();
+        check_columns(file, kind, plan.schema().as_arrow())?;
+        debug!(file, columns = ?columns, "query planned");
+        Ok((kind, plan))
+    }
+
+    /// Looks at the folder: plans new and changed files, forgets removed ones.
+    /// Returns the refusals of this look (each bad version is reported once).
+    pub async fn reload(&mut self) -> Vec<QueryError> {
+        let mut seen = Vec::new();
+        let mut errors = Vec::new();
+        let entries = match std::fs::read_dir(&self.dir) {
+            Ok(e) => e.flatten().map(|e| e.path()).collect::<Vec<_>>(),
+            Err(_) => Vec::new(),
+        };
+        let mut paths: Vec<PathBuf> = entries
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "sql"))
+            .collect();
+        paths.sort();
+        for path in paths {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().to_string())
+                .unwrap_or_default();
+            let Ok(text) = std::fs::read_to_string(&path) else {
+                continue;
+            };
+            seen.push(name.clone());
+            if self.files.get(&name).is_some_and(|f| f.text == text)
+                || self.refused.get(&name) == Some(&text)
+            {
+                continue;
+            }
+            match self.plan(&name, &text).await {
+                Ok((kind, plan)) => {
+                    let columns = plan
+                        .schema()
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().clone())
+                        .collect();
+                    let replaced = self
+                        .files
+                        .insert(
+                            name.clone(),
+                            QueryFile {
+                                kind,
+                                text,
+                                plan,
+                                columns,
+                            },
+                        )
+                        .is_some();
+                    self.refused.remove(&name);
+                    info!(file = %name, %kind, "query {}", if replaced { "reloaded" } else { "loaded" });
+                }
+                Err(e) => {
+                    self.refusals += 1;
+                    let kept = self.files.contains_key(&name);
+                    warn!(error = %e, previous_version_kept = kept, "query file refused");
+                    self.refused.insert(name, text);
+                    errors.push(e);
+                }
+            }
+        }
+        let gone: Vec<String> = self
+            .files
+            .keys()
+            .filter(|n| !seen.contains(n))
+            .cloned()
+            .collect();
+        for name in gone {
+            self.files.remove(&name);
+            info!(file = %name, "query removed");
+        }
+        self.refused.retain(|n, _| seen.contains(n));
+        errors
+    }
+
+    /// Runs every active file over the closed windows.
+    pub async fn run(&mut self, closed: &ClosedWindows) -> RunOutput {
+        let mut out = RunOutput::default();
+        if self.files.is_empty() {
+            return out;
+        }
+        for (name, table) in &self.tables {
+            let batch = match *name {
+                "readings" => &closed.readings,
+                "messages" => &closed.messages,
+                _ => &closed.flows,
+            };
+            *table.batches[0].write().await = vec![batch.clone()];
+        }
+        let newest = newest_window_end(closed);
+        let state = self.ctx.state();
+        let task = self.ctx.task_ctx();
+        for (name, file) in &self.files {
+            let started = Instant::now();
+            let result = async {
+                let physical = state
+                    .query_planner()
+                    .create_physical_plan(&file.plan, &state)
+                    .await?;
+                datafusion::physical_plan::collect(physical, task.clone()).await
+            }
+            .await;
+            out.timings.push((name.clone(), started.elapsed()));
+            match result {
+                Ok(batches) => {
+                    if let Err(e) = extract(name, file, &batches, newest, &mut out) {
+                        out.failures.push((name.clone(), e));
+                    }
+                }
+                Err(e) => out.failures.push((name.clone(), e.to_string())),
+            }
+        }
+        for (name, table) in &self.tables {
+            let _ = name;
+            table.batches[0].write().await.clear();
+        }
+        for (file, why) in &out.failures {
+            warn!(file = %file, "query failed on this window: {why}");
+        }
+        out
+    }
+
+    /// Checks every `.sql` file of `dir` against the table schemas.
+    pub async fn check_dir(dir: &Path) -> Result<Vec<(String, QueryKind)>, Vec<QueryError>> {
+        let mut q = Queries::new(dir);
+        let errors = q.reload().await;
+        if errors.is_empty() {
+            Ok(q.active())
+        } else {
+            Err(errors)
+        }
+    }
+
+    /// What a file computes: its kind, its output columns and its plan.
+    pub async fn explain(path: &Path) -> Result<String, QueryError> {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().to_string())
+            .unwrap_or_default();
+        let text = std::fs::read_to_string(path).map_err(|e| QueryError {
+            file: path.display().to_string(),
+            line: 1,
+            column: 1,
+            message: e.to_string(),
+        })?;
+        let q = Queries::new(path.parent().unwrap_or(Path::new(".")));
+        let (kind, plan) = q.plan(&name, &text).await?;
+        let mut s = format!("{name}: {kind}\n\noutput columns:\n");
+        for f in plan.schema().fields() {
+            s.push_str(&format!(
+                "  {} {}{}\n",
+                f.name(),
+                f.data_type(),
+                if f.is_nullable() { " (nullable)" } else { "" }
+            ));
+        }
+        match kind {
+            QueryKind::Features => {
+                let features = feature_columns(plan.schema().as_arrow());
+                if features.is_empty() {
+                    s.push_str(
+                        "\nlong form: one feature per row, named by `feature`, valued by `value`\n",
+                    );
+                } else {
+                    s.push_str(&format!(
+                        "\nfeatures per machine: {}\n",
+                        features.join(", ")
+                    ));
+                }
+            }
+            QueryKind::Rule { severity } => {
+                s.push_str(&format!(
+                    "\nevery row raises a `rule` alert of severity {}\n",
+                    severity.as_str()
+                ));
+            }
+        }
+        s.push_str(&format!("\nplan:\n{}\n", plan.display_indent()));
+        Ok(s)
+    }
+}
+
+fn newest_window_end(closed: &ClosedWindows) -> Millis {
+    [&closed.readings, &closed.messages, &closed.flows]
+        .iter()
+        .filter_map(|b| {
+            b.column_by_name("window_end")
+                .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
+                .and_then(|a| a.values().iter().max().copied())
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+fn is_numeric(t: &DataType) -> bool {
+    t.is_numeric()
+}
+
+/// Wide-form feature columns: every numeric column but the time columns.
+fn feature_columns(schema: &arrow::datatypes::Schema) -> Vec<String> {
+    schema
+        .fields()
+        .iter()
+        .filter(|f| {
+            is_numeric(f.data_type())
+                && !["window_start", "window_end", "ts"].contains(&f.name().as_str())
+        })
+        .map(|f| f.name().clone())
+        .collect()
+}
+
+fn check_columns(
+    file: &str,
+    kind: QueryKind,
+    schema: &arrow::datatypes::Schema,
+) -> Result<(), QueryError> {
+    let err = |message: String| QueryError {
+        file: file.into(),
+        line: 1,
+        column: 1,
+        message,
+    };
+    if schema.field_with_name("machine").is_err() {
+        return Err(err("the query must return a `machine` column".into()));
+    }
+    if let QueryKind::Features = kind {
+        let long =
+            schema.field_with_name("feature").is_ok() && schema.field_with_name("value").is_ok();
+        if !long && feature_columns(schema).is_empty() {
+            return Err(err(
+                "a features query returns numeric feature columns, or `feature` and `value` columns".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn strings(batch: &RecordBatch, name: &str) -> Result<Option<StringArray>, String> {
+    let Some(c) = batch.column_by_name(name) else {
+        return Ok(None);
+    };
+    let c = cast(c, &DataType::Utf8).map_err(|e| format!("column `{name}` is not text: {e}"))?;
+    Ok(c.as_any().downcast_ref::<StringArray>().cloned())
+}
+
+fn floats(batch: &RecordBatch, name: &str) -> Result<Option<Float64Array>, String> {
+    let Some(c) = batch.column_by_name(name) else {
+        return Ok(None);
+    };
+    let c: ArrayRef =
+        cast(c, &DataType::Float64).map_err(|e| format!("column `{name}` is not numeric: {e}"))?;
+    Ok(c.as_any().downcast_ref::<Float64Array>().cloned())
+}
+
+fn times(batch: &RecordBatch) -> Option<TimestampMillisecondArray> {
+    ["ts", "window_start"].iter().find_map(|name| {
+        let c = batch.column_by_name(name)?;
+        let c = cast(c, &DataType::Timestamp(TimeUnit::Millisecond, None)).ok()?;
+        c.as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .cloned()
+    })
+}
+
+fn value_at(a: &Option<Float64Array>, i: usize) -> Option<f64> {
+    a.as_ref()
+        .filter(|a| a.is_valid(i))
+        .map(|a| a.value(i))
+        .filter(|v| v.is_finite())
+}
+
+/// Turns a file's result batches into feature or rule rows.
+fn extract(
+    name: &str,
+    file: &QueryFile,
+    batches: &[RecordBatch],
+    newest: Millis,
+    out: &mut RunOutput,
+) -> Result<(), String> {
+    let stem = name.strip_suffix(".sql").unwrap_or(name);
+    let mut rows = 0usize;
+    for batch in batches {
+        if rows >= MAX_ROWS_PER_RUN {
+            return Err(format!(
+                "more than {MAX_ROWS_PER_RUN} rows; the rest of this run's result is dropped"
+            ));
+        }
+        let take = batch.num_rows().min(MAX_ROWS_PER_RUN - rows);
+        rows += take;
+        let machine = strings(batch, "machine")?.ok_or("no `machine` column")?;
+        let ts = times(batch);
+        let ts_at = |i: usize| {
+            ts.as_ref()
+                .filter(|t| t.is_valid(i))
+                .map_or(newest, |t| t.value(i))
+        };
+        match file.kind {
+            QueryKind::Features => {
+                let long = (strings(batch, "feature")?, floats(batch, "value")?);
+                if let (Some(feature), value) = &long
+                    && value.is_some()
+                {
+                    for i in 0..take {
+                        if machine.is_null(i) || feature.is_null(i) {
+                            continue;
+                        }
+                        if let Some(v) = value_at(value, i) {
+                            out.features.push(FeatureRow {
+                                machine: machine.value(i).to_string(),
+                                feature: format!("{stem}:{}", feature.value(i)),
+                                value: v,
+                                ts: ts_at(i),
+                            });
+                        }
+                    }
+                } else {
+                    let cols: Vec<(String, Option<Float64Array>)> = file
+                        .columns
+                        .iter()
+                        .filter(|c| feature_columns(batch.schema().as_ref()).contains(c))
+                        .map(|c| Ok((format!("{stem}:{c}"), floats(batch, c)?)))
+                        .collect::<Result<_, String>>()?;
+                    for i in 0..take {
+                        if machine.is_null(i) {
+                            continue;
+                        }
+                        for (fname, values) in &cols {
+                            if let Some(v) = value_at(values, i) {
+                                out.features.push(FeatureRow {
+                                    machine: machine.value(i).to_string(),
+                                    feature: fname.clone(),
+                                    value: v,
+                                    ts: ts_at(i),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            QueryKind::Rule { severity } => {
+                let value = floats(batch, "value")?;
+                let score = floats(batch, "score")?;
+                let explanation = strings(batch, "explanation")?;
+                for i in 0..take {
+                    if machine.is_null(i) {
+                        continue;
+                    }
+                    out.rules.push(RuleRow {
+                        file: name.to_string(),
+                        severity,
+                        machine: machine.value(i).to_string(),
+                        value: value_at(&value, i),
+                        score: value_at(&score, i).map(|s| s.clamp(0.0, 1.0)),
+                        explanation: explanation
+                            .as_ref()
+                            .filter(|e| e.is_valid(i))
+                            .map(|e| e.value(i).to_string()),
+                        ts: ts_at(i),
+                    });
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The feature stage of a run: gathers closed windows and runs the queries
+/// over them once they span `queries.every` of event time (or once
+/// `queries.max_rows` rows have gathered), so a fast replay does not pay the
+/// query engine's fixed cost for every small batch of closed windows, and the
+/// grouping — hence the results — depends on the data, not on the wall clock.
+pub struct FeatureStage {
+    queries: Queries,
+    pending: Vec<ClosedWindows>,
+    rows: usize,
+    /// Oldest and newest window ends gathered.
+    span: Option<(Millis, Millis)>,
+    every: Millis,
+    max_rows: usize,
+    /// Runs so far, and their total time.
+    pub runs: u64,
+    pub busy: Duration,
+}
+
+impl FeatureStage {
+    pub fn new(cfg: &crate::config::QueriesConfig) -> Self {
+        FeatureStage {
+            queries: Queries::new(&cfg.dir),
+            pending: Vec::new(),
+            rows: 0,
+            span: None,
+            every: cfg.every.max(0),
+            max_rows: cfg.max_rows,
+            runs: 0,
+            busy: Duration::ZERO,
+        }
+    }
+
+    /// The queries (for their counters).
+    pub fn queries(&self) -> &Queries {
+        &self.queries
+    }
+
+    /// Gathers the windows a batch closed.
+    pub fn offer(&mut self, closed: Option<ClosedWindows>) {
+        if let Some(c) = closed {
+            self.rows += c.readings.num_rows() + c.messages.num_rows() + c.flows.num_rows();
+            self.pending.push(c);
+        }
+    }
+
+    /// Whether a run is due.
+    pub fn due(&self) -> bool {
+        !self.pending.is_empty()
+            && (self.rows >= self.max_rows
+                || self.span.is_some_and(|(lo, hi)| hi - lo >= self.every))
+    }
+
+    /// Looks at the folder again and runs every file over the gathered windows.
+    pub async fn run(&mut self) -> Option<RunOutput> {
+        if self.pending.is_empty() {
+            return None;
+        }
+        let started = Instant::now();
+        self.queries.reload().await;
+        let closed = merge(std::mem::take(&mut self.pending));
+        self.rows = 0;
+        self.span = None;
+        let out = self.queries.run(&closed).await;
+        self.runs += 1;
+        self.busy += started.elapsed();
+        Some(out)
+    }
+}
+
+/// One set of window tables out of several.
+fn merge(mut parts: Vec<ClosedWindows>) -> ClosedWindows {
+    if parts.len() == 1 {
+        return parts.pop().expect("one part");
+    }
+    let cat = |pick: fn(&ClosedWindows) -> &RecordBatch| {
+        let schema = pick(&parts[0]).schema();
+        let batches: Vec<&RecordBatch> = parts.iter().map(pick).collect();
+        arrow::compute::concat_batches(&schema, batches).expect("window tables share their schema")
+    };
+    ClosedWindows {
+        readings: cat(|c| &c.readings),
+        messages: cat(|c| &c.messages),
+        flows: cat(|c| &c.flows),
+        machine_windows: parts.iter().map(|c| c.machine_windows).sum(),
+    }
+}
+
+/// The schema of a window table, for documentation and `queries check`.
+pub fn table_schema(name: &str) -> Option<SchemaRef> {
+    crate::window::table_schemas()
+        .into_iter()
+        .find(|(n, _)| *n == name)
+        .map(|(_, s)| s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn headers() {
+        assert_eq!(
+            parse_header("a.sql", "-- twinwatch: features\nSELECT 1"),
+            Ok(QueryKind::Features)
+        );
+        assert_eq!(
+            parse_header("a.sql", "-- twinwatch: rule severity=high\n"),
+            Ok(QueryKind::Rule {
+                severity: Severity::High
+            })
+        );
+        let e = parse_header("a.sql", "SELECT 1").unwrap_err();
+        assert_eq!((e.line, e.column), (1, 1));
+        assert!(parse_header("a.sql", "-- twinwatch: rule severity=urgent").is_err());
+        assert!(parse_header("a.sql", "-- twinwatch: dashboards").is_err());
+    }
+
+    #[test]
+    fn positions_in_parser_messages() {
+        assert_eq!(
+            position_in_message("Expected: an expression, found: FROM at Line: 3, Column: 8"),
+            Some((3, 8))
+        );
+        assert_eq!(position_in_message("no position"), None);
+    }
+}

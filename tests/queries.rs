@@ -1,0 +1,359 @@
+//! Query files: the default queries on a hand-built window with known answers,
+//! rules through replay, hot reload (good edit, bad edit, removal), the check
+//! and explain commands, and queries that fail at run time.
+
+use std::path::Path;
+use std::process::Command;
+
+use twinwatch::config::Config;
+use twinwatch::features::{FeatureRow, Queries, QueryKind, RunOutput};
+use twinwatch::pipeline::Pipeline;
+use twinwatch::score::Severity;
+use twinwatch::source::Envelope;
+use twinwatch::window::ClosedWindows;
+
+const T0: i64 = 1_795_766_400_000; // a window boundary
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// One window of machine `press-1`: three messages from two devices (a sequence gap of 2),
+/// and flows including a Modbus write from an unexpected host.
+fn window() -> ClosedWindows {
+    let mut p = Pipeline::new(&Config::default());
+    let t = |ms: i64, device: &str, seq: u64, x: f64| {
+        Envelope::new(
+            "twin.telemetry.s.press-1",
+            Some(T0 + ms),
+            format!(
+                r#"{{"ts": {}, "device": "{device}", "seq": {seq}, "readings": {{"x": {x}, "y": null}}}}"#,
+                T0 + ms
+            ),
+        )
+    };
+    let flows = Envelope::new(
+        "twin.flows.s.press-1",
+        Some(T0 + 500),
+        format!(
+            r#"[{{"ts": {t}, "src": "10.0.0.5", "dst": "10.0.1.1", "dst_port": 502, "app": "modbus", "op": "read_holding_registers", "bytes": 100, "packets": 2}},
+                {{"ts": {t}, "src": "10.0.0.5", "dst": "10.0.1.2", "dst_port": 502, "app": "modbus", "op": "read_holding_registers", "bytes": 300, "packets": 4}},
+                {{"ts": {t}, "src": "10.0.0.5", "dst": "10.0.1.2", "dst_port": 4840, "bytes": 50}},
+                {{"ts": {t}, "src": "10.9.9.9", "dst": "10.0.1.1", "dst_port": 502, "app": "modbus", "op": "write_single_register", "bytes": 120, "packets": 2}}]"#,
+            t = T0 + 500
+        ),
+    );
+    let batch = vec![
+        t(0, "d1", 1, 1.0),
+        t(1000, "d1", 2, 2.0),
+        t(2000, "d1", 5, 3.0),
+        t(3000, "d2", 9, 6.0),
+        flows,
+    ];
+    let out = p.process(&batch, 0);
+    assert!(out.rejected.is_empty(), "{:?}", out.rejected);
+    p.finish().closed.expect("the window closes at the end")
+}
+
+fn feature(out: &RunOutput, name: &str) -> f64 {
+    let rows: Vec<&FeatureRow> = out.features.iter().filter(|f| f.feature == name).collect();
+    assert_eq!(
+        rows.len(),
+        1,
+        "{name}: {:?}",
+        out.features.iter().map(|f| &f.feature).collect::<Vec<_>>()
+    );
+    assert_eq!(rows[0].machine, "press-1");
+    assert_eq!(rows[0].ts, T0, "features carry their window's start");
+    rows[0].value
+}
+
+#[test]
+fn default_queries_give_known_answers() {
+    let w = window();
+    let out = rt().block_on(async {
+        let mut q = Queries::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("queries"));
+        let refused = q.reload().await;
+        assert!(refused.is_empty(), "{refused:?}");
+        assert_eq!(q.active().len(), 4);
+        q.run(&w).await
+    });
+    assert!(out.failures.is_empty(), "{:?}", out.failures);
+    // reading_stats.sql: x = 1, 2, 3, 6; y is always null.
+    assert_eq!(feature(&out, "reading_stats:x.mean"), 3.0);
+    assert!((feature(&out, "reading_stats:x.std") - 3.5f64.sqrt()).abs() < 1e-12);
+    assert_eq!(feature(&out, "reading_stats:x.min"), 1.0);
+    assert_eq!(feature(&out, "reading_stats:x.max"), 6.0);
+    assert_eq!(feature(&out, "reading_stats:x.count"), 4.0);
+    assert!(
+        !out.features
+            .iter()
+            .any(|f| f.feature.starts_with("reading_stats:y"))
+    );
+    // messages.sql
+    assert_eq!(feature(&out, "messages:messages"), 4.0);
+    assert_eq!(feature(&out, "messages:devices"), 2.0);
+    assert_eq!(feature(&out, "messages:seq_gaps"), 2.0, "d1 sent 1, 2, 5");
+    assert!(feature(&out, "messages:bytes") > 200.0);
+    // flows.sql
+    assert_eq!(feature(&out, "flows:bytes"), 570.0);
+    assert_eq!(
+        feature(&out, "flows:packets"),
+        8.0,
+        "missing packet counts count as 0"
+    );
+    assert_eq!(feature(&out, "flows:records"), 4.0);
+    assert_eq!(feature(&out, "flows:write_ops"), 1.0);
+    assert_eq!(feature(&out, "flows:max_destinations_per_source"), 2.0);
+    assert_eq!(feature(&out, "flows:max_ports_per_source"), 2.0);
+    assert_eq!(feature(&out, "flows:max_bytes_to_one_peer"), 350.0);
+    // modbus_writes.sql: the write from 10.9.9.9.
+    assert_eq!(out.rules.len(), 1, "{:?}", out.rules);
+    let r = &out.rules[0];
+    assert_eq!(
+        (r.machine.as_str(), r.severity, r.value),
+        ("press-1", Severity::High, Some(1.0))
+    );
+    assert!(r.explanation.as_deref().unwrap().contains("10.9.9.9"));
+}
+
+fn write(dir: &Path, name: &str, text: &str) {
+    std::fs::write(dir.join(name), text).unwrap();
+}
+
+#[test]
+fn hot_reload_good_edit_bad_edit_and_removal() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = window();
+    rt().block_on(async {
+        let mut q = Queries::new(dir.path());
+        assert!(q.reload().await.is_empty());
+        assert!(q.run(&w).await.features.is_empty(), "no files, no features");
+
+        write(dir.path(), "f.sql", "-- twinwatch: features\nSELECT machine, window_start, count(*) AS n FROM readings GROUP BY machine, window_start\n");
+        assert!(q.reload().await.is_empty());
+        assert_eq!(q.run(&w).await.features.len(), 1);
+
+        // A good edit takes effect at the next run.
+        write(dir.path(), "f.sql", "-- twinwatch: features\nSELECT machine, window_start, count(*) AS n, max(value) AS top FROM readings GROUP BY machine, window_start\n");
+        q.reload().await;
+        let out = q.run(&w).await;
+        assert!(out.features.iter().any(|f| f.feature == "f:top" && f.value == 6.0));
+
+        // A bad edit is refused with file, line and column; the previous version stays.
+        write(dir.path(), "f.sql", "-- twinwatch: features\nSELECT machine,\n       window_start,\n       count(*) AS n FROM readingz GROUP BY machine\n");
+        let refused = q.reload().await;
+        assert_eq!(refused.len(), 1);
+        let e = &refused[0];
+        assert_eq!(e.file, "f.sql");
+        assert_eq!(e.line, 4, "{e}");
+        assert!(e.column > 1, "{e}");
+        assert!(e.message.contains("readingz"), "{e}");
+        assert_eq!(q.refusals, 1);
+        assert!(q.reload().await.is_empty(), "a refused version is reported once");
+        assert!(q.run(&w).await.features.iter().any(|f| f.feature == "f:top"), "old version still active");
+
+        // Removal.
+        std::fs::remove_file(dir.path().join("f.sql")).unwrap();
+        q.reload().await;
+        assert!(q.active().is_empty());
+        assert!(q.run(&w).await.features.is_empty());
+    });
+}
+
+#[test]
+fn runtime_failures_do_not_stop_the_other_files() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "bad.sql",
+        "-- twinwatch: features\nSELECT machine, CAST(metric AS INT) AS m FROM readings\n",
+    );
+    write(
+        dir.path(),
+        "div.sql",
+        "-- twinwatch: features\nSELECT machine, 1.0 / (count(*) - count(*)) AS inf, 1 / (count(*) - count(*)) AS z FROM readings GROUP BY machine\n",
+    );
+    write(
+        dir.path(),
+        "nulls.sql",
+        "-- twinwatch: features\nSELECT machine, avg(value) FILTER (WHERE metric = 'nope') AS none, count(*) AS n FROM readings GROUP BY machine\n",
+    );
+    write(
+        dir.path(),
+        "rule.sql",
+        "-- twinwatch: rule severity=low\nSELECT machine, 'seen' AS explanation FROM readings GROUP BY machine\n",
+    );
+    let w = window();
+    let out = rt().block_on(async {
+        let mut q = Queries::new(dir.path());
+        assert!(q.reload().await.is_empty());
+        q.run(&w).await
+    });
+    let failed: Vec<&str> = out.failures.iter().map(|(f, _)| f.as_str()).collect();
+    assert!(failed.contains(&"bad.sql"), "{:?}", out.failures);
+    assert!(
+        out.features.iter().any(|f| f.feature == "nulls:n"),
+        "NULL features are skipped, others kept"
+    );
+    assert!(!out.features.iter().any(|f| f.feature == "nulls:none"));
+    assert!(
+        !out.features.iter().any(|f| f.feature == "div:inf"),
+        "non-finite values are skipped"
+    );
+    assert_eq!(out.rules.len(), 1);
+    assert_eq!(out.rules[0].severity, Severity::Low);
+}
+
+#[test]
+fn refusals_at_plan_time() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "no_header.sql",
+        "SELECT machine, 1 AS x FROM readings\n",
+    );
+    write(
+        dir.path(),
+        "no_machine.sql",
+        "-- twinwatch: features\nSELECT count(*) AS n FROM readings\n",
+    );
+    write(
+        dir.path(),
+        "ddl.sql",
+        "-- twinwatch: features\nCREATE TABLE t AS SELECT machine, 1 AS x FROM readings\n",
+    );
+    write(
+        dir.path(),
+        "syntax.sql",
+        "-- twinwatch: rule severity=high\nSELECT machine FROM readings WHERE\n",
+    );
+    let errors = rt().block_on(Queries::check_dir(dir.path())).unwrap_err();
+    let by_file = |f: &str| {
+        errors
+            .iter()
+            .find(|e| e.file == f)
+            .unwrap_or_else(|| panic!("{f} not refused: {errors:?}"))
+    };
+    assert!(by_file("no_header.sql").message.contains("first line"));
+    assert!(by_file("no_machine.sql").message.contains("machine"));
+    assert!(by_file("ddl.sql").message.contains("only queries"));
+    assert_eq!(by_file("syntax.sql").line, 2, "{:?}", by_file("syntax.sql"));
+}
+
+fn twinwatch(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+        .args(args)
+        .env("TWINWATCH_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_and_explain_commands() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("queries");
+    let out = twinwatch(&["queries", "check", shipped.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 4);
+
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "ok.sql",
+        "-- twinwatch: features\nSELECT machine, count(*) AS n FROM messages GROUP BY machine\n",
+    );
+    write(
+        dir.path(),
+        "bad.sql",
+        "-- twinwatch: features\n\nSELECT machine, nosuch FROM readings\n",
+    );
+    let out = twinwatch(&["queries", "check", dir.path().to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    let expected = format!("{}:3:", dir.path().join("bad.sql").display());
+    assert!(err.contains(&expected) && err.contains("nosuch"), "{err}");
+
+    let out = twinwatch(&[
+        "queries",
+        "explain",
+        shipped.join("messages.sql").to_str().unwrap(),
+    ]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("messages.sql: features"), "{text}");
+    assert!(
+        text.contains("seq_gaps") && text.contains("plan:"),
+        "{text}"
+    );
+    let out = twinwatch(&[
+        "queries",
+        "explain",
+        shipped.join("modbus_writes.sql").to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("severity high"));
+}
+
+#[test]
+fn a_rule_file_fires_through_replay() {
+    let dir = tempfile::tempdir().unwrap();
+    let qdir = dir.path().join("q");
+    std::fs::create_dir(&qdir).unwrap();
+    write(
+        &qdir,
+        "hot.sql",
+        "-- twinwatch: rule severity=critical\nSELECT machine, window_start, max(value) AS value, 'temperature over 95' AS explanation\nFROM readings WHERE metric = 'temperature_c' AND value > 95 GROUP BY machine, window_start\n",
+    );
+    let cfg = dir.path().join("c.toml");
+    std::fs::write(&cfg, format!("[queries]\ndir = \"{}\"\n", qdir.display())).unwrap();
+    let capture = dir.path().join("in.ndjson");
+    let mut lines = String::new();
+    for s in 0..30i64 {
+        let t = if s == 25 { 99.5 } else { 70.0 };
+        lines.push_str(&format!(
+            "{{\"subject\":\"twin.telemetry.s.oven-1\",\"payload\":{{\"ts\":{},\"readings\":{{\"temperature_c\":{t}}}}}}}\n",
+            T0 + s * 1000
+        ));
+    }
+    std::fs::write(&capture, lines).unwrap();
+    let out = twinwatch(&[
+        "replay",
+        "--input",
+        capture.to_str().unwrap(),
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let alerts: Vec<twinwatch::alerts::Alert> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let rules: Vec<_> = alerts
+        .iter()
+        .filter(|a| a.kind == twinwatch::detect::Kind::Rule)
+        .collect();
+    assert_eq!(rules.len(), 1, "{alerts:?}");
+    let a = rules[0];
+    assert_eq!(a.severity, Severity::Critical);
+    assert_eq!(a.machine, "oven-1");
+    assert_eq!(a.feature.as_deref(), Some("hot.sql"));
+    assert_eq!(a.value, Some(99.5));
+    assert_eq!(a.explanation, "temperature over 95");
+    assert_eq!(
+        a.ts,
+        twinwatch::time::format_rfc3339(T0 + 20_000),
+        "the rule row's window start"
+    );
+    assert_eq!(a.subject(), "twin.alerts.critical.oven-1");
+    let _ = QueryKind::Features;
+}
