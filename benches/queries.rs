@@ -1,0 +1,98 @@
+//! Per-window cost of the query files (`cargo bench --bench queries`): one
+//! closed 10-second window of 1,000 machines x 8 metrics at 1 Hz (80,000
+//! readings, 10,000 messages, 2,000 flow records) through the shipped
+//! `queries/`, after planning them once.
+
+use std::time::{Duration, Instant};
+
+use twinwatch::config::Config;
+use twinwatch::features::Queries;
+use twinwatch::pipeline::Pipeline;
+use twinwatch::source::Envelope;
+
+const T0: i64 = 1_795_766_400_000;
+
+fn main() {
+    let machines = 1000;
+    let mut envs = Vec::new();
+    for s in 0..10i64 {
+        for m in 0..machines {
+            let readings: Vec<String> = (0..8)
+                .map(|k| {
+                    format!(
+                        "\"metric_{k}\":{}",
+                        10.0 * k as f64 + ((s * 31 + m * 7 + k) % 13) as f64 * 0.1
+                    )
+                })
+                .collect();
+            envs.push(Envelope::new(
+                format!("twin.telemetry.bench.m-{m:04}"),
+                Some(T0 + s * 1000),
+                format!(
+                    "{{\"ts\":{},\"device\":\"plc-{m:04}\",\"seq\":{s},\"readings\":{{{}}}}}",
+                    T0 + s * 1000,
+                    readings.join(",")
+                ),
+            ));
+            if s % 5 == 0 {
+                envs.push(Envelope::new(
+                    format!("twin.flows.bench.m-{m:04}"),
+                    Some(T0 + s * 1000),
+                    format!(
+                        "[{{\"ts\":{t},\"src\":\"10.20.0.5\",\"dst\":\"10.20.1.{}\",\"dst_port\":502,\"app\":\"modbus\",\"op\":\"read_holding_registers\",\"bytes\":120,\"packets\":2}},{{\"ts\":{t},\"src\":\"10.20.0.8\",\"dst\":\"10.20.1.{}\",\"dst_port\":4840,\"app\":\"opcua\",\"op\":\"read\",\"bytes\":400,\"packets\":4}}]",
+                        m % 250,
+                        m % 250,
+                        t = T0 + s * 1000 + 500
+                    ),
+                ));
+            }
+        }
+    }
+    let mut p = Pipeline::new(&Config::default());
+    p.process(&envs, 0);
+    let window = p.finish().closed.expect("one window");
+    println!(
+        "window: {} readings, {} messages, {} flow records, {} machine-windows",
+        window.readings.num_rows(),
+        window.messages.num_rows(),
+        window.flows.num_rows(),
+        window.machine_windows
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("queries");
+        let mut q = Queries::new(&dir);
+        let t = Instant::now();
+        let refused = q.reload().await;
+        assert!(refused.is_empty(), "{refused:?}");
+        println!("planning {} files once: {:.1} ms", q.active().len(), t.elapsed().as_secs_f64() * 1000.0);
+        let mut runs: Vec<Duration> = Vec::new();
+        let mut per_file: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
+        let mut features = 0;
+        for _ in 0..30 {
+            let t = Instant::now();
+            let out = q.run(&window).await;
+            runs.push(t.elapsed());
+            assert!(out.failures.is_empty(), "{:?}", out.failures);
+            features = out.features.len();
+            for (f, d) in out.timings {
+                per_file.entry(f).or_default().push(d);
+            }
+        }
+        runs.sort();
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        println!(
+            "per window (30 runs): median {:.1} ms, min {:.1} ms, max {:.1} ms; {features} feature values",
+            ms(runs[runs.len() / 2]),
+            ms(runs[0]),
+            ms(runs[runs.len() - 1])
+        );
+        for (f, mut v) in per_file {
+            v.sort();
+            println!("  {f}: median {:.1} ms", ms(v[v.len() / 2]));
+        }
+    });
+}
