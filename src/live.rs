@@ -22,7 +22,6 @@ use crate::pipeline::{Pipeline, RunError};
 use crate::sink::Sink;
 use crate::source::Source;
 use crate::state::StateStore;
-use crate::time::wall_now;
 
 /// Counters of one live run.
 #[derive(Debug, Default, Clone, Copy)]
@@ -86,13 +85,7 @@ pub async fn run_live<S: Source, K: Sink>(
         if batch.is_empty() {
             continue;
         }
-        let mut out = pipeline.process(&batch, wall_now());
-        for (i, e) in &out.rejected {
-            sink.dead_letter(&batch[*i], e).await?;
-        }
-        pipeline.run_features(&mut features, &mut out, false).await;
-        sink.publish(&out.alerts).await?;
-        sink.flush().await?;
+        crate::pipeline::deliver(pipeline, &batch, sink, &mut features).await?;
         summary.batches += 1;
         match &checkpoints {
             None => source.commit().await?,
@@ -106,10 +99,7 @@ pub async fn run_live<S: Source, K: Sink>(
             }
         }
     }
-    let mut out = pipeline.finish();
-    pipeline.run_features(&mut features, &mut out, true).await;
-    sink.publish(&out.alerts).await?;
-    sink.flush().await?;
+    crate::pipeline::finish(pipeline, sink, &mut features).await?;
     match &checkpoints {
         Some(c) => checkpoint(pipeline, source, c, &mut summary).await?,
         None => source.commit().await?,

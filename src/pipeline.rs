@@ -498,18 +498,39 @@ pub async fn run<S: Source, K: Sink>(
     progress: &mut dyn FnMut(&Pipeline),
 ) -> Result<(), RunError> {
     while let Some(batch) = source.next_batch().await? {
-        let mut out = pipeline.process(&batch, wall_now());
-        for (i, e) in &out.rejected {
-            sink.dead_letter(&batch[*i], e).await?;
-        }
-        pipeline.run_features(&mut features, &mut out, false).await;
-        sink.publish(&out.alerts).await?;
-        sink.flush().await?;
+        deliver(pipeline, &batch, sink, &mut features).await?;
         source.commit().await?;
         progress(pipeline);
     }
+    finish(pipeline, sink, &mut features).await
+}
+
+/// One batch through the pipeline: dead letters, alerts (the query files'
+/// included when a run is due) published and flushed.
+pub async fn deliver<K: Sink>(
+    pipeline: &mut Pipeline,
+    batch: &[Envelope],
+    sink: &mut K,
+    features: &mut Option<&mut crate::features::FeatureStage>,
+) -> Result<(), RunError> {
+    let mut out = pipeline.process(batch, wall_now());
+    for (i, e) in &out.rejected {
+        sink.dead_letter(&batch[*i], e).await?;
+    }
+    pipeline.run_features(features, &mut out, false).await;
+    sink.publish(&out.alerts).await?;
+    sink.flush().await?;
+    Ok(())
+}
+
+/// End of input: the last windows closed and queried, their alerts published.
+pub async fn finish<K: Sink>(
+    pipeline: &mut Pipeline,
+    sink: &mut K,
+    features: &mut Option<&mut crate::features::FeatureStage>,
+) -> Result<(), RunError> {
     let mut out = pipeline.finish();
-    pipeline.run_features(&mut features, &mut out, true).await;
+    pipeline.run_features(features, &mut out, true).await;
     sink.publish(&out.alerts).await?;
     sink.flush().await?;
     Ok(())
