@@ -479,6 +479,20 @@ impl Queries {
     }
 }
 
+/// The oldest window start and the newest window end of a set of closed windows.
+fn window_span(closed: &ClosedWindows) -> (Millis, Millis) {
+    let oldest = [&closed.readings, &closed.messages, &closed.flows]
+        .iter()
+        .filter_map(|b| {
+            b.column_by_name("window_start")
+                .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
+                .and_then(|a| a.values().iter().min().copied())
+        })
+        .min();
+    let newest = newest_window_end(closed);
+    (oldest.unwrap_or(newest), newest)
+}
+
 fn newest_window_end(closed: &ClosedWindows) -> Millis {
     [&closed.readings, &closed.messages, &closed.flows]
         .iter()
@@ -704,6 +718,11 @@ impl FeatureStage {
     pub fn offer(&mut self, closed: Option<ClosedWindows>) {
         if let Some(c) = closed {
             self.rows += c.readings.num_rows() + c.messages.num_rows() + c.flows.num_rows();
+            let (start, end) = window_span(&c);
+            self.span = Some(
+                self.span
+                    .map_or((start, end), |(lo, hi)| (lo.min(start), hi.max(end))),
+            );
             self.pending.push(c);
         }
     }

@@ -235,7 +235,8 @@ impl Pipeline {
             rules = run.rules.len()
         )
         .entered();
-        let mut groups: std::collections::BTreeMap<(u32, Millis), Vec<(u32, f64)>> =
+        // In event-time order across machines, as the readings' alerts are.
+        let mut groups: std::collections::BTreeMap<(Millis, u32), Vec<(u32, f64)>> =
             Default::default();
         for row in &run.features {
             let (Some(machine), Some(feature)) = (
@@ -245,12 +246,12 @@ impl Pipeline {
                 continue;
             };
             groups
-                .entry((machine, row.ts))
+                .entry((row.ts, machine))
                 .or_default()
                 .push((feature, row.value));
         }
         let mut findings = Vec::new();
-        for ((machine, ts), readings) in &groups {
+        for ((ts, machine), readings) in &groups {
             self.feature_detectors.observe(
                 *machine,
                 crate::alerts::NO_DEVICE,
