@@ -16,7 +16,6 @@ use crate::nats::{NatsError, connect};
 use crate::pipeline::Pipeline;
 use crate::sim::Factory;
 use crate::sink::nats::NatsSink;
-use crate::source::Source;
 use crate::source::capture::CaptureWriter;
 use crate::source::nats::{NatsSource, headers_of};
 use crate::state::StateStore;
@@ -99,33 +98,21 @@ pub fn run(a: RunArgs) -> Result<()> {
         });
         let started = Instant::now();
         let mut stage = super::features(&cfg);
-        let summary = if cfg.source.jetstream.enabled {
-            let mut source = NatsSource::jetstream(&client, &cfg.source, resume_after)
-                .await
-                .map_err(nats_error)?;
-            drive(
-                &mut pipeline,
-                &mut source,
-                &mut sink,
-                checkpoints,
-                stage.as_mut(),
-                stop,
-            )
-            .await?
+        let mut source = if cfg.source.jetstream.enabled {
+            NatsSource::jetstream(&client, &cfg.source, resume_after).await
         } else {
-            let mut source = NatsSource::core(&client, &cfg.source)
-                .await
-                .map_err(nats_error)?;
-            drive(
-                &mut pipeline,
-                &mut source,
-                &mut sink,
-                checkpoints,
-                stage.as_mut(),
-                stop,
-            )
-            .await?
-        };
+            NatsSource::core(&client, &cfg.source).await
+        }
+        .map_err(nats_error)?;
+        let summary = run_live(
+            &mut pipeline,
+            &mut source,
+            &mut sink,
+            checkpoints,
+            stage.as_mut(),
+            stop,
+        )
+        .await?;
         if let Err(e) = client.drain().await {
             warn!(error = %e, "draining the NATS connection");
         }
@@ -138,17 +125,6 @@ pub fn run(a: RunArgs) -> Result<()> {
         );
         Ok(())
     })
-}
-
-async fn drive<S: Source>(
-    pipeline: &mut Pipeline,
-    source: &mut S,
-    sink: &mut NatsSink,
-    checkpoints: Option<Checkpoints<'_>>,
-    features: Option<&mut crate::features::FeatureStage>,
-    stop: watch::Receiver<bool>,
-) -> Result<crate::live::LiveSummary> {
-    Ok(run_live(pipeline, source, sink, checkpoints, features, stop).await?)
 }
 
 pub fn record(a: RecordArgs) -> Result<()> {
