@@ -238,7 +238,11 @@ impl Pipeline {
         // In event-time order across machines, as the readings' alerts are.
         let mut groups: std::collections::BTreeMap<(Millis, u32), Vec<(u32, f64)>> =
             Default::default();
-        for row in &run.features {
+        // Query engines return rows in no particular order: sort them, so the
+        // same input gives the same alerts in the same order (and the same ids).
+        let mut rows: Vec<&crate::features::FeatureRow> = run.features.iter().collect();
+        rows.sort_by(|a, b| (a.ts, &a.machine, &a.feature).cmp(&(b.ts, &b.machine, &b.feature)));
+        for row in rows {
             let (Some(machine), Some(feature)) = (
                 self.decoder.machines.intern(&row.machine),
                 self.features.intern(&row.feature),
@@ -262,7 +266,9 @@ impl Pipeline {
             );
         }
         self.feature_detectors.take_newly_protecting();
-        for r in &run.rules {
+        let mut rules: Vec<&crate::features::RuleRow> = run.rules.iter().collect();
+        rules.sort_by(|a, b| (a.ts, &a.machine, &a.file).cmp(&(b.ts, &b.machine, &b.file)));
+        for r in rules {
             let (Some(machine), Some(rule)) = (
                 self.decoder.machines.intern(&r.machine),
                 self.features.intern(&r.file),
