@@ -218,11 +218,6 @@ impl AlertBook {
         ))
     }
 
-    /// Alerts currently open.
-    pub fn open_count(&self) -> usize {
-        self.open.len()
-    }
-
     /// The open alerts, for a snapshot (sorted, so snapshots are deterministic).
     pub fn snapshot(&self) -> BookState {
         let mut open: Vec<OpenEntry> = self

@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use arrow::array::{Array, ArrayRef, Float64Array, StringArray, TimestampMillisecondArray};
 use arrow::compute::cast;
-use arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, TimeUnit};
 use arrow::record_batch::RecordBatch;
 use datafusion::datasource::MemTable;
 use datafusion::logical_expr::LogicalPlan;
@@ -249,11 +249,6 @@ impl Queries {
         }
     }
 
-    /// The folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     /// Names and kinds of the active files.
     pub fn active(&self) -> Vec<(String, QueryKind)> {
         self.files
@@ -409,8 +404,7 @@ impl Queries {
                 Err(e) => out.failures.push((name.clone(), e.to_string())),
             }
         }
-        for (name, table) in &self.tables {
-            let _ = name;
+        for (_, table) in &self.tables {
             table.batches[0].write().await.clear();
         }
         for (file, why) in &out.failures {
@@ -709,11 +703,6 @@ impl FeatureStage {
         }
     }
 
-    /// The queries (for their counters).
-    pub fn queries(&self) -> &Queries {
-        &self.queries
-    }
-
     /// Gathers the windows a batch closed.
     pub fn offer(&mut self, closed: Option<ClosedWindows>) {
         if let Some(c) = closed {
@@ -767,14 +756,6 @@ fn merge(mut parts: Vec<ClosedWindows>) -> ClosedWindows {
         flows: cat(|c| &c.flows),
         machine_windows: parts.iter().map(|c| c.machine_windows).sum(),
     }
-}
-
-/// The schema of a window table, for documentation and `queries check`.
-pub fn table_schema(name: &str) -> Option<SchemaRef> {
-    crate::window::table_schemas()
-        .into_iter()
-        .find(|(n, _)| *n == name)
-        .map(|(_, s)| s)
 }
 
 #[cfg(test)]

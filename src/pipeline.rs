@@ -312,11 +312,6 @@ impl Pipeline {
         &self.detectors
     }
 
-    /// The id of a machine name, if it was seen.
-    pub fn machine_id(&self, name: &str) -> Option<u32> {
-        self.decoder.machines.get(name)
-    }
-
     /// Runs one batch through every room.
     pub fn process(&mut self, envelopes: &[Envelope], emitted_at: Millis) -> Output {
         let mut out = Output::default();

@@ -227,11 +227,6 @@ impl Windows {
         }
     }
 
-    /// The window size.
-    pub fn size(&self) -> Millis {
-        self.cfg.size
-    }
-
     /// Admits one event of `machine`: advances its watermark unless the event
     /// is future-dated, and says whether the event is late.
     pub fn admit(&mut self, machine: u32, ts: Millis, received_at: Millis) -> Admission {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use twinwatch::config::Config;
-use twinwatch::features::{FeatureRow, Queries, QueryKind, RunOutput};
+use twinwatch::features::{FeatureRow, Queries, RunOutput};
 use twinwatch::pipeline::Pipeline;
 use twinwatch::score::Severity;
 use twinwatch::source::Envelope;
@@ -355,5 +355,4 @@ fn a_rule_file_fires_through_replay() {
         "the rule row's window start"
     );
     assert_eq!(a.subject(), "twin.alerts.critical.oven-1");
-    let _ = QueryKind::Features;
 }

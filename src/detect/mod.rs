@@ -166,13 +166,6 @@ pub struct MachineState {
     pub skipped: u64,
 }
 
-/// Learning or protecting, for counters and summaries.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
-    Learning,
-    Protecting,
-}
-
 /// The parameters the detectors run with, in the units they use.
 #[derive(Debug, Clone)]
 struct Params {
@@ -406,17 +399,6 @@ impl Detectors {
                 s.predictor.skip(ts, &p.taus);
             }
         }
-    }
-
-    /// The phase of a machine.
-    pub fn phase(&self, machine: u32) -> Option<Phase> {
-        self.machine(machine).map(|m| {
-            if m.protecting {
-                Phase::Protecting
-            } else {
-                Phase::Learning
-            }
-        })
     }
 }
 

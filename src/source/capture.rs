@@ -13,8 +13,6 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -165,7 +163,6 @@ fn json_fits_one_line(payload: &[u8]) -> bool {
 /// Reads a capture file on a thread of its own.
 pub struct CaptureSource {
     rx: mpsc::Receiver<Result<Vec<Envelope>, SourceError>>,
-    lines: Arc<AtomicU64>,
 }
 
 impl CaptureSource {
@@ -185,25 +182,11 @@ impl CaptureSource {
     /// Reads capture lines from any reader.
     pub fn from_reader(reader: Box<dyn Read + Send>, name: PathBuf) -> Self {
         let (tx, rx) = mpsc::channel(4);
-        let lines = Arc::new(AtomicU64::new(0));
-        let counter = lines.clone();
         std::thread::Builder::new()
             .name("capture-reader".into())
-            .spawn(move || {
-                read_loop(
-                    BufReader::with_capacity(1 << 20, reader),
-                    &name,
-                    &tx,
-                    &counter,
-                )
-            })
+            .spawn(move || read_loop(BufReader::with_capacity(1 << 20, reader), &name, &tx))
             .expect("spawning the capture reader thread");
-        CaptureSource { rx, lines }
-    }
-
-    /// Lines read so far (for progress display).
-    pub fn lines_read(&self) -> Arc<AtomicU64> {
-        self.lines.clone()
+        CaptureSource { rx }
     }
 }
 
@@ -211,7 +194,6 @@ fn read_loop(
     mut reader: impl BufRead,
     name: &Path,
     tx: &mpsc::Sender<Result<Vec<Envelope>, SourceError>>,
-    counter: &AtomicU64,
 ) {
     let mut batch = Vec::with_capacity(BATCH_LINES);
     let mut line = Vec::with_capacity(4096);
@@ -220,7 +202,6 @@ fn read_loop(
         match reader.read_until(b'\n', &mut line) {
             Ok(0) => break,
             Ok(_) => {
-                counter.fetch_add(1, Ordering::Relaxed);
                 let trimmed = line.trim_ascii();
                 if trimmed.is_empty() {
                     continue;
@@ -282,7 +263,7 @@ mod tests {
 
     #[test]
     fn writer_round_trips_exact_bytes() {
-        let mut env = Envelope::new(
+        let env = Envelope::new(
             "twin.telemetry.a.b",
             Some(42),
             &b"{\"ts\": 1, \"readings\": {}}"[..],
@@ -311,6 +292,5 @@ mod tests {
         assert_eq!(parse_line(lines[0]), env);
         assert_eq!(parse_line(lines[1]), signed);
         assert_eq!(parse_line(lines[2]), odd);
-        env.headers.clear();
     }
 }

@@ -25,11 +25,6 @@ impl SimSource {
             batch: 2048,
         }
     }
-
-    /// The factory (for labels and progress).
-    pub fn factory(&self) -> &Factory {
-        &self.factory
-    }
 }
 
 impl Source for SimSource {
