@@ -284,12 +284,31 @@ fn build(
     emitted_at: Millis,
 ) -> Alert {
     let machine = names.machines.name(f.machine).to_string();
-    let feature = names.metrics.name(f.metric).to_string();
+    let feature = match &f.subject {
+        Some(s) => s.clone(),
+        None => names.metrics.name(f.metric).to_string(),
+    };
     let kind = f.kind.as_str().as_bytes();
     let first = first_ts.to_le_bytes();
     let this = f.ts.to_le_bytes();
-    let incident = hash_id(&[machine.as_bytes(), kind, feature.as_bytes(), &first]);
-    let id = hash_id(&[machine.as_bytes(), kind, feature.as_bytes(), &first, &this]);
+    // Findings about a device's traffic share feature names across devices:
+    // the device keeps their ids apart.
+    let device = match (&f.subject, f.device) {
+        (Some(_), d) if d != NO_DEVICE => names.devices.name(d).to_string(),
+        _ => String::new(),
+    };
+    let feature_key = format!(
+        "{feature}{}{device}",
+        if device.is_empty() { "" } else { "@" }
+    );
+    let incident = hash_id(&[machine.as_bytes(), kind, feature_key.as_bytes(), &first]);
+    let id = hash_id(&[
+        machine.as_bytes(),
+        kind,
+        feature_key.as_bytes(),
+        &first,
+        &this,
+    ]);
     let start = window_start(f.ts, window);
     Alert {
         id,
@@ -302,10 +321,11 @@ fn build(
         detector: f.detector.to_string(),
         value: match &f.detail {
             Detail::Rule { value, .. } => *value,
+            Detail::Note { numeric: false, .. } => None,
             _ => Some(f.value),
         },
         expected: match f.detail {
-            Detail::Rule { .. } => None,
+            Detail::Rule { .. } | Detail::Note { numeric: false, .. } => None,
             _ => Some(round_sig(f.expected, 6)),
         },
         window: Some(AlertWindow {
@@ -320,6 +340,34 @@ fn build(
         feature: Some(feature),
         machine,
         incident,
+    }
+}
+
+/// The machine name of alerts about the monitor itself (a global cap reached).
+pub const MONITOR: &str = "twinwatch";
+
+/// A `capacity` alert about a global cap (`key`), raised by the monitor itself.
+pub fn capacity_alert(key: &str, explanation: String, ts: Millis, emitted_at: Millis) -> Alert {
+    let kind = Kind::Capacity.as_str().as_bytes();
+    let t = ts.to_le_bytes();
+    let score = 0.9;
+    Alert {
+        id: hash_id(&[MONITOR.as_bytes(), kind, key.as_bytes(), &t, &t]),
+        ts: format_rfc3339(ts),
+        emitted_at: format_rfc3339(emitted_at),
+        machine: MONITOR.into(),
+        device: None,
+        kind: Kind::Capacity,
+        score,
+        severity: Severity::from_score(score),
+        detector: "input_cap".into(),
+        feature: Some(key.into()),
+        value: None,
+        expected: None,
+        window: None,
+        explanation,
+        contributions: Vec::new(),
+        incident: hash_id(&[MONITOR.as_bytes(), kind, key.as_bytes(), &t]),
     }
 }
 
@@ -391,6 +439,7 @@ fn explain(f: &Finding, feature: &str) -> String {
             explanation: Some(text),
             ..
         } => text,
+        Detail::Note { text, .. } => text,
         Detail::Rule { value, .. } => match value {
             Some(v) => format!("rule {feature} matched (value {})", fmt_num(v)),
             None => format!("rule {feature} matched"),
@@ -426,6 +475,7 @@ mod tests {
             surprise: normal_two_sided_surprise(z),
             detail: Detail::Spike { z, sigma: 1.0 },
             severity: None,
+            subject: None,
         }
     }
 

@@ -25,6 +25,9 @@ pub struct Config {
     pub window: WindowConfig,
     pub baseline: BaselineConfig,
     pub detect: DetectConfig,
+    pub devices: DevicesConfig,
+    pub traffic: TrafficConfig,
+    pub flows: FlowsConfig,
     pub alerts: AlertsConfig,
 }
 
@@ -434,6 +437,110 @@ impl Default for ModeConfig {
     }
 }
 
+/// Who speaks for each machine: the device registry and the learned devices.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DevicesConfig {
+    /// The device registry (TOML, see the README, "Device registry"); a missing file means
+    /// no registry: only the devices seen while a machine learns are known.
+    pub registry: String,
+    /// How often `run` checks the registry file for changes (approval without restart).
+    #[serde(with = "serde_duration")]
+    pub reload: Millis,
+    /// Most devices tracked per machine; further devices raise one `capacity` alert and are not tracked.
+    pub max_per_machine: usize,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            registry: "devices.toml".into(),
+            reload: 5_000,
+            max_per_machine: 16,
+        }
+    }
+}
+
+/// Message rates, sizes, sequence numbers, clocks and replayed content.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrafficConfig {
+    pub enabled: bool,
+    /// A window holding this many times a device's learned message count is a flood.
+    pub flood_factor: f64,
+    /// A device is silent once it has sent nothing for this long of plant event time ...
+    #[serde(with = "serde_duration")]
+    pub silence_after: Millis,
+    /// ... and for this many times the longest gap it left while learning.
+    pub silence_factor: f64,
+    /// A payload this many robust sigmas from the device's usual size is `traffic_size`.
+    pub size_z: f64,
+    /// Probability floor of one lost message: a gap of n messages scores like n
+    /// independent losses at this rate (or the learned rate, if higher).
+    pub loss_floor: f64,
+    /// A sequence number at or below this, after a higher one, is a device restart, not a replay.
+    pub seq_reset_max: u64,
+    /// `ts` further than this from `received_at` (beyond the device's learned offset) is `clock_skew`.
+    #[serde(with = "serde_duration")]
+    pub max_skew: Millis,
+    /// Reading vectors fingerprinted per machine to recognise replayed content.
+    pub replay_history: usize,
+    /// This many consecutive re-appearing reading vectors, in their original order, are a replay.
+    pub replay_min_run: u32,
+}
+
+impl Default for TrafficConfig {
+    fn default() -> Self {
+        TrafficConfig {
+            enabled: true,
+            flood_factor: 3.0,
+            silence_after: 30_000,
+            silence_factor: 5.0,
+            size_z: 8.0,
+            loss_floor: 0.01,
+            seq_reset_max: 8,
+            max_skew: 30_000,
+            replay_history: 1024,
+            replay_min_run: 6,
+        }
+    }
+}
+
+/// Network flow baselines per machine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FlowsConfig {
+    pub enabled: bool,
+    /// Caps on the learned sets per machine; hitting one raises a `capacity` alert.
+    pub max_peers: usize,
+    pub max_ports: usize,
+    pub max_ops: usize,
+    /// Bytes to one destination in a window above this many times its learned mean are `flow_volume` ...
+    pub volume_factor: f64,
+    /// ... and above this many bytes (destinations never seen: above the largest learned mean times the factor, or this).
+    pub volume_min_bytes: u64,
+    /// One source touching more distinct destination:port pairs in a window than this,
+    /// and than twice its machine's learned maximum, is `flow_fanout`.
+    pub fanout_min: usize,
+    /// Most `flow_new_*` findings per machine and window (a spray is one `flow_fanout`, not a storm).
+    pub max_new_per_window: u32,
+}
+
+impl Default for FlowsConfig {
+    fn default() -> Self {
+        FlowsConfig {
+            enabled: true,
+            max_peers: 256,
+            max_ports: 64,
+            max_ops: 64,
+            volume_factor: 4.0,
+            volume_min_bytes: 16_384,
+            fanout_min: 16,
+            max_new_per_window: 8,
+        }
+    }
+}
+
 /// Alert emission: threshold and dedup.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -593,6 +700,51 @@ hold = "30s"
 settle_max = "20m"
 # While a sensor settles its prediction is catching up: spikes are measured against this many sigmas.
 settling_sigma = 1.5
+
+[devices]
+# The device registry: declared devices per machine, their NATS nkey public keys and whether
+# they must sign (see the README, "Device registry"). Checked for changes every `reload`.
+registry = "devices.toml"
+reload = "5s"
+# Devices tracked per machine; a spray of invented device ids raises one `capacity` alert.
+max_per_machine = 16
+
+[traffic]
+enabled = true
+# A window with this many times a device's learned message count is a flood (`traffic_rate`).
+flood_factor = 3.0
+# A device is silent after sending nothing for this long of plant event time, and for
+# `silence_factor` times the longest gap it left while learning.
+silence_after = "30s"
+silence_factor = 5.0
+# Payload sizes this many robust sigmas off the device's usual size are `traffic_size`.
+size_z = 8.0
+# A gap of n sequence numbers scores like n losses at this probability (or the learned loss rate).
+loss_floor = 0.01
+# A sequence number at or below this, after a higher one, is a device restart (not a replay).
+seq_reset_max = 8
+# ts further than this from received_at, beyond the device's learned offset, is `clock_skew`.
+max_skew = "30s"
+# Reading vectors remembered per machine, and how many consecutive re-appearing ones make a replay.
+replay_history = 1024
+replay_min_run = 6
+
+[flows]
+enabled = true
+# Learned sets per machine (peers, destination ports, source+operation pairs); hitting a cap
+# raises a `capacity` alert.
+max_peers = 256
+max_ports = 64
+max_ops = 64
+# Bytes to one destination in a window: `flow_volume` above volume_factor x its learned mean
+# and above volume_min_bytes.
+volume_factor = 4.0
+volume_min_bytes = 16384
+# A source touching more distinct destination:port pairs in a window than this (and than twice
+# the learned maximum) is scanning (`flow_fanout`).
+fanout_min = 16
+# At most this many new-peer/port/op alerts per machine and window.
+max_new_per_window = 8
 
 [alerts]
 # Findings scoring below this (0..1) are not alerted. Severity is `low` from 0.7, `medium` from
@@ -763,6 +915,43 @@ impl Config {
         if !(self.detect.mode.settling_sigma.is_finite() && self.detect.mode.settling_sigma >= 1.0)
         {
             return bad("detect.mode.settling_sigma", "must be at least 1");
+        }
+        for (key, v) in [
+            ("traffic.flood_factor", self.traffic.flood_factor),
+            ("traffic.silence_factor", self.traffic.silence_factor),
+            ("traffic.size_z", self.traffic.size_z),
+            ("flows.volume_factor", self.flows.volume_factor),
+        ] {
+            if !(v.is_finite() && v >= 1.0) {
+                return bad(key, "must be a number of at least 1");
+            }
+        }
+        if !(self.traffic.loss_floor > 0.0 && self.traffic.loss_floor < 1.0) {
+            return bad("traffic.loss_floor", "must be between 0 and 1 (exclusive)");
+        }
+        for (key, v) in [
+            ("traffic.silence_after", self.traffic.silence_after),
+            ("traffic.max_skew", self.traffic.max_skew),
+            ("devices.reload", self.devices.reload),
+        ] {
+            if v <= 0 {
+                return bad(key, "must be greater than zero");
+            }
+        }
+        for (key, v) in [
+            ("devices.max_per_machine", self.devices.max_per_machine),
+            ("traffic.replay_history", self.traffic.replay_history),
+            ("flows.max_peers", self.flows.max_peers),
+            ("flows.max_ports", self.flows.max_ports),
+            ("flows.max_ops", self.flows.max_ops),
+            ("flows.fanout_min", self.flows.fanout_min),
+        ] {
+            if v == 0 || v > 1 << 20 {
+                return bad(key, "must be between 1 and 1048576");
+            }
+        }
+        if self.traffic.replay_min_run < 2 {
+            return bad("traffic.replay_min_run", "must be at least 2");
         }
         if self.detect.mode.min_moving < 2 {
             return bad(

@@ -24,6 +24,7 @@ pub mod intern;
 pub mod live;
 pub mod nats;
 pub mod pipeline;
+pub mod registry;
 pub mod score;
 pub mod sim;
 pub mod sink;

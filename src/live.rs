@@ -56,6 +56,7 @@ pub async fn run_live<S: Source, K: Sink>(
         source.stop();
     }
     loop {
+        pipeline.poll_registry();
         let batch = if stopping {
             source.next_batch().await?
         } else {

@@ -14,12 +14,17 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, Float64Array, TimestampMillisecondArray, UInt32Array};
+use arrow::array::{
+    Array, Float64Array, StringArray, TimestampMillisecondArray, UInt16Array, UInt32Array,
+    UInt64Array,
+};
 use tracing::{debug_span, info, warn};
 
 use crate::alerts::{Alert, AlertBook, Names};
 use crate::config::Config;
 use crate::decode::{DecodeError, Decoder, Reason};
+use crate::detect::flows::{FlowRecord, Flows};
+use crate::detect::identity::{Identity, Message};
 use crate::detect::{Detectors, Finding};
 use crate::sink::{Sink, SinkError};
 use crate::source::{Envelope, Source, SourceError};
@@ -51,6 +56,13 @@ pub struct Stats {
     pub rejected_by_reason: HashMap<&'static str, u64>,
     pub late: u64,
     pub future: u64,
+    /// Messages whose sender may not teach baselines (unknown device, bad
+    /// signature, skewed clock, replayed): scored, kept out of windows and baselines.
+    pub untrusted: u64,
+    pub signatures_verified: u64,
+    pub signatures_failed: u64,
+    /// Messages refused because a cap on tracked entities was reached.
+    pub over_cap: u64,
     pub findings: u64,
     pub alerts: u64,
     pub suppressed: u64,
@@ -128,6 +140,12 @@ pub struct PipelineState {
     pub feature_detectors: Vec<Option<crate::detect::MachineState>>,
     #[serde(default)]
     pub feature_alerts: Option<crate::alerts::BookState>,
+    /// Devices, traffic and sequence baselines, replay fingerprints.
+    #[serde(default)]
+    pub identity: crate::detect::identity::IdentityState,
+    /// Learned peers, ports, operations, volumes and fan-out per machine.
+    #[serde(default)]
+    pub flows: Vec<Option<crate::detect::flows::MachineFlows>>,
 }
 
 /// The detection pipeline.
@@ -141,10 +159,16 @@ pub struct Pipeline {
     features: crate::intern::Interner,
     feature_detectors: Detectors,
     feature_book: AlertBook,
+    identity: Identity,
+    flows: Flows,
+    /// When each global cap last raised its `capacity` alert (event time).
+    cap_raised: HashMap<&'static str, Millis>,
+    registry_watch: Option<crate::registry::RegistryWatch>,
     stats: Stats,
     log: LogLimiter,
     readings: Vec<(u32, f64)>,
     findings: Vec<Finding>,
+    per_envelope: Vec<u32>,
 }
 
 fn col<'b, T: 'static>(batch: &'b arrow::record_batch::RecordBatch, name: &str) -> &'b T {
@@ -169,11 +193,53 @@ impl Pipeline {
                 cfg.alerts.cooldown,
                 cfg.window.size,
             ),
+            identity: Identity::new(cfg),
+            flows: Flows::new(cfg),
+            cap_raised: HashMap::new(),
+            registry_watch: None,
             stats: Stats::default(),
             log: LogLimiter::new(Duration::from_secs(10)),
             readings: Vec::new(),
             findings: Vec::new(),
+            per_envelope: Vec::new(),
         }
+    }
+
+    /// Puts a device registry in force (approvals apply from the next message).
+    pub fn set_registry(&mut self, registry: crate::registry::Registry) {
+        self.identity.set_registry(registry);
+    }
+
+    /// Watches the registry file for changes (see [`Pipeline::poll_registry`]).
+    pub fn watch_registry(&mut self, watch: crate::registry::RegistryWatch) {
+        self.registry_watch = Some(watch);
+    }
+
+    /// Reloads the registry when its file changed (checked at most every
+    /// `devices.reload`); a file that does not load keeps the registry in force.
+    pub fn poll_registry(&mut self) {
+        let Some(result) = self.registry_watch.as_mut().and_then(|w| w.poll()) else {
+            return;
+        };
+        match result {
+            Ok(reg) => {
+                info!(devices = reg.len(), "device registry reloaded");
+                self.identity.set_registry(reg);
+            }
+            Err(e) => {
+                warn!(error = %e, "device registry not reloaded; the previous one stays in force")
+            }
+        }
+    }
+
+    /// The identity room (devices, traffic, sequences), for inspection and tests.
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// The flows room, for inspection and tests.
+    pub fn flows(&self) -> &Flows {
+        &self.flows
     }
 
     /// Counters so far.
@@ -183,6 +249,11 @@ impl Pipeline {
         s.future = self.windows.future;
         s.alerts = self.book.raised + self.feature_book.raised;
         s.suppressed = self.book.suppressed + self.feature_book.suppressed;
+        let c = &self.identity.counts;
+        s.untrusted = c.untrusted;
+        s.signatures_verified = c.signatures_verified;
+        s.signatures_failed = c.signatures_failed;
+        s.over_cap += c.over_device_cap;
         (s.machines_learning, s.machines_protecting) = self.detectors.phase_counts();
         s
     }
@@ -201,6 +272,8 @@ impl Pipeline {
             features: names(&self.features),
             feature_detectors: self.feature_detectors.machines().to_vec(),
             feature_alerts: Some(self.feature_book.snapshot()),
+            identity: self.identity.snapshot(),
+            flows: self.flows.snapshot(),
         }
     }
 
@@ -219,6 +292,8 @@ impl Pipeline {
         if let Some(b) = state.feature_alerts {
             p.feature_book.restore(b);
         }
+        p.identity.restore(state.identity);
+        p.flows.restore(state.flows);
         p
     }
 
@@ -293,6 +368,7 @@ impl Pipeline {
                     explanation: r.explanation.clone(),
                 },
                 severity: Some(r.severity),
+                subject: None,
             });
         }
         self.stats.findings += findings.len() as u64;
@@ -344,30 +420,58 @@ impl Pipeline {
         let f_ts = col::<TimestampMillisecondArray>(&decoded.flows, "ts").values();
         let f_recv = col::<TimestampMillisecondArray>(&decoded.flows, "received_at").values();
         let f_machine = col::<UInt32Array>(&decoded.flows, "machine_id").values();
+        let m_seq = col::<UInt64Array>(messages, "seq");
         let r_metric = col::<UInt32Array>(readings, "metric_id").values();
         let r_value = col::<Float64Array>(readings, "value");
+        let flows = &decoded.flows;
+        let f_src = col::<StringArray>(flows, "src");
+        let f_dst = col::<StringArray>(flows, "dst");
+        let f_port = col::<UInt16Array>(flows, "dst_port");
+        let f_app = col::<StringArray>(flows, "app");
+        let f_op = col::<StringArray>(flows, "op");
+        let f_bytes = col::<UInt64Array>(flows, "bytes").values();
 
         let m_env = col::<UInt32Array>(messages, "envelope").values();
         let f_env = col::<UInt32Array>(&decoded.flows, "envelope").values();
         let mut msg_adm = Vec::with_capacity(messages.num_rows());
-        let mut flow_adm = Vec::with_capacity(decoded.flows.num_rows());
+        let mut flow_adm = Vec::with_capacity(flows.num_rows());
+        // Messages per envelope, for the size of one message of an array payload.
+        self.per_envelope.clear();
+        self.per_envelope.resize(envelopes.len(), 0);
+        for &e in m_env {
+            self.per_envelope[e as usize] += 1;
+        }
+        self.identity.begin_batch();
         {
             let _s = debug_span!("fast_path", messages = messages.num_rows()).entered();
             // Messages and flow records are admitted in arrival order, interleaved,
             // so each sees the watermark as it stood when it arrived.
             let mut f = 0;
+            let flow = |p: &mut Self, f: usize, out: &mut Vec<Admission>| {
+                let adm = p.windows.admit_flow(f_machine[f], f_ts[f], f_recv[f]);
+                out.push(adm);
+                p.flows.observe(
+                    &FlowRecord {
+                        machine: f_machine[f],
+                        machine_name: p.decoder.machines.name(f_machine[f]),
+                        ts: f_ts[f],
+                        src: f_src.value(f),
+                        dst: f_dst.value(f),
+                        dst_port: (!f_port.is_null(f)).then(|| f_port.value(f)),
+                        app: (!f_app.is_null(f)).then(|| f_app.value(f)),
+                        op: (!f_op.is_null(f)).then(|| f_op.value(f)),
+                        bytes: f_bytes[f],
+                        trusted: adm != Admission::Future,
+                    },
+                    &mut p.findings,
+                );
+            };
             for i in 0..messages.num_rows() {
                 while f < f_env.len() && f_env[f] < m_env[i] {
-                    flow_adm.push(self.windows.admit_flow(f_machine[f], f_ts[f], f_recv[f]));
+                    flow(self, f, &mut flow_adm);
                     f += 1;
                 }
-                let adm = self.windows.admit(m_machine[i], m_ts[i], m_recv[i]);
-                msg_adm.push(adm);
                 let ts = m_ts[i];
-                if adm != Admission::Future {
-                    self.stats.newest_ts = Some(self.stats.newest_ts.map_or(ts, |n| n.max(ts)));
-                    self.stats.oldest_ts = Some(self.stats.oldest_ts.map_or(ts, |n| n.min(ts)));
-                }
                 self.readings.clear();
                 let first = m_first[i] as usize;
                 for r in first..first + m_count[i] as usize {
@@ -377,18 +481,54 @@ impl Pipeline {
                         self.readings.push((r_metric[r], r_value.value(r)));
                     }
                 }
+                let env = &envelopes[m_env[i] as usize];
+                let verdict = self.identity.observe(
+                    &Message {
+                        machine: m_machine[i],
+                        device: m_device[i],
+                        machine_name: self.decoder.machines.name(m_machine[i]),
+                        device_name: self.decoder.devices.name(m_device[i]),
+                        ts,
+                        received_at: m_recv[i],
+                        seq: (!m_seq.is_null(i)).then(|| m_seq.value(i)),
+                        size: env.payload.len() as f64
+                            / self.per_envelope[m_env[i] as usize].max(1) as f64,
+                        fingerprint: crate::detect::replay::fingerprint(&self.readings),
+                        envelope: m_env[i],
+                        payload: &env.payload,
+                        signature: env.header(crate::registry::SIGNATURE_HEADER),
+                    },
+                    &mut self.findings,
+                );
+                // An untrusted sender neither moves the watermark nor joins a window.
+                let adm = if verdict.trusted {
+                    self.windows.admit(m_machine[i], ts, m_recv[i])
+                } else {
+                    Admission::Untrusted
+                };
+                let ts = verdict.ts;
+                msg_adm.push(adm);
+                if adm != Admission::Future {
+                    self.stats.newest_ts = Some(self.stats.newest_ts.map_or(ts, |n| n.max(ts)));
+                    self.stats.oldest_ts = Some(self.stats.oldest_ts.map_or(ts, |n| n.min(ts)));
+                }
                 self.detectors.observe(
                     m_machine[i],
                     m_device[i],
                     ts,
-                    adm != Admission::Future,
+                    matches!(adm, Admission::OnTime | Admission::Late),
                     &self.readings,
                     &mut self.findings,
                 );
             }
             for f in f..f_env.len() {
-                flow_adm.push(self.windows.admit_flow(f_machine[f], f_ts[f], f_recv[f]));
+                flow(self, f, &mut flow_adm);
             }
+            let (machines, devices) = (&self.decoder.machines, &self.decoder.devices);
+            self.identity.tick(
+                &|m, d| (machines.name(m).to_string(), devices.name(d).to_string()),
+                &mut self.findings,
+            );
         }
 
         {
@@ -478,6 +618,39 @@ impl Pipeline {
             );
         }
         out.rejected.push((index, error.clone()));
+        if error.reason == Reason::Capacity {
+            self.stats.over_cap += 1;
+            self.cap_alert(error, out);
+        }
+    }
+
+    /// A global cap (machines, devices, metrics) refused a message: one
+    /// `capacity` alert per cap and cooldown, from the monitor itself.
+    fn cap_alert(&mut self, error: &DecodeError, out: &mut Output) {
+        let Some(key) = [
+            "input.max_machines",
+            "input.max_devices",
+            "input.max_metrics",
+        ]
+        .into_iter()
+        .find(|k| error.detail.contains(k)) else {
+            return;
+        };
+        let ts = self.stats.newest_ts.unwrap_or(0);
+        let last = self.cap_raised.get(key).copied();
+        if last.is_some_and(|t| ts - t < self.cfg.alerts.cooldown) {
+            return;
+        }
+        self.cap_raised.insert(key, ts);
+        out.alerts.push(crate::alerts::capacity_alert(
+            key,
+            format!(
+                "{key} reached: messages naming further new entities are dead-lettered ({} refused so far); raise the cap if the plant grew, or find who sprays invented ids",
+                self.stats.over_cap
+            ),
+            ts,
+            wall_now(),
+        ));
     }
 }
 

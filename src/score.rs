@@ -83,6 +83,14 @@ pub fn surprise_from_score(score: f64) -> f64 {
     -SCORE_SCALE * (1.0 - s).ln()
 }
 
+/// The surprise of a count or size `ratio` times its alerting threshold: score
+/// 0.85 (`medium`) at the threshold, +10 (about one severity band) per decade
+/// above it. Used where no distribution is learned well enough for a tail
+/// probability (rates, volumes, fan-out, silences).
+pub fn ratio_surprise(ratio: f64) -> f64 {
+    surprise_from_score(0.85) + 10.0 * ratio.max(1.0).log10()
+}
+
 /// -log10 of the two-sided normal tail probability P(|Z| >= z).
 ///
 /// Computed in log space from the Chebyshev fit of erfc (Numerical Recipes'

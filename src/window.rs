@@ -39,6 +39,9 @@ pub enum Admission {
     Late,
     /// Dated too far ahead of its arrival; ignored by the watermark.
     Future,
+    /// From a sender that may not teach baselines (see [`crate::detect::identity`]):
+    /// ignored by the watermark and kept out of the windows.
+    Untrusted,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]

@@ -89,6 +89,12 @@ pub fn run(a: RunArgs) -> Result<()> {
             Some(c) => Pipeline::restore(&cfg, c.pipeline),
             None => Pipeline::new(&cfg),
         };
+        let registry_path = std::path::PathBuf::from(&cfg.devices.registry);
+        pipeline.set_registry(super::load_registry(&cfg, None)?);
+        pipeline.watch_registry(crate::registry::RegistryWatch::new(
+            &registry_path,
+            Duration::from_millis(cfg.devices.reload.max(1) as u64),
+        ));
         let mut sink = NatsSink::new(client.clone(), &cfg.sink)
             .await
             .map_err(nats_error)?;
@@ -200,6 +206,10 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
     if let Some(p) = &a.labels {
         write_labels(p, factory.labels())?;
     }
+    if let Some(p) = &a.registry {
+        std::fs::write(p, factory.registry_toml())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     runtime()?.block_on(async move {
         let mut stop = shutdown_signal();
         let Some(client) = connect_until_stopped(&cfg, &stop).await? else {
@@ -213,10 +223,16 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
                 break;
             }
             for e in tick {
-                client
-                    .publish(e.subject, e.payload)
-                    .await
-                    .context("publishing to NATS")?;
+                let published = if e.headers.is_empty() {
+                    client.publish(e.subject, e.payload).await
+                } else {
+                    let mut h = async_nats::HeaderMap::new();
+                    for (k, v) in &e.headers {
+                        h.append(k.as_str(), v.as_str());
+                    }
+                    client.publish_with_headers(e.subject, h, e.payload).await
+                };
+                published.context("publishing to NATS")?;
                 sent += 1;
             }
             let due = match rate {

@@ -49,6 +49,28 @@ pub enum Command {
     /// Measure detection quality.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Device identities: make keys for the registry.
+    #[command(subcommand)]
+    Devices(DevicesCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DevicesCommand {
+    /// Create an nkey pair for a device: the seed goes to `<DIR>/<NAME>.nk`
+    /// (mode 0600), the registry entry is printed.
+    Keygen {
+        /// The device's name (the `device` field of its messages).
+        name: String,
+        /// Machines the device may report for (repeatable).
+        #[arg(long = "machine")]
+        machines: Vec<String>,
+        /// Folder for the seed file.
+        #[arg(long, default_value = "keys")]
+        dir: PathBuf,
+        /// Print `require_signature = false` (the key is checked when a signature is sent).
+        #[arg(long)]
+        optional: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -94,6 +116,9 @@ pub struct ReplayArgs {
     /// Where alerts go (NDJSON); standard output by default.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// Device registry (TOML); default: the configured `devices.registry`.
+    #[arg(long)]
+    pub devices: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -110,6 +135,12 @@ pub struct FactoryArgs {
     /// Simulate without incidents.
     #[arg(long)]
     pub no_incidents: bool,
+    /// Devices do not sign their payloads (by default the devices of machines 01, 03, 05, ... do).
+    #[arg(long)]
+    pub no_sign: bool,
+    /// Sign with the seeds in this folder (`<device>.nk`, from `devices keygen`) where present.
+    #[arg(long)]
+    pub keys: Option<PathBuf>,
     /// Start of simulated time (RFC 3339).
     #[arg(long, default_value = "2026-11-27T06:00:00Z")]
     pub start: String,
@@ -135,6 +166,8 @@ impl FactoryArgs {
             duration,
             rate_hz: self.hz,
             incidents: !self.no_incidents,
+            sign: !self.no_sign,
+            keys_dir: self.keys.clone(),
             ..SimConfig::default()
         })
     }
@@ -153,6 +186,9 @@ pub struct SimulateArgs {
     /// Labels file (JSON list of machine, type, start, end); default: next to --output as `<output>.labels.json`.
     #[arg(long)]
     pub labels: Option<PathBuf>,
+    /// Device registry of the simulated devices (their public keys); default: next to --output as `<output>.devices.toml`.
+    #[arg(long)]
+    pub registry: Option<PathBuf>,
     /// Publish live to this NATS server instead of writing a capture file.
     #[arg(long)]
     pub nats_url: Option<String>,
@@ -225,6 +261,9 @@ pub struct EvalSimArgs {
     /// Also write the alerts here (NDJSON).
     #[arg(long)]
     pub alerts: Option<PathBuf>,
+    /// Device registry; default: `<input>.devices.toml` when it exists, else the configured one.
+    #[arg(long)]
+    pub devices: Option<PathBuf>,
 }
 
 fn duration_arg(s: &str) -> Result<Millis, String> {
@@ -252,6 +291,12 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo(a),
         Command::Config(a) => config(a),
         Command::Eval(EvalCommand::Sim(a)) => eval_sim(a),
+        Command::Devices(DevicesCommand::Keygen {
+            name,
+            machines,
+            dir,
+            optional,
+        }) => keygen(&name, &machines, &dir, !optional),
         Command::Queries(QueriesCommand::Check { dir, config }) => {
             let dir = match dir {
                 Some(d) => d,
@@ -268,6 +313,68 @@ pub(crate) fn load_config(path: Option<&Path>) -> Result<Config> {
 }
 
 /// The feature stage, when query files are enabled.
+/// The device registry: `path` when given (it must exist), else the
+/// configured `devices.registry` (none when that file does not exist).
+pub(crate) fn load_registry(
+    cfg: &Config,
+    path: Option<&Path>,
+) -> Result<crate::registry::Registry> {
+    let file = path.map_or_else(|| PathBuf::from(&cfg.devices.registry), Path::to_path_buf);
+    match crate::registry::Registry::load(&file) {
+        Ok(Some(r)) => {
+            tracing::info!(devices = r.len(), path = %file.display(), "device registry loaded");
+            Ok(r)
+        }
+        Ok(None) if path.is_some() => {
+            Err(UsageError(format!("{}: no such device registry", file.display())).into())
+        }
+        Ok(None) => Ok(crate::registry::Registry::default()),
+        Err(e) => Err(UsageError(e.to_string()).into()),
+    }
+}
+
+fn keygen(name: &str, machines: &[String], dir: &Path, require: bool) -> Result<()> {
+    if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
+        return Err(UsageError(format!("`{name}` cannot be a device name and file name")).into());
+    }
+    let key = nkeys::KeyPair::new_user();
+    let seed = key
+        .seed()
+        .map_err(|e| anyhow::anyhow!("making a seed: {e}"))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let path = dir.join(format!("{name}.nk"));
+    if path.exists() {
+        return Err(UsageError(format!(
+            "{}: exists already; remove it first to replace the key",
+            path.display()
+        ))
+        .into());
+    }
+    write_secret(&path, &(seed + "\n"))?;
+    eprintln!(
+        "seed written to {} (keep it on the device only)",
+        path.display()
+    );
+    print!(
+        "{}",
+        crate::registry::entry_toml(name, machines, &key.public_key(), require)
+    );
+    Ok(())
+}
+
+/// Writes a file only its owner can read.
+fn write_secret(path: &Path, text: &str) -> Result<()> {
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut f = opts
+        .open(path)
+        .with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 pub(crate) fn features(cfg: &Config) -> Option<crate::features::FeatureStage> {
     cfg.queries
         .enabled
@@ -362,6 +469,7 @@ fn replay(a: ReplayArgs) -> Result<()> {
         None => NdjsonSink::stdout(),
     };
     let mut pipeline = Pipeline::new(&cfg);
+    pipeline.set_registry(load_registry(&cfg, a.devices.as_deref())?);
     let mut progress = Progress::new();
     let started = Instant::now();
     let mut stage = features(&cfg);
@@ -428,6 +536,16 @@ fn simulate(a: SimulateArgs) -> Result<()> {
             "labels not written: give --labels FILE when the capture goes to standard output"
         ),
     }
+    let registry_path = a.registry.clone().or_else(|| {
+        a.output
+            .as_ref()
+            .filter(|p| *p != Path::new("-"))
+            .map(|p| PathBuf::from(format!("{}.devices.toml", p.display())))
+    });
+    if let Some(p) = &registry_path {
+        std::fs::write(p, factory.registry_toml())
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
     tracing::info!(
         messages = n,
         incidents = factory.labels().len(),
@@ -473,13 +591,16 @@ fn demo(a: DemoArgs) -> Result<()> {
         a.factory.seed
     );
     println!(
-        "Each machine learns its baselines for {} of plant time; {} incidents (spike, drift, stuck) are injected after that.",
+        "Each machine learns its baselines for {} of plant time; {} incidents (sensor faults, and attacks on devices, traffic and flows) are injected after that.",
         crate::time::format_duration(cfg.baseline.warmup),
         labels.len()
     );
     println!("Alerts appear below as they are raised:\n");
+    let registry =
+        crate::registry::Registry::parse(&factory.registry_toml(), Path::new("simulated devices"))?;
     let mut source = SimSource::new(factory, speed);
     let mut pipeline = Pipeline::new(&cfg);
+    pipeline.set_registry(registry);
     let mut sink = Recorder {
         console: ConsoleSink::default(),
         alerts: MemorySink::default(),
@@ -599,6 +720,12 @@ fn eval_sim(a: EvalSimArgs) -> Result<()> {
         .map_err(|e| UsageError(format!("{}: not a labels file: {e}", a.labels.display())))?;
     let mut source = CaptureSource::open(&a.input).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut pipeline = Pipeline::new(&cfg);
+    let beside = PathBuf::from(format!("{}.devices.toml", a.input.display()));
+    let devices = a
+        .devices
+        .clone()
+        .or_else(|| beside.exists().then_some(beside));
+    pipeline.set_registry(load_registry(&cfg, devices.as_deref())?);
     let mut sink = MemorySink::default();
     let mut progress = Progress::new();
     let started = Instant::now();

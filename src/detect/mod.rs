@@ -14,11 +14,16 @@
 //! cannot teach the baseline his signal. Late (out-of-order) and future-dated
 //! readings are scored but never update a baseline.
 
+pub mod flows;
+pub mod identity;
 pub mod mode;
 pub mod range;
+pub mod replay;
+pub mod sequence;
 pub mod shift;
 pub mod spike;
 pub mod stuck;
+pub mod traffic;
 
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +63,8 @@ pub enum Kind {
     FlowVolume,
     FlowFanout,
     Rule,
+    /// A cap on tracked entities was hit (an extension of the contract's kinds).
+    Capacity,
 }
 
 impl Kind {
@@ -82,6 +89,7 @@ impl Kind {
             Kind::FlowVolume => "flow_volume",
             Kind::FlowFanout => "flow_fanout",
             Kind::Rule => "rule",
+            Kind::Capacity => "capacity",
         }
     }
 }
@@ -114,6 +122,12 @@ pub enum Detail {
         value: Option<f64>,
         explanation: Option<String>,
     },
+    /// Traffic, identity and flow findings: the explanation is written where
+    /// the finding is made; `numeric` says whether value/expected mean anything.
+    Note {
+        text: String,
+        numeric: bool,
+    },
 }
 
 /// One departure from a baseline.
@@ -134,6 +148,53 @@ pub struct Finding {
     pub detail: Detail,
     /// A severity fixed by the finding's source (rule files), instead of one from the score.
     pub severity: Option<crate::score::Severity>,
+    /// What the finding is about when it is not a metric (a device, a peer, a port);
+    /// `metric` then holds a key that keeps its alerts apart in dedup.
+    pub subject: Option<String>,
+}
+
+impl Finding {
+    /// A finding about `subject` (dedup key `key`), explained by `text`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn note(
+        machine: u32,
+        device: u32,
+        kind: Kind,
+        detector: &'static str,
+        ts: Millis,
+        key: u32,
+        subject: String,
+        surprise: f64,
+        text: String,
+    ) -> Finding {
+        Finding {
+            machine,
+            device,
+            metric: key,
+            kind,
+            detector,
+            ts,
+            value: 0.0,
+            expected: 0.0,
+            surprise,
+            detail: Detail::Note {
+                text,
+                numeric: false,
+            },
+            severity: None,
+            subject: Some(subject),
+        }
+    }
+
+    /// Adds the observed and expected numbers to a [`Finding::note`].
+    pub fn with_values(mut self, value: f64, expected: f64) -> Finding {
+        self.value = value;
+        self.expected = expected;
+        if let Detail::Note { numeric, .. } = &mut self.detail {
+            *numeric = true;
+        }
+        self
+    }
 }
 
 /// State of one (machine, metric).
@@ -378,6 +439,7 @@ impl Detectors {
                             longest_learned: f.longest_learned,
                         },
                         severity: None,
+                        subject: None,
                     });
                 }
             }
@@ -432,6 +494,7 @@ fn judge(
         surprise,
         detail,
         severity: None,
+        subject: None,
     };
     if p.spike && !in_transition {
         let z = if s.settled { z } else { z / p.settling_sigma };

@@ -9,16 +9,33 @@
 //! records show the SCADA poller, the twin gateway and the occasional
 //! engineering write.
 //!
-//! Labelled incidents are injected on one sensor at a time after the warm-up:
-//! `spike` (a few readings many sigmas off), `drift` (an offset growing
-//! linearly for minutes), `stuck` (the value frozen). Everything is a pure
-//! function of `--seed`.
+//! Labelled incidents are injected after the warm-up, alternating between
+//! sensor faults on one sensor — `spike` (a few readings many sigmas off),
+//! `drift` (an offset growing linearly for minutes), `stuck` (the value
+//! frozen) — and attacks on the twin's traffic: `spoof` (a second device
+//! publishing plausible readings for the machine), `replay_seq` and
+//! `replay_forged` (an old stretch of the machine's readings sent instead of
+//! the live ones, with their old sequence numbers or with forged continuing
+//! ones), `flood` (ten times the message rate), `silence` (the device's
+//! messages stop arriving), `clock_skew` (timestamps minutes off),
+//! `exfil` (a new external peer receiving large volumes), `unauthorized_write`
+//! (the SCADA poller, which only reads, writes a register), `scan` (a host
+//! touching many addresses and ports) and `bad_signature` (forged signatures
+//! on a signing device's messages).
+//!
+//! Devices of even-numbered machines (1st, 3rd, ...) sign their payloads with
+//! an nkey derived from the seed (or read from `--keys DIR`);
+//! [`Factory::registry_toml`] gives the matching device registry. Everything
+//! is a pure function of `--seed`.
 
 pub mod rng;
 
 use std::fmt::Write as _;
 
+use std::collections::VecDeque;
+
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use crate::source::Envelope;
 use crate::time::{Millis, format_rfc3339, parse_rfc3339};
@@ -41,6 +58,10 @@ pub struct SimConfig {
     /// Incidents start no earlier than this after the start (past the warm-up).
     pub quiet_start: Millis,
     pub site: String,
+    /// Devices of even-numbered machines sign their payloads.
+    pub sign: bool,
+    /// Seed files (`<device>.nk`) to sign with instead of derived keys.
+    pub keys_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for SimConfig {
@@ -54,6 +75,8 @@ impl Default for SimConfig {
             incidents: true,
             quiet_start: 15 * 60_000,
             site: "plant1".into(),
+            sign: true,
+            keys_dir: None,
         }
     }
 }
@@ -128,6 +151,68 @@ struct Incident {
     fault: Fault,
 }
 
+/// Attacks on the traffic and identity of a machine.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Attack {
+    Spoof,
+    /// Messages `lag` back sent again, with their old sequence numbers or forged ones.
+    Replay {
+        lag: usize,
+        forged_seq: bool,
+    },
+    Flood,
+    Silence,
+    ClockSkew {
+        offset: Millis,
+    },
+    Exfil,
+    UnauthorizedWrite,
+    Scan,
+    BadSignature,
+}
+
+impl Attack {
+    fn label(self) -> &'static str {
+        match self {
+            Attack::Spoof => "spoof",
+            Attack::Replay {
+                forged_seq: false, ..
+            } => "replay_seq",
+            Attack::Replay {
+                forged_seq: true, ..
+            } => "replay_forged",
+            Attack::Flood => "flood",
+            Attack::Silence => "silence",
+            Attack::ClockSkew { .. } => "clock_skew",
+            Attack::Exfil => "exfil",
+            Attack::UnauthorizedWrite => "unauthorized_write",
+            Attack::Scan => "scan",
+            Attack::BadSignature => "bad_signature",
+        }
+    }
+}
+
+/// The labels of the attacks, for reports.
+pub const ATTACK_KINDS: [&str; 10] = [
+    "spoof",
+    "replay_seq",
+    "replay_forged",
+    "flood",
+    "silence",
+    "clock_skew",
+    "exfil",
+    "unauthorized_write",
+    "scan",
+    "bad_signature",
+];
+
+#[derive(Debug, Clone, Copy)]
+struct AttackWindow {
+    start: Millis,
+    end: Millis,
+    attack: Attack,
+}
+
 struct Machine {
     name: String,
     device: String,
@@ -142,9 +227,19 @@ struct Machine {
     load: f64,
     temp: f64,
     incidents: Vec<Incident>,
+    attacks: Vec<AttackWindow>,
     frozen: [Option<f64>; 6],
     last: [f64; 6],
     rng: Rng,
+    /// Signs its payloads when set.
+    key: Option<nkeys::KeyPair>,
+    /// Readings objects and sequence numbers sent, kept only when a replay is planned.
+    history: VecDeque<(u64, String)>,
+    keep_history: usize,
+    spoof_device: String,
+    spoof_seq: u64,
+    /// When the engineering workstation writes once while the machine learns.
+    learning_write: Millis,
 }
 
 const KINDS: [(&str, f64); 6] = [
@@ -175,8 +270,17 @@ impl Factory {
             let (kind, rpm) = KINDS[i % KINDS.len()];
             let name = format!("{kind}-{:02}", i + 1);
             let base_rpm = rpm * rng.range(0.9, 1.1);
+            let device = format!("plc-{:02}a", i + 1);
+            let key = (cfg.sign && i % 2 == 0).then(|| device_key(&cfg, &device));
             let mut m = Machine {
-                device: format!("plc-{:02}a", i + 1),
+                spoof_device: format!("plc-{:02}b", i + 1),
+                spoof_seq: 1 + rng.below(1000) as u64,
+                learning_write: cfg.start + rng.range(60_000.0, 540_000.0) as Millis,
+                key,
+                history: VecDeque::new(),
+                keep_history: 0,
+                attacks: Vec::new(),
+                device,
                 ip: format!("10.20.{}.{}", 1 + i / 200, 10 + i % 200),
                 base_rpm,
                 temp_gain: rng.range(0.9, 1.3),
@@ -214,6 +318,25 @@ impl Factory {
         &self.labels
     }
 
+    /// The device registry matching this factory: every signing device with
+    /// its public key, required to sign.
+    pub fn registry_toml(&self) -> String {
+        let mut out =
+            String::from("# Device registry of the simulated factory (twinwatch simulate).\n\n");
+        for m in &self.machines {
+            if let Some(k) = &m.key {
+                out.push_str(&crate::registry::entry_toml(
+                    &m.device,
+                    std::slice::from_ref(&m.name),
+                    &k.public_key(),
+                    true,
+                ));
+                out.push('\n');
+            }
+        }
+        out
+    }
+
     /// The current simulated time.
     pub fn now(&self) -> Millis {
         self.now
@@ -242,7 +365,7 @@ impl Factory {
             .is_multiple_of(5 * self.cfg.rate_hz.round().max(1.0) as u64);
         for m in &mut self.machines {
             advance(m, t, step as f64 / 1000.0, &self.cfg);
-            out.push(telemetry(m, t, &self.cfg.site));
+            telemetry(m, t, step, &self.cfg.site, &mut out);
             if flows_now {
                 out.push(flows(m, t, &self.cfg.site));
             }
@@ -258,11 +381,89 @@ fn current(m: &Machine, _noise: f64) -> f64 {
     3.0 + 35.0 * m.load * (0.5 + 0.5 * m.rpm / m.base_rpm)
 }
 
+/// A device's signing key: from `<keys_dir>/<device>.nk` when present, else
+/// derived from the seed and the device name.
+fn device_key(cfg: &SimConfig, device: &str) -> nkeys::KeyPair {
+    if let Some(dir) = &cfg.keys_dir
+        && let Ok(seed) = std::fs::read_to_string(dir.join(format!("{device}.nk")))
+        && let Ok(k) = nkeys::KeyPair::from_seed(seed.trim())
+    {
+        return k;
+    }
+    let mut h = Sha256::new();
+    h.update(b"twinwatch-sim-device-key");
+    h.update(cfg.seed.to_le_bytes());
+    h.update(device.as_bytes());
+    crate::registry::device_key(h.finalize().into())
+}
+
+fn plan_attack(m: &mut Machine, step_ms: f64) -> (Attack, Millis) {
+    let minutes = |rng: &mut Rng, lo: f64, hi: f64| (rng.range(lo, hi) * 60_000.0) as Millis;
+    loop {
+        let attack = match m.rng.below(ATTACK_KINDS.len()) {
+            0 => Attack::Spoof,
+            1 | 2 => Attack::Replay {
+                lag: (m.rng.range(6.0, 12.0) * 60_000.0 / step_ms) as usize,
+                forged_seq: m.rng.chance(0.5),
+            },
+            3 => Attack::Flood,
+            4 => Attack::Silence,
+            5 => Attack::ClockSkew {
+                offset: ((if m.rng.chance(0.5) { 1.0 } else { -1.0 })
+                    * m.rng.range(2.0, 8.0)
+                    * 60_000.0) as Millis,
+            },
+            6 => Attack::Exfil,
+            7 => Attack::UnauthorizedWrite,
+            8 => Attack::Scan,
+            _ if m.key.is_some() => Attack::BadSignature,
+            _ => continue,
+        };
+        let len = match attack {
+            Attack::Spoof => minutes(&mut m.rng, 3.0, 6.0),
+            Attack::Replay { .. } => minutes(&mut m.rng, 2.0, 4.0),
+            Attack::Flood => minutes(&mut m.rng, 1.0, 3.0),
+            Attack::Silence | Attack::ClockSkew { .. } | Attack::Exfil => {
+                minutes(&mut m.rng, 2.0, 4.0)
+            }
+            Attack::UnauthorizedWrite | Attack::Scan => 60_000,
+            Attack::BadSignature => minutes(&mut m.rng, 1.0, 3.0),
+        };
+        if let Attack::Replay { lag, .. } = attack {
+            m.keep_history = m.keep_history.max(lag + 1);
+        }
+        return (attack, len);
+    }
+}
+
 fn plan_incidents(m: &mut Machine, cfg: &SimConfig, labels: &mut Vec<Label>) {
     let end = cfg.start + cfg.duration;
     let mut t = cfg.start + cfg.quiet_start + m.rng.range(0.0, 600_000.0) as Millis;
     let step_ms = 1000.0 / cfg.rate_hz;
+    let mut attack_next = false;
     loop {
+        if attack_next {
+            attack_next = false;
+            let (attack, len) = plan_attack(m, step_ms);
+            if t + len + 60_000 > end {
+                break;
+            }
+            m.attacks.push(AttackWindow {
+                start: t,
+                end: t + len,
+                attack,
+            });
+            labels.push(Label {
+                machine: m.name.clone(),
+                kind: attack.label().into(),
+                start: format_rfc3339(t),
+                end: format_rfc3339(t + len),
+                metric: None,
+            });
+            t += len + m.rng.range(12.0, 25.0) as Millis * 60_000;
+            continue;
+        }
+        attack_next = true;
         let which = m.rng.below(3);
         let (fault, metric, len, kind) = match which {
             0 => {
@@ -351,7 +552,15 @@ fn advance(m: &mut Machine, t: Millis, dt: f64, cfg: &SimConfig) {
     m.temp += (ambient + m.temp_gain * amps - m.temp) * a(120.0);
 }
 
-fn telemetry(m: &mut Machine, t: Millis, site: &str) -> Envelope {
+/// The attack on a machine at `t`, if any.
+fn attack_at(m: &Machine, t: Millis) -> Option<Attack> {
+    m.attacks
+        .iter()
+        .find(|a| t >= a.start && t < a.end)
+        .map(|a| a.attack)
+}
+
+fn telemetry(m: &mut Machine, t: Millis, step: Millis, site: &str, out: &mut Vec<Envelope>) {
     let ts = t + m.rng.range(0.0, 40.0) as Millis;
     let speed = m.rpm / m.base_rpm;
     let clean = [
@@ -384,6 +593,94 @@ fn telemetry(m: &mut Machine, t: Millis, site: &str) -> Envelope {
             }
         }
     }
+    let readings = readings_json(m, &values, true);
+    let seq = m.seq;
+    m.seq += 1;
+    if m.keep_history > 0 {
+        m.history.push_back((seq, readings.clone()));
+        if m.history.len() > m.keep_history {
+            m.history.pop_front();
+        }
+    }
+    let latency = 3 + (m.rng.normal().abs() * 8.0) as Millis;
+    let subject = format!("twin.telemetry.{site}.{}", m.name);
+    let device = m.device.clone();
+    let attack = attack_at(m, ts);
+    match attack {
+        // Dropped on the way: the device's numbers go on, nothing arrives.
+        Some(Attack::Silence) => {}
+        Some(Attack::Replay { lag, forged_seq }) => {
+            // The live message is swallowed; an old one goes in its place.
+            let n = m.history.len();
+            let (old_seq, old) = m.history[n.saturating_sub(lag + 1)].clone();
+            let seq = if forged_seq { seq } else { old_seq };
+            let payload = message_json(m, ts, &device, seq, &old);
+            out.push(sign_envelope(m, &subject, ts + latency, payload, false));
+        }
+        Some(Attack::ClockSkew { offset }) => {
+            let payload = message_json(m, ts + offset, &device, seq, &readings);
+            out.push(sign_envelope(m, &subject, ts + latency, payload, false));
+        }
+        _ => {
+            let payload = message_json(m, ts, &device, seq, &readings);
+            let forge = attack == Some(Attack::BadSignature);
+            out.push(sign_envelope(m, &subject, ts + latency, payload, forge));
+        }
+    }
+    match attack {
+        Some(Attack::Spoof) => {
+            // A second device with plausible readings of its own.
+            let mut fake = clean;
+            for (i, (_, sigma, _)) in METRICS.iter().enumerate() {
+                fake[i] += sigma * m.rng.normal();
+            }
+            let readings = readings_json(m, &fake, false);
+            let (dev, seq) = (m.spoof_device.clone(), m.spoof_seq);
+            m.spoof_seq += 1;
+            let at = ts + step / 2;
+            let payload = message_json(m, at, &dev, seq, &readings);
+            out.push(Envelope::new(subject.clone(), Some(at + latency), payload));
+        }
+        Some(Attack::Flood) => {
+            // Nine more messages per tick from the same device, numbered on.
+            for k in 1..10 {
+                let at = ts + step * k / 10;
+                let seq = m.seq;
+                m.seq += 1;
+                let mut v = values;
+                for (i, (_, sigma, _)) in METRICS.iter().enumerate() {
+                    v[i] = clean[i] + sigma * m.rng.normal();
+                }
+                let readings = readings_json(m, &v, false);
+                let payload = message_json(m, at, &device, seq, &readings);
+                out.push(sign_envelope(m, &subject, at + latency, payload, false));
+            }
+        }
+        _ => {}
+    }
+}
+
+/// `{"temperature_c":..,...}` with each sensor's decimals; `remember` keeps
+/// the rounded values as the sensors' last readings (for stuck faults).
+fn readings_json(m: &mut Machine, values: &[f64; 6], remember: bool) -> String {
+    let mut p = String::with_capacity(160);
+    p.push('{');
+    for (i, (name, _, decimals)) in METRICS.iter().enumerate() {
+        let scale = 10f64.powi(*decimals as i32);
+        let v = (values[i] * scale).round() / scale;
+        if remember {
+            m.last[i] = v;
+        }
+        if i > 0 {
+            p.push(',');
+        }
+        let _ = write!(p, "\"{name}\":{v:.decimals$}");
+    }
+    p.push('}');
+    p
+}
+
+fn message_json(m: &Machine, ts: Millis, device: &str, seq: u64, readings: &str) -> String {
     let mut p = String::with_capacity(256);
     p.push('{');
     if m.epoch_ms_ts {
@@ -393,26 +690,29 @@ fn telemetry(m: &mut Machine, t: Millis, site: &str) -> Envelope {
     }
     let _ = write!(
         p,
-        ",\"machine\":\"{}\",\"device\":\"{}\",\"seq\":{},\"readings\":{{",
-        m.name, m.device, m.seq
+        ",\"machine\":\"{}\",\"device\":\"{device}\",\"seq\":{seq},\"readings\":{readings}}}",
+        m.name
     );
-    for (i, (name, _, decimals)) in METRICS.iter().enumerate() {
-        let scale = 10f64.powi(*decimals as i32);
-        let v = (values[i] * scale).round() / scale;
-        m.last[i] = v;
-        if i > 0 {
-            p.push(',');
-        }
-        let _ = write!(p, "\"{name}\":{v:.decimals$}");
+    p
+}
+
+/// A telemetry envelope, signed when the machine's device signs (`forge`:
+/// with a signature over other bytes, as an attacker without the key would).
+fn sign_envelope(
+    m: &Machine,
+    subject: &str,
+    received: Millis,
+    payload: String,
+    forge: bool,
+) -> Envelope {
+    let mut e = Envelope::new(subject.to_string(), Some(received), payload);
+    if let Some(k) = &m.key {
+        let signed: &[u8] = if forge { b"forged" } else { &e.payload };
+        let sig = crate::registry::sign(k, signed);
+        e.headers
+            .push((crate::registry::SIGNATURE_HEADER.into(), sig));
     }
-    p.push_str("}}");
-    m.seq += 1;
-    let latency = 3 + (m.rng.normal().abs() * 8.0) as Millis;
-    Envelope::new(
-        format!("twin.telemetry.{site}.{}", m.name),
-        Some(ts + latency),
-        p,
-    )
+    e
 }
 
 fn flows(m: &mut Machine, t: Millis, site: &str) -> Envelope {
@@ -433,8 +733,10 @@ fn flows(m: &mut Machine, t: Millis, site: &str) -> Envelope {
         m.ip,
         400 + m.rng.below(80)
     );
-    // The engineering workstation writes a register about twice an hour.
-    if m.rng.chance(5.0 / 1800.0) {
+    // The engineering workstation writes a register about twice an hour, and
+    // once while the machine learns (so learning knows it may).
+    let learning_write = t >= m.learning_write && t < m.learning_write + 5_000;
+    if m.rng.chance(5.0 / 1800.0) || learning_write {
         let _ = write!(
             p,
             ",{{\"ts\":{},\"machine\":\"{}\",\"src\":\"10.20.0.20\",\"dst\":\"{}\",\"dst_port\":502,\"proto\":\"tcp\",\"app\":\"modbus\",\"op\":\"write_single_register\",\"bytes\":{},\"packets\":2}}",
@@ -443,6 +745,45 @@ fn flows(m: &mut Machine, t: Millis, site: &str) -> Envelope {
             m.ip,
             120 + m.rng.below(8)
         );
+    }
+    match attack_at(m, ts) {
+        Some(Attack::Exfil) => {
+            let _ = write!(
+                p,
+                ",{{\"ts\":{},\"machine\":\"{}\",\"src\":\"{}\",\"dst\":\"203.0.113.{}\",\"dst_port\":443,\"proto\":\"tcp\",\"app\":\"https\",\"bytes\":{},\"packets\":{}}}",
+                ts + 300,
+                m.name,
+                m.ip,
+                10 + m.ip.len() % 200,
+                300_000 + m.rng.below(1_500_000),
+                400 + m.rng.below(800)
+            );
+        }
+        Some(Attack::UnauthorizedWrite) => {
+            let _ = write!(
+                p,
+                ",{{\"ts\":{},\"machine\":\"{}\",\"src\":\"10.20.0.5\",\"dst\":\"{}\",\"dst_port\":502,\"proto\":\"tcp\",\"app\":\"modbus\",\"op\":\"write_single_register\",\"bytes\":{},\"packets\":2}}",
+                ts + 250,
+                m.name,
+                m.ip,
+                120 + m.rng.below(8)
+            );
+        }
+        Some(Attack::Scan) => {
+            // A compromised host sweeps the machine's subnet and common ports.
+            for k in 0..40i64 {
+                let port = [22, 80, 102, 443, 502, 4840, 8080, 44818][k as usize % 8];
+                let _ = write!(
+                    p,
+                    ",{{\"ts\":{},\"machine\":\"{}\",\"src\":\"10.20.0.8\",\"dst\":\"10.20.{}.{}\",\"dst_port\":{port},\"proto\":\"tcp\",\"bytes\":60,\"packets\":1}}",
+                    ts + 300 + k * 10,
+                    m.name,
+                    1 + m.rng.below(4),
+                    1 + m.rng.below(250)
+                );
+            }
+        }
+        _ => {}
     }
     p.push(']');
     let received = ts + 20 + m.rng.below(30) as Millis;

@@ -201,7 +201,13 @@ impl NatsSource {
             Feed::JetStream(s) => loop {
                 match s.next().await? {
                     Ok(m) => {
-                        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                        let info = m.info().ok();
+                        let seq = info.as_ref().map_or(0, |i| i.stream_sequence);
+                        // Arrival is when the stream stored it, not when a
+                        // backlog is read: clock checks stay meaningful after downtime.
+                        let stored = info.map_or(now, |i| {
+                            (i.published.unix_timestamp_nanos() / 1_000_000) as i64
+                        });
                         let (msg, acker) = m.split();
                         if seq != 0 && seq <= self.skip_through {
                             // Already in the restored state.
@@ -212,7 +218,7 @@ impl NatsSource {
                             // A redelivery of a message already processed; a later ack covers it.
                             continue;
                         }
-                        self.pending.push(envelope(&msg, now));
+                        self.pending.push(envelope(&msg, stored));
                         if self.ack_all {
                             self.ackers.clear();
                         }
