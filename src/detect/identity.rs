@@ -44,6 +44,8 @@ const NONE: u32 = u32::MAX;
 /// Dedup keys of machine-level findings (device ids stay below the interner cap).
 const KEY_MACHINE_RATE: u32 = u32::MAX - 1;
 const KEY_DEVICE_CAP: u32 = u32::MAX - 2;
+/// Consecutive messages behind the bus's lag that make a clock skew.
+const BEHIND_RUN: u32 = 30;
 
 /// How a device stands with a machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +78,9 @@ pub struct DeviceState {
     pub gaps: Gaps,
     pub size: Size,
     pub skew: Skew,
+    /// Consecutive messages behind the bus's lag.
+    #[serde(default)]
+    pub behind: u32,
     pub seq: SeqTracker,
 }
 
@@ -89,6 +94,7 @@ impl DeviceState {
             gaps: Gaps::default(),
             size: Size::default(),
             skew: Skew::default(),
+            behind: 0,
             seq: SeqTracker::default(),
         }
     }
@@ -113,14 +119,47 @@ pub struct IdentityState {
     /// For each device id, the machine it was first learned or approved for.
     pub home: Vec<u32>,
     pub now: Millis,
-    /// The bus's current lag: a running mean of `ts - received_at` over every
-    /// trusted message. Device clocks are judged against it, so a backlog
-    /// delivered late (a gateway flushing its buffer, a capture replayed at
-    /// speed) moves everyone's offset together and is no skew.
+    /// The bus's current lag: `ts - received_at` of the last messages of
+    /// known devices, whatever their clocks said. Device clocks are judged
+    /// against its median, so a backlog delivered late (a gateway flushing its
+    /// buffer, a capture replayed at speed) moves everyone's offset together
+    /// and is no skew, while one device off its peers is.
     #[serde(default)]
-    pub bus_offset: f64,
-    #[serde(default)]
-    pub bus_n: u64,
+    pub bus: BusLag,
+}
+
+/// Offsets of the latest messages on the bus, and their median.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct BusLag {
+    recent: Vec<Millis>,
+    next: usize,
+    seen: u64,
+    median: Millis,
+}
+
+/// Offsets the bus's lag is the median of.
+const BUS_RECENT: usize = 32;
+
+impl BusLag {
+    /// The median offset, once enough messages were seen.
+    fn median(&self) -> Option<Millis> {
+        (self.recent.len() >= 16).then_some(self.median)
+    }
+
+    fn push(&mut self, offset: Millis) {
+        if self.recent.len() < BUS_RECENT {
+            self.recent.push(offset);
+        } else {
+            self.recent[self.next] = offset;
+            self.next = (self.next + 1) % BUS_RECENT;
+        }
+        self.seen += 1;
+        if self.seen.is_multiple_of(4) || self.recent.len() < 16 {
+            let mut v = self.recent.clone();
+            let mid = v.len() / 2;
+            self.median = *v.select_nth_unstable(mid).1;
+        }
+    }
 }
 
 /// One telemetry message as the identity room sees it.
@@ -456,19 +495,31 @@ impl Identity {
             };
         }
 
-        // Clock: ts against arrival, beyond the bus's lag and the device's usual
-        // offset from it. A skewed message is judged at its arrival time: its
-        // own is a lie.
+        // Clock: ts against arrival, beyond the bus's lag (the median of
+        // everyone's) and the device's usual offset from it. Ahead is
+        // future-dated: judged at its arrival time (its own is a lie) and kept
+        // out. Behind is late delivery, normal for buffering gateways: alerted
+        // only when it persists while the rest of the bus is on time, and kept.
         let offset = m.ts - m.received_at;
-        let bus = self.state.bus_offset.round() as Millis;
+        let median = self.state.bus.median();
+        self.state.bus.push(offset);
+        let bus = median.unwrap_or(offset);
         let departure = dev.skew.departure(offset - bus);
-        // The bus's lag is known after a few messages; until then nothing is skewed.
-        let skewed = self.state.bus_n >= 20 && departure.abs() > p.max_skew as f64;
-        let ts = if skewed { m.received_at } else { m.ts };
+        let ahead = median.is_some() && departure > p.max_skew as f64;
+        let behind = median.is_some() && departure < -(p.max_skew as f64);
+        dev.behind = if behind {
+            dev.behind.saturating_add(1)
+        } else {
+            0
+        };
+        let skewed = ahead || dev.behind >= BEHIND_RUN;
+        // A clock off the bus says nothing reliable about when: the readings
+        // and the traffic are placed at arrival.
+        let ts = if ahead || behind { m.received_at } else { m.ts };
         let learning = ts < dev.learn_until;
         let judge = !learning;
         let in_order = ts >= dev.gaps.last;
-        let mut trusted = !skewed;
+        let mut trusted = !ahead;
         let first = out.len();
         if skewed {
             if judge || offset.abs() > p.max_skew {
@@ -479,24 +530,25 @@ impl Identity {
                         "ts",
                         ratio_surprise(departure.abs() / p.max_skew as f64),
                         format!(
-                            "{}'s clock is {} {} its arrival time (usually {}); the message is kept out of the watermark and the baselines",
+                            "{}'s clock is {} {} its arrival time while the bus's lag is {} (its usual offset from it {}){}",
                             m.device_name,
                             format_duration(offset.abs()),
                             if offset > 0 { "ahead of" } else { "behind" },
-                            signed_secs(dev.skew.offset + bus as f64)
+                            signed_secs(bus as f64),
+                            signed_secs(dev.skew.offset),
+                            if ahead {
+                                "; the message is kept out of the watermark and the baselines"
+                            } else {
+                                ""
+                            }
                         ),
                     )
                     .with_values(offset as f64 / 1000.0, (dev.skew.offset + bus as f64) / 1000.0);
-                f.ts = ts;
+                f.ts = m.received_at;
                 out.push(f);
             }
-        } else if in_order {
-            if self.state.bus_n >= 20 {
-                dev.skew.learn(offset - bus);
-            }
-            let a = (1.0 / (self.state.bus_n as f64 + 1.0)).max(0.05);
-            self.state.bus_offset += a * (offset as f64 - self.state.bus_offset);
-            self.state.bus_n += 1;
+        } else if in_order && !behind && median.is_some() {
+            dev.skew.learn(offset - bus);
         }
 
         // Sequence numbers.
@@ -632,7 +684,10 @@ impl Identity {
             _ if learn => dev.size.learn(m.size),
             _ => {}
         }
-        for f in &mut out[first..] {
+        for f in out[first..]
+            .iter_mut()
+            .filter(|f| f.kind != Kind::ClockSkew)
+        {
             f.ts = ts;
         }
         if !trusted {
