@@ -333,6 +333,22 @@ mod tests {
     }
 
     #[test]
+    fn the_watch_reloads_a_changed_file_and_keeps_going_on_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("devices.toml");
+        let mut w = RegistryWatch::new(&path, Duration::ZERO);
+        assert!(w.poll().is_none(), "no file, no change");
+        std::fs::write(&path, "[[device]]\nname = \"a\"\nmachines = [\"m\"]\n").unwrap();
+        let reg = w.poll().expect("changed").unwrap();
+        assert!(reg.get("a").is_some_and(|e| e.serves("m")));
+        assert!(w.poll().is_none(), "unchanged");
+        std::fs::write(&path, "[[device]]\nnom = 1\n").unwrap();
+        assert!(w.poll().expect("changed").is_err());
+        std::fs::remove_file(&path).unwrap();
+        assert!(w.poll().expect("removed").unwrap().is_empty());
+    }
+
+    #[test]
     fn bad_files_name_the_line() {
         let p = Path::new("devices.toml");
         let err = |text: &str| Registry::parse(text, p).unwrap_err().to_string();

@@ -51,6 +51,9 @@ fn replay_finds_the_simulated_incidents() {
     let dir = tempfile::tempdir().unwrap();
     let mut worst_recall: f64 = 1.0;
     let mut worst_false: f64 = 0.0;
+    // Which alert kinds hit each incident type, over the seeds.
+    let mut kinds: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
     for seed in [11, 12, 13] {
         let (capture, labels) = simulate(dir.path(), seed, &["--duration", "2h"]);
         let alerts_path = dir.path().join(format!("alerts-{seed}.ndjson"));
@@ -58,6 +61,8 @@ fn replay_finds_the_simulated_incidents() {
             "replay",
             "--input",
             &capture,
+            "--devices",
+            &format!("{capture}.devices.toml"),
             "--output",
             alerts_path.to_str().unwrap(),
         ]);
@@ -68,7 +73,37 @@ fn replay_finds_the_simulated_incidents() {
         assert!(result.incidents >= 15, "the simulation must hold incidents");
         worst_recall = worst_recall.min(result.recall());
         worst_false = worst_false.max(result.false_per_machine_hour());
+        for (t, k) in &result.kinds_by_type {
+            kinds
+                .entry(t.clone())
+                .or_default()
+                .extend(k.keys().cloned());
+        }
     }
+    // Each attack seen is caught by the kind made for it.
+    for (attack, kind) in [
+        ("spoof", "unknown_device"),
+        ("replay_seq", "sequence_replay"),
+        ("replay_forged", "sequence_replay"),
+        ("flood", "traffic_rate"),
+        ("silence", "traffic_rate"),
+        ("clock_skew", "clock_skew"),
+        ("exfil", "flow_volume"),
+        ("unauthorized_write", "flow_new_op"),
+        ("scan", "flow_fanout"),
+        ("bad_signature", "signature_invalid"),
+    ] {
+        if let Some(seen) = kinds.get(attack) {
+            assert!(
+                seen.contains(kind),
+                "{attack} not caught as {kind}: {seen:?}"
+            );
+        }
+    }
+    assert!(
+        kinds.len() >= 8,
+        "the seeds hold most incident types: {kinds:?}"
+    );
     println!(
         "worst recall {worst_recall:.3}, worst false alerts per machine-hour {worst_false:.3}"
     );
@@ -271,4 +306,96 @@ fn simulate_is_deterministic_by_seed() {
     let (cb, lb) = simulate(&b, 4, &["--duration", "20m"]);
     assert_eq!(std::fs::read(ca).unwrap(), std::fs::read(cb).unwrap());
     assert_eq!(la, lb);
+}
+
+#[test]
+fn keygen_writes_a_private_seed_that_simulate_signs_with() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let out = ok(&[
+        "devices",
+        "keygen",
+        "plc-01a",
+        "--machine",
+        "press-01",
+        "--dir",
+        keys.to_str().unwrap(),
+    ]);
+    let entry = String::from_utf8(out.stdout).unwrap();
+    let reg = twinwatch::registry::Registry::parse(&entry, Path::new("entry")).unwrap();
+    let e = reg.get("plc-01a").unwrap();
+    assert!(e.serves("press-01") && e.require_signature);
+    let pk = e.public_key.clone().unwrap();
+    let seed_file = keys.join("plc-01a.nk");
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&seed_file).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the seed is readable by its owner only");
+    }
+    // A second keygen does not overwrite the key.
+    let again = twinwatch(&[
+        "devices",
+        "keygen",
+        "plc-01a",
+        "--dir",
+        keys.to_str().unwrap(),
+    ]);
+    assert_eq!(again.status.code(), Some(2));
+    // The simulator signs plc-01a with it, and its registry says so.
+    let (capture, _) = simulate(
+        dir.path(),
+        5,
+        &[
+            "--duration",
+            "20m",
+            "--machines",
+            "2",
+            "--keys",
+            keys.to_str().unwrap(),
+        ],
+    );
+    let registry = std::fs::read_to_string(format!("{capture}.devices.toml")).unwrap();
+    assert!(registry.contains(&pk), "{registry}");
+    let alerts = dir.path().join("alerts.ndjson");
+    ok(&[
+        "replay",
+        "--input",
+        &capture,
+        "--devices",
+        &format!("{capture}.devices.toml"),
+        "--output",
+        alerts.to_str().unwrap(),
+    ]);
+    let bad: Vec<Alert> = read_alerts(&alerts)
+        .into_iter()
+        .filter(|a| a.kind.as_str() == "signature_invalid")
+        .collect();
+    assert!(bad.is_empty(), "every signature verifies: {bad:#?}");
+    // Under another registry key, every message of plc-01a fails.
+    let other = twinwatch::registry::device_key([5; 32]).public_key();
+    let forged = dir.path().join("other.toml");
+    std::fs::write(&forged, registry.replace(&pk, &other)).unwrap();
+    ok(&[
+        "replay",
+        "--input",
+        &capture,
+        "--devices",
+        forged.to_str().unwrap(),
+        "--output",
+        alerts.to_str().unwrap(),
+    ]);
+    let bad = read_alerts(&alerts)
+        .into_iter()
+        .filter(|a| a.kind.as_str() == "signature_invalid")
+        .count();
+    assert!(bad >= 1);
+    let missing = twinwatch(&[
+        "replay",
+        "--input",
+        &capture,
+        "--devices",
+        "/nonexistent/devices.toml",
+    ]);
+    assert_eq!(missing.status.code(), Some(2));
 }

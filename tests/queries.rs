@@ -97,7 +97,7 @@ fn default_queries_give_known_answers() {
     assert_eq!(feature(&out, "messages:messages"), 4.0);
     assert_eq!(feature(&out, "messages:devices"), 2.0);
     assert_eq!(feature(&out, "messages:seq_gaps"), 2.0, "d1 sent 1, 2, 5");
-    assert!(feature(&out, "messages:bytes") > 200.0);
+    assert!(out.features.iter().all(|f| f.feature != "messages:bytes"));
     // flows.sql
     assert_eq!(feature(&out, "flows:bytes"), 570.0);
     assert_eq!(
