@@ -289,13 +289,13 @@ impl Flows {
         for (kind, subject, score, text) in novel {
             if m.window.novelties < p.max_new {
                 m.window.novelties += 1;
-                out.push(finding(
-                    kind,
-                    "flow_set",
-                    subject,
-                    surprise_from_score(score),
-                    text,
-                ));
+                let mut f = finding(kind, "flow_set", subject, surprise_from_score(score), text);
+                // New peers and ports are kept apart per source: a sweep from
+                // one host is one open alert (plus its fan-out), not one per address.
+                if kind != Kind::FlowNewOp {
+                    f.metric = dedup_key(r.src);
+                }
+                out.push(f);
             }
         }
         if !in_window {
