@@ -23,6 +23,8 @@ use crate::time::Millis;
 
 /// A replayed vector must be at least this many distinct vectors old.
 const MIN_AGE: u64 = 16;
+/// Ring slots that share one recorded event time.
+const BLOCK: usize = 16;
 
 /// The fingerprint of a reading vector (metric id, value), independent of order.
 pub fn fingerprint(readings: &[(u32, f64)]) -> Option<u32> {
@@ -76,9 +78,11 @@ pub enum ReplayVerdict {
 
 /// Fingerprints of one machine's recent reading vectors.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(into = "Packed", from = "Packed")]
 pub struct ReplayIndex {
     ring: Vec<u32>,
-    /// Event time of each ring entry, in seconds after `base`.
+    /// Event time of the first entry of each block of [`BLOCK`] ring slots,
+    /// in seconds after `base` (enough to say when a replayed stretch was sent).
     secs: Vec<u32>,
     base: Millis,
     pos: u64,
@@ -87,6 +91,81 @@ pub struct ReplayIndex {
     run: Option<Run>,
     /// Longest run seen while learning: live data that repeats itself this much is normal.
     pub learned_longest: u32,
+}
+
+/// How a [`ReplayIndex`] is saved: the ring as base64 of little-endian
+/// words (about a third of the size of a JSON list), the index rebuilt on load.
+#[derive(Serialize, Deserialize)]
+struct Packed {
+    ring: String,
+    secs: String,
+    base: Millis,
+    pos: u64,
+    prev: Option<u32>,
+    run: Option<Run>,
+    learned_longest: u32,
+}
+
+fn pack(words: &[u32]) -> String {
+    use base64::Engine as _;
+    let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unpack(text: &str) -> Vec<u32> {
+    use base64::Engine as _;
+    // A damaged snapshot loses the history, not the process.
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(text)
+        .unwrap_or_default();
+    bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+impl From<ReplayIndex> for Packed {
+    fn from(r: ReplayIndex) -> Packed {
+        Packed {
+            ring: pack(&r.ring),
+            secs: pack(&r.secs),
+            base: r.base,
+            pos: r.pos,
+            prev: r.prev,
+            run: r.run,
+            learned_longest: r.learned_longest,
+        }
+    }
+}
+
+impl From<Packed> for ReplayIndex {
+    fn from(p: Packed) -> ReplayIndex {
+        let ring = unpack(&p.ring);
+        let mut secs = unpack(&p.secs);
+        secs.resize(ring.len().div_ceil(BLOCK), 0);
+        let held = ring.len() as u64;
+        let mut r = ReplayIndex {
+            base: p.base,
+            pos: if held == 0 { 0 } else { p.pos.max(held) },
+            prev: p.prev,
+            run: p.run,
+            learned_longest: p.learned_longest,
+            index: HashMap::new(),
+            ring,
+            secs,
+        };
+        // Re-index the anchors, oldest first, so the newest position wins.
+        for pos in r.pos.saturating_sub(held)..r.pos {
+            let fp = r.ring[(pos % held) as usize];
+            if anchor(fp) {
+                r.index.insert(fp, pos as u32);
+            }
+        }
+        if r.run.is_some_and(|run| r.pos - run.next.min(r.pos) > held) {
+            r.run = None;
+        }
+        r
+    }
 }
 
 impl ReplayIndex {
@@ -153,7 +232,8 @@ impl ReplayIndex {
         }
         run.reported = true;
         let held = self.ring.len() as u64;
-        let original = self.base + self.secs[(run.origin % held) as usize] as Millis * 1000;
+        let block = (run.origin % held) as usize / BLOCK;
+        let original = self.base + self.secs[block] as Millis * 1000;
         ReplayVerdict::Detected {
             len: run.len,
             behind: pos - run.origin - (run.len as u64 - 1),
@@ -167,9 +247,9 @@ impl ReplayIndex {
             self.base = ts;
         }
         let secs = ((ts - self.base).max(0) / 1000).min(u32::MAX as Millis) as u32;
-        if self.ring.len() < history {
+        let slot = if self.ring.len() < history {
             self.ring.push(fp);
-            self.secs.push(secs);
+            self.ring.len() - 1
         } else {
             let slot = (pos % self.ring.len() as u64) as usize;
             let old = self.ring[slot];
@@ -178,7 +258,14 @@ impl ReplayIndex {
                 self.index.remove(&old);
             }
             self.ring[slot] = fp;
-            self.secs[slot] = secs;
+            slot
+        };
+        if slot.is_multiple_of(BLOCK) {
+            let block = slot / BLOCK;
+            if self.secs.len() <= block {
+                self.secs.resize(block + 1, 0);
+            }
+            self.secs[block] = secs;
         }
         if anchor(fp) {
             self.index.insert(fp, pos as u32);
@@ -239,10 +326,11 @@ mod tests {
         let (at, len, original) = detected.expect("replay recognised");
         assert!(at < 220, "recognised after {} vectors", at - 200);
         assert!(len >= 6);
-        // The original of the run's first vector was entered at about (its index + 1) s.
+        // The original of the run's first vector was entered at (its index + 1) s;
+        // the time kept is its block of 16's.
         let first = at - len as u64 + 1;
         assert!(
-            (original - (first as Millis + 1) * 1000).abs() <= 1000,
+            (original - (first as Millis / 16 * 16 + 1) * 1000).abs() <= 1000,
             "{original}"
         );
         assert_eq!(replaying as u64, 259 - at);
@@ -264,6 +352,36 @@ mod tests {
         }
         assert_eq!(found, 0);
         assert!(r.learned_longest >= 6);
+    }
+
+    #[test]
+    fn a_saved_index_recognises_the_same_replay() {
+        let mut r = ReplayIndex::default();
+        for i in 0..1500u64 {
+            r.observe(
+                fingerprint(&vector(i)).unwrap(),
+                1000 + i as Millis * 1000,
+                1024,
+                6,
+                i < 300,
+            );
+        }
+        let json = serde_json::to_string(&r).unwrap();
+        assert!(json.len() < 7_000, "{} bytes", json.len());
+        let mut back: ReplayIndex = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.index, r.index);
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for i in 900..940u64 {
+            let fp = fingerprint(&vector(i)).unwrap();
+            a.push(r.observe(fp, 2_000_000 + i as Millis, 1024, 6, false));
+            b.push(back.observe(fp, 2_000_000 + i as Millis, 1024, 6, false));
+        }
+        assert_eq!(a, b);
+        assert!(
+            a.iter()
+                .any(|v| matches!(v, ReplayVerdict::Detected { .. }))
+        );
     }
 
     #[test]
