@@ -652,3 +652,22 @@ fn sprayed_ids_stay_within_their_caps() {
     assert!(unknown <= 8, "{unknown}");
     assert!(p.p.stats().over_cap > 0);
 }
+
+#[test]
+fn a_gateway_numbers_its_messages_across_machines() {
+    // One gateway reports for three machines with one sequence: no gaps, and
+    // a message it loses is one number missing across them.
+    let mut p = Plant::new("");
+    let gw = [("m1", "gw-1"), ("m2", "gw-1"), ("m3", "gw-1")];
+    p.normal(&gw, T0, NOW + 60_000);
+    assert!(p.kinds().is_empty(), "{:#?}", p.alerts);
+    *p.seqs.get_mut("gw-1").unwrap() += 12;
+    p.normal(&gw, NOW + 60_000, NOW + 62_000);
+    let a = p.take();
+    let gap = a.iter().find(|a| a.kind == Kind::SequenceGap).expect("gap");
+    assert!(
+        gap.explanation.contains("12 messages never arrived"),
+        "{}",
+        gap.explanation
+    );
+}

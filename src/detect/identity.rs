@@ -81,7 +81,6 @@ pub struct DeviceState {
     /// Consecutive messages behind the bus's lag.
     #[serde(default)]
     pub behind: u32,
-    pub seq: SeqTracker,
 }
 
 impl DeviceState {
@@ -95,7 +94,6 @@ impl DeviceState {
             size: Size::default(),
             skew: Skew::default(),
             behind: 0,
-            seq: SeqTracker::default(),
         }
     }
 }
@@ -126,6 +124,10 @@ pub struct IdentityState {
     /// and is no skew, while one device off its peers is.
     #[serde(default)]
     pub bus: BusLag,
+    /// Sequence numbers per device id: a gateway numbers its messages across
+    /// every machine it reports for.
+    #[serde(default)]
+    pub seqs: Vec<SeqTracker>,
 }
 
 /// Offsets of the latest messages on the bus, and their median.
@@ -307,7 +309,9 @@ impl Identity {
             rate: Rate::default(),
             replay: ReplayIndex::default(),
         });
-        if !mach.protecting && m.ts >= mach.first_ts.saturating_add(p.warmup) {
+        // A forged timestamp from the future must not end learning early.
+        let plausible = m.ts <= m.received_at.saturating_add(p.max_skew);
+        if !mach.protecting && plausible && m.ts >= mach.first_ts.saturating_add(p.warmup) {
             mach.protecting = true;
         }
         let note = |kind, detector, key, subject: &str, surprise, text: String| {
@@ -553,9 +557,14 @@ impl Identity {
 
         // Sequence numbers.
         if let Some(seq) = m.seq {
-            match dev.seq.observe(seq, p.reset_max, learning) {
+            let i = m.device as usize;
+            if self.state.seqs.len() <= i {
+                self.state.seqs.resize_with(i + 1, SeqTracker::default);
+            }
+            let tracker = &mut self.state.seqs[i];
+            match tracker.observe(seq, p.reset_max, learning) {
                 SeqEvent::Gap { missed } if judge => {
-                    let loss = dev.seq.loss_rate(p.loss_floor);
+                    let loss = tracker.loss_rate(p.loss_floor);
                     let surprise = missed as f64 * -loss.log10();
                     if surprise >= p.min_surprise {
                         out.push(
@@ -579,7 +588,7 @@ impl Identity {
                 event @ (SeqEvent::Duplicate | SeqEvent::Rewind { .. }) => {
                     trusted = false;
                     if judge {
-                        let last = dev.seq.last.unwrap_or(seq);
+                        let last = tracker.last.unwrap_or(seq);
                         let (score, what) = match event {
                             SeqEvent::Rewind { behind } => (
                                 0.97,
