@@ -1,6 +1,8 @@
 //! Evaluation: how well the detectors find what was injected.
 //!
 //! [`labels`] scores alerts against the labelled incidents of a `simulate`
-//! capture (recall, false alerts per machine-hour).
+//! capture (recall, false alerts per machine-hour); [`metrics`] holds the
+//! point-wise metrics of the public benchmarks' protocols.
 
 pub mod labels;
+pub mod metrics;
