@@ -2,7 +2,9 @@
 //!
 //! [`labels`] scores alerts against the labelled incidents of a `simulate`
 //! capture (recall, false alerts per machine-hour); [`metrics`] holds the
-//! point-wise metrics of the public benchmarks' protocols.
+//! point-wise metrics of the public benchmarks' protocols; [`skab`] reads
+//! the SKAB runs and applies its protocol.
 
 pub mod labels;
 pub mod metrics;
+pub mod skab;
