@@ -211,7 +211,7 @@ mod tests {
         // Predicting the last 7 rows: 5 true positives, 2 false positives, 3 true negatives;
         // the training rows' predictions do not count.
         let (c, _) = evaluate(std::slice::from_ref(&run), |r| {
-            (0..r.rows.len()).map(|i| i >= 403 || i < 10).collect()
+            (0..r.rows.len()).map(|i| !(10..403).contains(&i)).collect()
         });
         assert_eq!(
             c,
