@@ -442,6 +442,22 @@ impl Pipeline {
             self.per_envelope[e as usize] += 1;
         }
         self.identity.begin_batch();
+        if !self.identity.registry().is_empty() {
+            let _s = debug_span!("signatures").entered();
+            let jobs: Vec<crate::detect::identity::SignatureJob> = (0..messages.num_rows())
+                .map(|i| {
+                    let env = &envelopes[m_env[i] as usize];
+                    crate::detect::identity::SignatureJob {
+                        envelope: m_env[i],
+                        device: m_device[i],
+                        device_name: self.decoder.devices.name(m_device[i]),
+                        payload: &env.payload,
+                        signature: env.header(crate::registry::SIGNATURE_HEADER),
+                    }
+                })
+                .collect();
+            self.identity.verify_ahead(&jobs);
+        }
         {
             let _s = debug_span!("fast_path", messages = messages.num_rows()).entered();
             // Messages and flow records are admitted in arrival order, interleaved,
