@@ -21,6 +21,7 @@ pub mod detect;
 pub mod eval;
 pub mod features;
 pub mod intern;
+pub mod learn;
 pub mod live;
 pub mod nats;
 pub mod pipeline;

@@ -399,3 +399,52 @@ fn keygen_writes_a_private_seed_that_simulate_signs_with() {
     ]);
     assert_eq!(missing.status.code(), Some(2));
 }
+
+#[test]
+fn eval_skab_runs_the_protocol_on_a_skab_shaped_folder() {
+    // One run shaped like SKAB's: 600 rows, an anomaly (flow drops, the rest
+    // unchanged) over the last 100.
+    let dir = tempfile::tempdir().unwrap();
+    let v1 = dir.path().join("data").join("valve1");
+    std::fs::create_dir_all(&v1).unwrap();
+    let mut text = String::from(
+        "datetime;Accelerometer1RMS;Current;Temperature;Volume Flow RateRMS;anomaly;changepoint\n",
+    );
+    let mut s: u64 = 99;
+    let mut noise = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+    };
+    for i in 0..600 {
+        let anomalous = i >= 500;
+        let flow = if anomalous { 26.0 } else { 32.0 } + noise();
+        text.push_str(&format!(
+            "2020-03-09 10:{:02}:{:02};{:.4};{:.3};{:.2};{:.2};{}.0;0.0\n",
+            i / 60,
+            i % 60,
+            0.027 + 0.001 * noise(),
+            1.3 + 0.05 * noise(),
+            79.0 + 0.002 * i as f64 + 0.05 * noise(),
+            flow,
+            anomalous as u8
+        ));
+    }
+    std::fs::write(v1.join("0.csv"), text).unwrap();
+    let out = ok(&["eval", "skab", dir.path().to_str().unwrap()]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("| Conv-AE | 0.78 | 13.55 | 28.02 |"),
+        "{stdout}"
+    );
+    let last = stdout.lines().last().unwrap();
+    let f1: f64 = last
+        .strip_prefix("skab: F1 ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("last line: {last}"));
+    assert!(f1 > 0.9, "the flow drop is found: {last}");
+    let missing = twinwatch(&["eval", "skab", "/nonexistent"]);
+    assert_eq!(missing.status.code(), Some(2));
+}

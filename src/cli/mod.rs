@@ -242,6 +242,24 @@ pub enum QueriesCommand {
 pub enum EvalCommand {
     /// Replay a `simulate` capture and score the alerts against its labels.
     Sim(EvalSimArgs),
+    /// The SKAB protocol on the SKAB data folder: the learned model beside the published leaderboard.
+    Skab {
+        /// The SKAB `data/` folder (holding valve1/, valve2/, other/) or its parent.
+        dir: PathBuf,
+        /// Also print the figures of every run.
+        #[arg(long)]
+        per_run: bool,
+        /// Alarm factors over the largest smoothed training value of max-z, T² and Q.
+        #[arg(long, default_value_t = 1.2)]
+        z_factor: f64,
+        #[arg(long, default_value_t = 3.0)]
+        t2_factor: f64,
+        #[arg(long, default_value_t = 8.0)]
+        q_factor: f64,
+        /// Rows the statistics are averaged over.
+        #[arg(long, default_value_t = 20)]
+        smooth: usize,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -291,6 +309,23 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo(a),
         Command::Config(a) => config(a),
         Command::Eval(EvalCommand::Sim(a)) => eval_sim(a),
+        Command::Eval(EvalCommand::Skab {
+            dir,
+            per_run,
+            z_factor,
+            t2_factor,
+            q_factor,
+            smooth,
+        }) => {
+            let mut d = crate::eval::skab::Detector {
+                z_factor,
+                t2_factor,
+                q_factor,
+                ..Default::default()
+            };
+            d.fit.smooth = smooth;
+            eval_skab(&dir, per_run, &d)
+        }
         Command::Devices(DevicesCommand::Keygen {
             name,
             machines,
@@ -761,6 +796,60 @@ fn eval_sim(a: EvalSimArgs) -> Result<()> {
         "sim: recall {:.3} false_per_machine_hour {:.3}",
         result.recall(),
         result.false_per_machine_hour()
+    );
+    Ok(())
+}
+
+fn eval_skab(dir: &Path, per_run: bool, detector: &crate::eval::skab::Detector) -> Result<()> {
+    use crate::eval::skab;
+    let runs = skab::load(dir).map_err(|e| UsageError(e.to_string()))?;
+    let mut failed = Vec::new();
+    let (total, runs_scored) = skab::evaluate(&runs, |run| match detector.predict(run) {
+        Ok(p) => p,
+        Err(e) => {
+            // A run the model cannot learn from predicts nothing (and is said so).
+            failed.push(format!("{}: {e}", run.name));
+            vec![false; run.rows.len()]
+        }
+    });
+    for f in &failed {
+        tracing::warn!("{f}");
+    }
+    let ours = "**twinwatch (learned baseline)**";
+    let mut rows: Vec<(String, f64, f64, f64)> = skab::LEADERBOARD
+        .iter()
+        .map(|(n, f1, far, mar)| (n.to_string(), *f1, *far, *mar))
+        .collect();
+    rows.push((ours.to_string(), total.f1(), total.far(), total.mar()));
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.2.total_cmp(&b.2)));
+    println!(
+        "SKAB, {} runs, {} test rows (first {} rows of each run for training)\n",
+        runs.len(),
+        total.tp + total.fp + total.fn_ + total.tn,
+        skab::TRAIN_ROWS
+    );
+    println!("| Algorithm | F1 | FAR, % | MAR, % |");
+    println!("|---|---|---|---|");
+    for (name, f1, far, mar) in &rows {
+        println!("| {name} | {f1:.2} | {far:.2} | {mar:.2} |");
+    }
+    if per_run {
+        println!("\n| run | F1 | FAR, % | MAR, % |");
+        println!("|---|---|---|---|");
+        for (name, c) in &runs_scored {
+            println!(
+                "| {name} | {:.2} | {:.2} | {:.2} |",
+                c.f1(),
+                c.far(),
+                c.mar()
+            );
+        }
+    }
+    println!(
+        "\nskab: F1 {:.3} FAR {:.2}% MAR {:.2}%",
+        total.f1(),
+        total.far(),
+        total.mar()
     );
     Ok(())
 }

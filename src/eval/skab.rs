@@ -176,6 +176,47 @@ pub fn evaluate(
     (total, per_run)
 }
 
+/// How the learned model alarms on a run: fitted on its training rows, it
+/// scores every row in order and alarms where a smoothed statistic exceeds
+/// its limit by the given factor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Detector {
+    pub fit: crate::learn::model::FitParams,
+    /// Alarm above this multiple of the largest smoothed training value of max-z, T², Q.
+    pub z_factor: f64,
+    pub t2_factor: f64,
+    pub q_factor: f64,
+}
+
+impl Default for Detector {
+    fn default() -> Self {
+        Detector {
+            fit: crate::learn::model::FitParams::default(),
+            z_factor: 1.2,
+            t2_factor: 3.0,
+            q_factor: 8.0,
+        }
+    }
+}
+
+impl Detector {
+    /// One prediction per row of `run` (the training rows included, unscored).
+    pub fn predict(&self, run: &Run) -> Result<Vec<bool>, crate::learn::model::FitError> {
+        use crate::learn::model::{Model, Scorer};
+        let train = &run.rows[..TRAIN_ROWS.min(run.rows.len())];
+        let model = Model::fit(train, &self.fit)?;
+        let mut scorer = Scorer::new(&model);
+        Ok(run
+            .rows
+            .iter()
+            .map(|r| {
+                let (x, _) = scorer.score(&model, r);
+                x.max_z > self.z_factor || x.t2 > self.t2_factor || x.q > self.q_factor
+            })
+            .collect())
+    }
+}
+
 /// The published leaderboard (SKAB README, outlier detection): name, F1, FAR %, MAR %.
 pub const LEADERBOARD: [(&str, f64, f64, f64); 10] = [
     ("Conv-AE", 0.78, 13.55, 28.02),

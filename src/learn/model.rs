@@ -1,0 +1,418 @@
+//! One machine's learned multivariate baseline: what its feature vectors look
+//! like together, so that a vector whose every feature is plausible alone but
+//! whose combination is not (a temperature flat while the current climbs)
+//! stands out.
+//!
+//! Fitting, on vectors judged normal:
+//! - **scaling**: each feature is centred on its training mean and divided by
+//!   its *long-run* deviation — the training deviation inflated by
+//!   √((1+ρ)/(1−ρ)) for its lag-1 autocorrelation ρ (capped). A slow signal
+//!   (a temperature) seen for a few minutes shows a small deviation that its
+//!   ordinary wandering soon exceeds; the inflation accounts for that wandering
+//!   and keeps noisy features as they are;
+//! - **PCA** (linfa-reduction) on the scaled training vectors, keeping the
+//!   components that explain `variance` of it: Hotelling's T² measures how far
+//!   a vector is inside the model's plane (an unusual operating point), Q (SPE)
+//!   how far it is off it (a broken relation between features);
+//! - **max-z**: the largest scaled deviation of one feature;
+//! - the **limits** of the three statistics are their largest values over the
+//!   training vectors after the same smoothing the scorer applies.
+//!
+//! Scoring is a ratio to the limit per statistic (above 1 = beyond anything
+//! seen while training), smoothed over the last `smooth` vectors, and
+//! explained by per-feature contributions that sum to 1.
+
+use linfa::DatasetBase;
+use linfa::traits::Fit;
+use linfa_reduction::Pca;
+use ndarray::{Array1, Array2, Axis};
+use serde::{Deserialize, Serialize};
+
+/// Largest inflation of a feature's deviation for its autocorrelation.
+pub const MAX_INFLATION: f64 = 20.0;
+
+/// Why a model could not be fitted.
+#[derive(Debug, thiserror::Error)]
+pub enum FitError {
+    #[error("{0} training vectors are too few (at least {1})")]
+    TooFew(usize, usize),
+    #[error("training vectors have {0} features, expected {1}")]
+    Width(usize, usize),
+    #[error("PCA failed: {0}")]
+    Pca(String),
+}
+
+/// How to fit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FitParams {
+    /// Share of the scaled training variance the PCA plane keeps.
+    pub variance: f64,
+    /// Vectors the statistics are averaged over before they are compared with their limits.
+    pub smooth: usize,
+}
+
+impl Default for FitParams {
+    fn default() -> Self {
+        FitParams {
+            variance: 0.9,
+            smooth: 20,
+        }
+    }
+}
+
+/// The three statistics of one vector, each as a ratio to its limit.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Ratios {
+    pub max_z: f64,
+    pub t2: f64,
+    pub q: f64,
+}
+
+impl Ratios {
+    /// The largest of the three: above 1 is beyond anything seen while training.
+    pub fn worst(&self) -> f64 {
+        self.max_z.max(self.t2).max(self.q)
+    }
+}
+
+/// A fitted model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Model {
+    pub mean: Vec<f64>,
+    /// Long-run deviation per feature (the divisor of the scaling).
+    pub scale: Vec<f64>,
+    /// Principal axes in the scaled space, one row per component.
+    pub components: Vec<Vec<f64>>,
+    /// Variance of the training vectors along each component.
+    pub variances: Vec<f64>,
+    /// Mean of the scaled training vectors (the PCA's centre).
+    pub centre: Vec<f64>,
+    pub limits: Limits,
+    pub params: FitParams,
+    pub trained_on: usize,
+}
+
+/// The largest smoothed statistics seen in training.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_z: f64,
+    pub t2: f64,
+    pub q: f64,
+}
+
+/// Raw statistics of one vector, with the per-feature terms behind them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stats {
+    pub max_z: f64,
+    pub t2: f64,
+    pub q: f64,
+    /// |scaled deviation| per feature.
+    pub z: Vec<f64>,
+    /// Squared residual per feature (the terms of Q).
+    pub residual: Vec<f64>,
+}
+
+impl Model {
+    /// Fits on training vectors (rows), all of the same width.
+    pub fn fit(rows: &[Vec<f64>], params: &FitParams) -> Result<Model, FitError> {
+        let n = rows.len();
+        let min = 2 * params.smooth.max(10);
+        if n < min {
+            return Err(FitError::TooFew(n, min));
+        }
+        let d = rows[0].len();
+        if let Some(r) = rows.iter().find(|r| r.len() != d) {
+            return Err(FitError::Width(r.len(), d));
+        }
+        let mut x = Array2::<f64>::zeros((n, d));
+        for (i, r) in rows.iter().enumerate() {
+            for (j, v) in r.iter().enumerate() {
+                x[[i, j]] = *v;
+            }
+        }
+        let mean = x.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(d));
+        let centred = &x - &mean;
+        let mut scale = Vec::with_capacity(d);
+        for j in 0..d {
+            let col = centred.column(j);
+            let var = col.iter().map(|v| v * v).sum::<f64>() / (n as f64 - 1.0);
+            let sd = var.sqrt();
+            let lag: f64 = (1..n).map(|i| col[i] * col[i - 1]).sum();
+            let total: f64 = col.iter().map(|v| v * v).sum();
+            let rho = if total > 0.0 {
+                (lag / total).clamp(-0.99, 0.999)
+            } else {
+                0.0
+            };
+            let inflation = ((1.0 + rho) / (1.0 - rho)).sqrt().clamp(1.0, MAX_INFLATION);
+            // A constant feature gets a unit scale: any movement is news.
+            scale.push(if sd > 1e-12 { sd * inflation } else { 1.0 });
+        }
+        let scale_a = Array1::from(scale.clone());
+        let z = &centred / &scale_a;
+        let centre = z.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(d));
+        let k_all = d.min(n - 1).max(1);
+        let pca = Pca::params(k_all)
+            .fit(&DatasetBase::from(z.clone()))
+            .map_err(|e| FitError::Pca(e.to_string()))?;
+        // linfa's explained_variance divides by the component count; the
+        // variance along a component is sigma^2 / (n - 1).
+        let variances_all: Vec<f64> = pca
+            .singular_values()
+            .iter()
+            .map(|s| s * s / (n as f64 - 1.0))
+            .collect();
+        let total: f64 = variances_all.iter().sum();
+        let mut k = 0;
+        let mut acc = 0.0;
+        while k < variances_all.len() && (k == 0 || acc < params.variance * total) {
+            acc += variances_all[k];
+            k += 1;
+        }
+        // Keep at least one dimension off the plane, so Q means something.
+        let k = k.min(d.saturating_sub(1)).max(1);
+        let comps = pca.components();
+        let components: Vec<Vec<f64>> = (0..k).map(|i| comps.row(i).to_vec()).collect();
+        let mut model = Model {
+            mean: mean.to_vec(),
+            scale,
+            components,
+            variances: variances_all[..k].iter().map(|v| v.max(1e-9)).collect(),
+            centre: centre.to_vec(),
+            limits: Limits {
+                max_z: 1.0,
+                t2: 1.0,
+                q: 1.0,
+            },
+            params: params.clone(),
+            trained_on: n,
+        };
+        // Limits: the largest smoothed statistic over the training vectors.
+        let mut smoother = Smoother::new(params.smooth);
+        let mut lim = Limits {
+            max_z: 0.0,
+            t2: 0.0,
+            q: 0.0,
+        };
+        for r in rows {
+            let s = model.stats(r);
+            let m = smoother.push(&s);
+            lim.max_z = lim.max_z.max(m.0);
+            lim.t2 = lim.t2.max(m.1);
+            lim.q = lim.q.max(m.2);
+        }
+        model.limits = Limits {
+            max_z: lim.max_z.max(1e-9),
+            t2: lim.t2.max(1e-9),
+            q: lim.q.max(1e-9),
+        };
+        Ok(model)
+    }
+
+    /// How many features the model takes.
+    pub fn width(&self) -> usize {
+        self.mean.len()
+    }
+
+    /// The raw statistics of one vector.
+    pub fn stats(&self, x: &[f64]) -> Stats {
+        let d = self.width();
+        // A missing feature counts as its training mean.
+        let z: Vec<f64> = (0..d)
+            .map(|j| (x.get(j).copied().unwrap_or(self.mean[j]) - self.mean[j]) / self.scale[j])
+            .collect();
+        let abs: Vec<f64> = z.iter().map(|v| v.abs()).collect();
+        let max_z = abs.iter().cloned().fold(0.0, f64::max);
+        let c: Vec<f64> = (0..d).map(|j| z[j] - self.centre[j]).collect();
+        let mut t2 = 0.0;
+        let mut recon = vec![0.0; d];
+        for (p, var) in self.components.iter().zip(&self.variances) {
+            let t: f64 = p.iter().zip(&c).map(|(a, b)| a * b).sum();
+            t2 += t * t / var;
+            for j in 0..d {
+                recon[j] += t * p[j];
+            }
+        }
+        let residual: Vec<f64> = (0..d).map(|j| (c[j] - recon[j]).powi(2)).collect();
+        let q = residual.iter().sum();
+        Stats {
+            max_z,
+            t2,
+            q,
+            z: abs,
+            residual,
+        }
+    }
+}
+
+/// A moving mean of the three statistics over the last `n` vectors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Smoother {
+    n: usize,
+    buf: Vec<(f64, f64, f64)>,
+    next: usize,
+    sum: (f64, f64, f64),
+}
+
+impl Smoother {
+    pub fn new(n: usize) -> Self {
+        Smoother {
+            n: n.max(1),
+            buf: Vec::new(),
+            next: 0,
+            sum: (0.0, 0.0, 0.0),
+        }
+    }
+
+    /// Adds a vector's statistics; the mean over the window so far.
+    pub fn push(&mut self, s: &Stats) -> (f64, f64, f64) {
+        let v = (s.max_z, s.t2, s.q);
+        if self.buf.len() < self.n {
+            self.buf.push(v);
+        } else {
+            let old = self.buf[self.next];
+            self.sum.0 -= old.0;
+            self.sum.1 -= old.1;
+            self.sum.2 -= old.2;
+            self.buf[self.next] = v;
+            self.next = (self.next + 1) % self.n;
+        }
+        self.sum.0 += v.0;
+        self.sum.1 += v.1;
+        self.sum.2 += v.2;
+        let k = self.buf.len() as f64;
+        (self.sum.0 / k, self.sum.1 / k, self.sum.2 / k)
+    }
+}
+
+/// Scores a stream of vectors against a model.
+#[derive(Debug, Clone)]
+pub struct Scorer {
+    smoother: Smoother,
+}
+
+impl Scorer {
+    pub fn new(model: &Model) -> Self {
+        Scorer {
+            smoother: Smoother::new(model.params.smooth),
+        }
+    }
+
+    /// The smoothed ratios of the next vector, and its raw statistics.
+    pub fn score(&mut self, model: &Model, x: &[f64]) -> (Ratios, Stats) {
+        let s = model.stats(x);
+        let m = self.smoother.push(&s);
+        let l = &model.limits;
+        (
+            Ratios {
+                max_z: m.0 / l.max_z,
+                t2: m.1 / l.t2,
+                q: m.2 / l.q,
+            },
+            s,
+        )
+    }
+}
+
+/// Per-feature shares of what drove a vector's score, summing to 1: the
+/// residual terms when Q is the worst ratio, the scaled deviations otherwise.
+pub fn contributions(r: &Ratios, s: &Stats) -> Vec<f64> {
+    let terms: Vec<f64> = if r.q >= r.max_z && r.q >= r.t2 {
+        s.residual.clone()
+    } else {
+        s.z.iter().map(|z| z * z).collect()
+    };
+    let total: f64 = terms.iter().sum();
+    if total <= 0.0 || !total.is_finite() {
+        let n = terms.len().max(1) as f64;
+        return vec![1.0 / n; terms.len()];
+    }
+    terms.iter().map(|t| t / total).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two coupled features (b follows a) and a slow wandering one, with noise.
+    fn plant(n: usize, seed: u64) -> Vec<Vec<f64>> {
+        let mut s = seed;
+        let mut noise = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        // The slow one wanders (AR(1), phi 0.98) as a temperature does.
+        let mut wander = 0.0;
+        (0..n)
+            .map(|i| {
+                let load = ((i as f64) / 40.0).sin() * 5.0;
+                let a = 50.0 + load + noise();
+                let b = 20.0 + 2.0 * load + noise();
+                wander = 0.98 * wander + 0.1 * noise();
+                vec![a, b, 70.0 + wander]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_broken_relation_stands_out_and_normal_data_does_not() {
+        let rows = plant(600, 7);
+        let p = FitParams::default();
+        let m = Model::fit(&rows[..400], &p).unwrap();
+        assert!(m.components.len() < 3);
+        let mut sc = Scorer::new(&m);
+        let normal: Vec<f64> = rows[400..]
+            .iter()
+            .map(|r| sc.score(&m, r).0.worst())
+            .collect();
+        let worst = normal.iter().cloned().fold(0.0, f64::max);
+        assert!(worst < 1.5, "normal data scored {worst}");
+        // b stops following a (flat while a climbs): every value is in range.
+        let mut sc = Scorer::new(&m);
+        let mut last = Ratios::default();
+        let mut stats = None;
+        for (i, r) in rows[400..460].iter().enumerate() {
+            let mut v = r.clone();
+            if i >= 20 {
+                v[1] = 20.0;
+            }
+            let (ratios, s) = sc.score(&m, &v);
+            last = ratios;
+            stats = Some(s);
+        }
+        assert!(last.worst() > 2.0, "{last:?}");
+        let c = contributions(&last, &stats.unwrap());
+        assert!((c.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        let top = c
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .unwrap()
+            .0;
+        assert!(top == 0 || top == 1, "the coupled pair drives it: {c:?}");
+    }
+
+    #[test]
+    fn fitting_refuses_what_it_cannot_learn_from() {
+        let p = FitParams::default();
+        assert!(matches!(
+            Model::fit(&plant(5, 1), &p),
+            Err(FitError::TooFew(5, _))
+        ));
+        let mut rows = plant(100, 1);
+        rows[50].pop();
+        assert!(matches!(Model::fit(&rows, &p), Err(FitError::Width(2, 3))));
+        // A constant feature does not break the fit.
+        let rows: Vec<Vec<f64>> = plant(100, 2)
+            .into_iter()
+            .map(|mut r| {
+                r[2] = 1.0;
+                r
+            })
+            .collect();
+        let m = Model::fit(&rows, &p).unwrap();
+        assert!(m.stats(&rows[0]).max_z.is_finite());
+    }
+}
