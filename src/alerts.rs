@@ -333,10 +333,19 @@ fn build(
             end: format_rfc3339(start + window),
         }),
         explanation: explain(f, &feature),
-        contributions: vec![Contribution {
-            feature: feature.clone(),
-            weight: 1.0,
-        }],
+        contributions: match &f.detail {
+            Detail::Multivariate { contributions, .. } => contributions
+                .iter()
+                .map(|(name, w)| Contribution {
+                    feature: name.clone(),
+                    weight: (w * 10_000.0).round() / 10_000.0,
+                })
+                .collect(),
+            _ => vec![Contribution {
+                feature: feature.clone(),
+                weight: 1.0,
+            }],
+        },
         feature: Some(feature),
         machine,
         incident,
@@ -439,7 +448,7 @@ fn explain(f: &Finding, feature: &str) -> String {
             explanation: Some(text),
             ..
         } => text,
-        Detail::Note { text, .. } => text,
+        Detail::Note { text, .. } | Detail::Multivariate { text, .. } => text,
         Detail::Rule { value, .. } => match value {
             Some(v) => format!("rule {feature} matched (value {})", fmt_num(v)),
             None => format!("rule {feature} matched"),

@@ -146,6 +146,9 @@ pub struct PipelineState {
     /// Learned peers, ports, operations, volumes and fan-out per machine.
     #[serde(default)]
     pub flows: Vec<Option<crate::detect::flows::MachineFlows>>,
+    /// The learned multivariate model of every machine.
+    #[serde(default)]
+    pub learned: Vec<Option<crate::learn::machines::MachineModel>>,
 }
 
 /// The detection pipeline.
@@ -161,6 +164,7 @@ pub struct Pipeline {
     feature_book: AlertBook,
     identity: Identity,
     flows: Flows,
+    learned: crate::learn::machines::Learned,
     /// When each global cap last raised its `capacity` alert (event time).
     cap_raised: HashMap<&'static str, Millis>,
     registry_watch: Option<crate::registry::RegistryWatch>,
@@ -195,6 +199,7 @@ impl Pipeline {
             ),
             identity: Identity::new(cfg),
             flows: Flows::new(cfg),
+            learned: crate::learn::machines::Learned::new(cfg),
             cap_raised: HashMap::new(),
             registry_watch: None,
             stats: Stats::default(),
@@ -242,6 +247,11 @@ impl Pipeline {
         &self.flows
     }
 
+    /// The learned models, for inspection and tests.
+    pub fn learned(&self) -> &crate::learn::machines::Learned {
+        &self.learned
+    }
+
     /// Counters so far.
     pub fn stats(&self) -> Stats {
         let mut s = self.stats.clone();
@@ -274,6 +284,7 @@ impl Pipeline {
             feature_alerts: Some(self.feature_book.snapshot()),
             identity: self.identity.snapshot(),
             flows: self.flows.snapshot(),
+            learned: self.learned.snapshot(),
         }
     }
 
@@ -294,6 +305,7 @@ impl Pipeline {
         }
         p.identity.restore(state.identity);
         p.flows.restore(state.flows);
+        p.learned.restore(state.learned);
         p
     }
 
@@ -528,12 +540,24 @@ impl Pipeline {
                     self.stats.newest_ts = Some(self.stats.newest_ts.map_or(ts, |n| n.max(ts)));
                     self.stats.oldest_ts = Some(self.stats.oldest_ts.map_or(ts, |n| n.min(ts)));
                 }
+                let trusted = matches!(adm, Admission::OnTime | Admission::Late);
                 self.detectors.observe(
                     m_machine[i],
                     m_device[i],
                     ts,
-                    matches!(adm, Admission::OnTime | Admission::Late),
+                    trusted,
                     &self.readings,
+                    &mut self.findings,
+                );
+                let metrics = &self.decoder.metrics;
+                self.learned.observe(
+                    m_machine[i],
+                    self.decoder.machines.name(m_machine[i]),
+                    m_device[i],
+                    ts,
+                    trusted,
+                    &self.readings,
+                    &|id| metrics.name(id).to_string(),
                     &mut self.findings,
                 );
             }

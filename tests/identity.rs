@@ -671,3 +671,41 @@ fn a_gateway_numbers_its_messages_across_machines() {
         gap.explanation
     );
 }
+
+#[test]
+fn a_sensor_decoupled_from_the_one_it_follows_is_multivariate() {
+    // pressure follows temperature; after learning, pressure goes flat while
+    // temperature keeps moving: each value stays in its learned range.
+    let mut p = Plant::new("[learn]\nenabled = true\n");
+    let reading = |p: &mut Plant, i: i64, coupled: bool| {
+        let load = ((i as f64) / 10.0).sin() * 3.0;
+        let (a, b) = (p.noise(), p.noise());
+        let temp = 70.0 + load + 0.2 * a;
+        let pressure = if coupled {
+            5.0 + 0.5 * load + 0.03 * b
+        } else {
+            5.0 + 0.03 * b
+        };
+        format!(r#"{{"temperature_c":{temp:.3},"pressure_bar":{pressure:.4}}}"#)
+    };
+    let send = |p: &mut Plant, i: i64, coupled: bool| {
+        let seq = p.next_seq("plc-1");
+        let r = reading(p, i, coupled);
+        let ts = T0 + i * 1000;
+        p.feed(vec![envelope("m1", "plc-1", ts, ts + 10, Some(seq), &r)]);
+    };
+    for i in 0..600 {
+        send(&mut p, i, true);
+    }
+    let model = p.p.learned().machine(0).and_then(|m| m.model.clone());
+    assert!(model.is_some(), "fitted when learning ended");
+    assert!(!p.kinds().contains(&Kind::Multivariate), "{:#?}", p.alerts);
+    for i in 600..700 {
+        send(&mut p, i, false);
+    }
+    let a = p.take();
+    let mv: Vec<&Alert> = a.iter().filter(|a| a.kind == Kind::Multivariate).collect();
+    assert!(!mv.is_empty(), "{a:#?}");
+    let sum: f64 = mv[0].contributions.iter().map(|c| c.weight).sum();
+    assert!((sum - 1.0).abs() < 1e-3, "{:?}", mv[0].contributions);
+}

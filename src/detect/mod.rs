@@ -128,6 +128,11 @@ pub enum Detail {
         text: String,
         numeric: bool,
     },
+    /// A learned model's finding: its explanation and each feature's share.
+    Multivariate {
+        text: String,
+        contributions: Vec<(String, f64)>,
+    },
 }
 
 /// One departure from a baseline.

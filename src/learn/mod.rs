@@ -5,7 +5,9 @@
 //! statistics normal while breaking the physics between sensors; a model of
 //! the vectors together can. [`model`] is the model itself (long-run scaling,
 //! PCA with Hotelling's T² and Q, max-z, limits learned from training) and
-//! its streaming scorer; the SKAB evaluation ([`crate::eval::skab`]) runs
-//! it under the published protocol.
+//! its streaming scorer; [`machines`] keeps one per machine in the pipeline;
+//! the SKAB evaluation ([`crate::eval::skab`]) runs the model under the
+//! published protocol.
 
+pub mod machines;
 pub mod model;

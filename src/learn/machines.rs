@@ -1,0 +1,242 @@
+//! The learned model of every machine, in the pipeline: vectors of each
+//! machine's readings are collected while it learns, a [`Model`] is fitted
+//! when its warm-up ends, and every later vector is scored against it.
+//!
+//! A machine's vector holds its sensors' latest values (carried forward
+//! between messages), in the order of their metric ids; its features are the
+//! sensors heard in the first [`FEATURES_AFTER`] of learning (sensors that
+//! appear later are left to the univariate baselines). Training keeps at most
+//! `learn.max_train` vectors, thinning the older ones by half whenever it is
+//! full, so the whole warm-up — every operating mode the machine went
+//! through — is represented. Alerts are `multivariate`, explained by the
+//! contributions of the features.
+
+use serde::{Deserialize, Serialize};
+
+use super::model::{FitParams, Model, Scorer, contributions};
+use crate::detect::{Detail, Finding, Kind};
+use crate::score::ratio_surprise;
+use crate::time::Millis;
+
+/// Sensors heard this long after a machine's first message are its features.
+pub const FEATURES_AFTER: Millis = 30_000;
+
+/// What one machine's model has learned.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MachineModel {
+    pub first_ts: Millis,
+    /// Metric ids of the features, ascending.
+    pub features: Vec<u32>,
+    last: Vec<Option<f64>>,
+    buffer: Vec<Vec<f64>>,
+    stride: u32,
+    skipped: u32,
+    /// Event time of the first and last training vector.
+    pub trained_from: Millis,
+    pub trained_to: Millis,
+    pub model: Option<Model>,
+    /// Why fitting failed, if it did.
+    pub fit_error: Option<String>,
+    #[serde(skip)]
+    scorer: Option<Scorer>,
+}
+
+#[derive(Debug, Clone)]
+struct Params {
+    enabled: bool,
+    warmup: Millis,
+    fit: FitParams,
+    t2_factor: f64,
+    q_factor: f64,
+    max_train: usize,
+}
+
+/// Every machine's model.
+pub struct Learned {
+    p: Params,
+    machines: Vec<Option<MachineModel>>,
+    scratch: Vec<f64>,
+}
+
+impl Learned {
+    pub fn new(cfg: &crate::config::Config) -> Self {
+        let l = &cfg.learn;
+        Learned {
+            p: Params {
+                enabled: l.enabled,
+                warmup: cfg.baseline.warmup,
+                fit: FitParams {
+                    variance: l.variance,
+                    smooth: l.smooth,
+                },
+                t2_factor: l.t2_factor,
+                q_factor: l.q_factor,
+                max_train: l.max_train,
+            },
+            machines: Vec::new(),
+            scratch: Vec::new(),
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<Option<MachineModel>> {
+        self.machines.clone()
+    }
+
+    pub fn restore(&mut self, machines: Vec<Option<MachineModel>>) {
+        self.machines = machines;
+    }
+
+    /// A machine's model state.
+    pub fn machine(&self, machine: u32) -> Option<&MachineModel> {
+        self.machines.get(machine as usize).and_then(Option::as_ref)
+    }
+
+    /// Observes one message's readings (metric id, value). `trusted` messages
+    /// teach; every message with a model is scored.
+    #[allow(clippy::too_many_arguments)]
+    pub fn observe(
+        &mut self,
+        machine: u32,
+        machine_name: &str,
+        device: u32,
+        ts: Millis,
+        trusted: bool,
+        readings: &[(u32, f64)],
+        names: &dyn Fn(u32) -> String,
+        out: &mut Vec<Finding>,
+    ) {
+        if !self.p.enabled {
+            return;
+        }
+        let p = &self.p;
+        let i = machine as usize;
+        if self.machines.len() <= i {
+            self.machines.resize_with(i + 1, || None);
+        }
+        let m = self.machines[i].get_or_insert_with(|| MachineModel {
+            first_ts: ts,
+            features: Vec::new(),
+            last: Vec::new(),
+            buffer: Vec::new(),
+            stride: 1,
+            skipped: 0,
+            trained_from: 0,
+            trained_to: 0,
+            model: None,
+            fit_error: None,
+            scorer: None,
+        });
+        let choosing = m.model.is_none() && ts < m.first_ts.saturating_add(FEATURES_AFTER);
+        for &(metric, v) in readings {
+            match m.features.binary_search(&metric) {
+                Ok(k) => m.last[k] = Some(v),
+                Err(k) if choosing && trusted && m.features.len() < 64 => {
+                    m.features.insert(k, metric);
+                    m.last.insert(k, Some(v));
+                }
+                Err(_) => {}
+            }
+        }
+        if m.features.len() < 2 || m.last.iter().any(Option::is_none) {
+            return;
+        }
+        self.scratch.clear();
+        self.scratch.extend(m.last.iter().map(|v| v.unwrap_or(0.0)));
+        let learning = ts < m.first_ts.saturating_add(p.warmup);
+        if m.model.is_none() && m.fit_error.is_none() {
+            if learning {
+                if trusted && !choosing {
+                    m.skipped += 1;
+                    if m.skipped >= m.stride {
+                        m.skipped = 0;
+                        if m.buffer.is_empty() {
+                            m.trained_from = ts;
+                        }
+                        m.trained_to = ts;
+                        m.buffer.push(self.scratch.clone());
+                        if m.buffer.len() >= p.max_train {
+                            // Thin to every other vector: the whole warm-up stays represented.
+                            let kept: Vec<Vec<f64>> = m.buffer.iter().step_by(2).cloned().collect();
+                            m.buffer = kept;
+                            m.stride *= 2;
+                        }
+                    }
+                }
+                return;
+            }
+            if !trusted {
+                return;
+            }
+            match Model::fit(&m.buffer, &p.fit) {
+                Ok(model) => {
+                    tracing::debug!(
+                        machine = %machine_name,
+                        vectors = model.trained_on,
+                        features = model.width(),
+                        components = model.components.len(),
+                        "multivariate model fitted"
+                    );
+                    m.scorer = Some(Scorer::new(&model));
+                    m.model = Some(model);
+                }
+                Err(e) => m.fit_error = Some(e.to_string()),
+            }
+            m.buffer = Vec::new();
+        }
+        let Some(model) = &m.model else { return };
+        let scorer = m.scorer.get_or_insert_with(|| Scorer::new(model));
+        let (r, stats) = scorer.score(model, &self.scratch);
+        let (statistic, ratio, factor) = if r.q / p.q_factor >= r.t2 / p.t2_factor {
+            ("pca_q", r.q, p.q_factor)
+        } else {
+            ("pca_t2", r.t2, p.t2_factor)
+        };
+        if ratio <= factor {
+            return;
+        }
+        let shares = contributions(&r, &stats);
+        let mut named: Vec<(String, f64)> = m
+            .features
+            .iter()
+            .zip(&shares)
+            .map(|(f, w)| (names(*f), *w))
+            .collect();
+        named.sort_by(|a, b| b.1.total_cmp(&a.1));
+        let top = named.first().map(|n| n.0.clone()).unwrap_or_default();
+        let text = format!(
+            "{machine_name}'s sensors no longer relate as they did while it learned: {} is {:.1} times its largest learned value (alert from {factor}), driven by {}",
+            if statistic == "pca_q" {
+                "the residual off the learned plane (Q)"
+            } else {
+                "the distance inside the learned plane (T²)"
+            },
+            ratio,
+            named
+                .iter()
+                .take(3)
+                .map(|(n, w)| format!("{n} {:.0} %", w * 100.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let mut f = Finding::note(
+            machine,
+            device,
+            Kind::Multivariate,
+            statistic,
+            ts,
+            u32::MAX - 3,
+            top,
+            ratio_surprise(ratio / factor),
+            text,
+        )
+        .with_values(ratio, 1.0);
+        f.detail = Detail::Multivariate {
+            text: match f.detail {
+                Detail::Note { text, .. } => text,
+                _ => String::new(),
+            },
+            contributions: named,
+        };
+        out.push(f);
+    }
+}
