@@ -556,6 +556,9 @@ pub struct LearnConfig {
     pub q_factor: f64,
     /// Most training vectors kept per machine (older ones are thinned).
     pub max_train: usize,
+    /// Refit on the vectors judged normal since the machine started, this often (event time).
+    #[serde(with = "serde_duration")]
+    pub retrain: Millis,
 }
 
 impl Default for LearnConfig {
@@ -567,6 +570,7 @@ impl Default for LearnConfig {
             t2_factor: 3.0,
             q_factor: 5.0,
             max_train: 1200,
+            retrain: 3_600_000,
         }
     }
 }
@@ -788,6 +792,8 @@ smooth = 20
 t2_factor = 3.0
 q_factor = 5.0
 max_train = 1200
+# Refit on everything judged normal since the machine started (thinned), this often.
+retrain = "1h"
 
 [alerts]
 # Findings scoring below this (0..1) are not alerted. Severity is `low` from 0.7, `medium` from
@@ -1003,6 +1009,9 @@ impl Config {
             if !(v.is_finite() && v > 0.0) {
                 return bad(key, "must be a positive number");
             }
+        }
+        if self.learn.retrain <= 0 {
+            return bad("learn.retrain", "must be greater than zero");
         }
         if self.learn.smooth == 0 || self.learn.smooth > 10_000 {
             return bad("learn.smooth", "must be between 1 and 10000");

@@ -510,6 +510,7 @@ impl Pipeline {
                     }
                 }
                 let env = &envelopes[m_env[i] as usize];
+                let found_before = self.findings.len();
                 let verdict = self.identity.observe(
                     &Message {
                         machine: m_machine[i],
@@ -550,12 +551,14 @@ impl Pipeline {
                     &mut self.findings,
                 );
                 let metrics = &self.decoder.metrics;
+                let clean = self.findings.len() == found_before;
                 self.learned.observe(
                     m_machine[i],
                     self.decoder.machines.name(m_machine[i]),
                     m_device[i],
                     ts,
                     trusted,
+                    clean,
                     &self.readings,
                     &|id| metrics.name(id).to_string(),
                     &mut self.findings,

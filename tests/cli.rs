@@ -448,3 +448,67 @@ fn eval_skab_runs_the_protocol_on_a_skab_shaped_folder() {
     let missing = twinwatch(&["eval", "skab", "/nonexistent"]);
     assert_eq!(missing.status.code(), Some(2));
 }
+
+#[test]
+fn models_list_and_show_what_a_replay_learned() {
+    let dir = tempfile::tempdir().unwrap();
+    let (capture, _) = simulate(
+        dir.path(),
+        4,
+        &["--duration", "25m", "--machines", "2", "--no-sign"],
+    );
+    let cfg = dir.path().join("learn.toml");
+    std::fs::write(&cfg, "[learn]\nenabled = true\n").unwrap();
+    let state = dir.path().join("state.json");
+    let state = state.to_str().unwrap();
+    ok(&[
+        "replay",
+        "--config",
+        cfg.to_str().unwrap(),
+        "--input",
+        &capture,
+        "--output",
+        dir.path().join("a.ndjson").to_str().unwrap(),
+        "--state",
+        state,
+    ]);
+    let list = String::from_utf8(ok(&["models", "list", "--path", state]).stdout).unwrap();
+    assert!(list.contains("2 machines"), "{list}");
+    for m in ["press-01", "lathe-02"] {
+        let line = list
+            .lines()
+            .find(|l| l.starts_with(m))
+            .unwrap_or_else(|| panic!("{list}"));
+        assert!(
+            line.contains("protecting") && line.contains("6 features"),
+            "{line}"
+        );
+    }
+    let show = ok(&["models", "show", "press-01", "--path", state]).stdout;
+    let v: serde_json::Value = serde_json::from_slice(&show).unwrap();
+    assert_eq!(v["machine"], "press-01");
+    assert_eq!(v["sensors"].as_array().unwrap().len(), 6);
+    assert_eq!(v["devices"][0]["device"], "plc-01a");
+    assert_eq!(v["multivariate"]["features"].as_array().unwrap().len(), 6);
+    assert!(v["multivariate"]["model"]["limits"]["q"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        twinwatch(&["models", "show", "nope", "--path", state])
+            .status
+            .code(),
+        Some(2)
+    );
+    // A damaged snapshot is refused with a message, not a crash.
+    std::fs::write(
+        dir.path().join("bad.json"),
+        "{\"format_version\": 1, \"pipel",
+    )
+    .unwrap();
+    let bad = twinwatch(&[
+        "models",
+        "list",
+        "--path",
+        dir.path().join("bad.json").to_str().unwrap(),
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a twinwatch snapshot"));
+}

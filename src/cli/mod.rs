@@ -52,6 +52,30 @@ pub enum Command {
     /// Device identities: make keys for the registry.
     #[command(subcommand)]
     Devices(DevicesCommand),
+    /// What has been learned: the saved baselines and models of every machine.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ModelsCommand {
+    /// One line per machine: phase, sensors, devices, peers, multivariate model.
+    List {
+        /// Configuration file (TOML), for `[state] path`.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// The snapshot file; default: the configured `[state] path`.
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
+    /// Everything learned for one machine, as JSON.
+    Show {
+        machine: String,
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        #[arg(long)]
+        path: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -119,6 +143,10 @@ pub struct ReplayArgs {
     /// Device registry (TOML); default: the configured `devices.registry`.
     #[arg(long)]
     pub devices: Option<PathBuf>,
+    /// Write everything learned to this snapshot at the end (for `models list`,
+    /// or to start `run` from baselines learned on a capture: set `[state] path` to it).
+    #[arg(long)]
+    pub state: Option<PathBuf>,
 }
 
 #[derive(Debug, Args, Clone)]
@@ -326,6 +354,17 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             d.fit.smooth = smooth;
             eval_skab(&dir, per_run, &d)
         }
+        Command::Models(ModelsCommand::List { config, path }) => {
+            models_list(&load_checkpoint(config.as_deref(), path.as_deref())?)
+        }
+        Command::Models(ModelsCommand::Show {
+            machine,
+            config,
+            path,
+        }) => models_show(
+            &load_checkpoint(config.as_deref(), path.as_deref())?,
+            &machine,
+        ),
         Command::Devices(DevicesCommand::Keygen {
             name,
             machines,
@@ -520,6 +559,12 @@ fn replay(a: ReplayArgs) -> Result<()> {
         "replay: {}",
         summary_line(&pipeline.stats(), started.elapsed().as_secs_f64())
     );
+    if let Some(path) = &a.state {
+        crate::state::StateStore::new(path)
+            .save(pipeline.snapshot(), None)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        tracing::info!(path = %path.display(), "state written");
+    }
     Ok(())
 }
 
@@ -851,5 +896,172 @@ fn eval_skab(dir: &Path, per_run: bool, detector: &crate::eval::skab::Detector) 
         total.far(),
         total.mar()
     );
+    Ok(())
+}
+
+/// The saved snapshot, read as `run` would (a bad file is a usage error here: nothing is set aside).
+fn load_checkpoint(config: Option<&Path>, path: Option<&Path>) -> Result<crate::state::Checkpoint> {
+    let cfg = load_config(config)?;
+    let file = path.map_or_else(|| PathBuf::from(&cfg.state.path), Path::to_path_buf);
+    let bytes = std::fs::read(&file).map_err(|e| {
+        UsageError(format!(
+            "{}: {e} (nothing learned yet? `run` writes it every [state] interval)",
+            file.display()
+        ))
+    })?;
+    let c: crate::state::Checkpoint = serde_json::from_slice(&bytes)
+        .map_err(|e| UsageError(format!("{}: not a twinwatch snapshot: {e}", file.display())))?;
+    if c.format_version != crate::state::FORMAT_VERSION {
+        return Err(UsageError(format!(
+            "{}: format version {} (this build reads {})",
+            file.display(),
+            c.format_version,
+            crate::state::FORMAT_VERSION
+        ))
+        .into());
+    }
+    Ok(c)
+}
+
+fn models_list(c: &crate::state::Checkpoint) -> Result<()> {
+    let p = &c.pipeline;
+    println!(
+        "snapshot of {} (format {}), {} machines",
+        c.created_at,
+        c.format_version,
+        p.machines.len()
+    );
+    println!(
+        "{:<24} {:<10} {:>7} {:>7} {:>5}  multivariate",
+        "machine", "phase", "sensors", "devices", "peers"
+    );
+    for (i, name) in p.machines.iter().enumerate() {
+        let det = p.detectors.get(i).and_then(Option::as_ref);
+        let phase = match det {
+            Some(d) if d.protecting => "protecting",
+            Some(_) => "learning",
+            None => "-",
+        };
+        let sensors = det.map_or(0, |d| d.metrics.len());
+        let devices = p
+            .identity
+            .machines
+            .get(i)
+            .and_then(Option::as_ref)
+            .map_or(0, |m| m.devices.len());
+        let peers = p
+            .flows
+            .get(i)
+            .and_then(Option::as_ref)
+            .map_or(0, |f| f.peers.len());
+        let model = match p.learned.get(i).and_then(Option::as_ref) {
+            None => "-".to_string(),
+            Some(m) => match (&m.model, &m.fit_error) {
+                (Some(model), _) => format!(
+                    "{} features, {} components, trained on {} vectors {} .. {}, fitted {} time(s)",
+                    model.width(),
+                    model.components.len(),
+                    model.trained_on,
+                    crate::time::format_rfc3339(m.trained_from),
+                    crate::time::format_rfc3339(m.trained_to),
+                    m.fits
+                ),
+                (None, Some(e)) => format!("not fitted: {e}"),
+                (None, None) => "learning".to_string(),
+            },
+        };
+        println!("{name:<24} {phase:<10} {sensors:>7} {devices:>7} {peers:>5}  {model}");
+    }
+    Ok(())
+}
+
+fn models_show(c: &crate::state::Checkpoint, machine: &str) -> Result<()> {
+    let p = &c.pipeline;
+    let Some(i) = p.machines.iter().position(|m| m == machine) else {
+        return Err(UsageError(format!(
+            "no machine `{machine}` in the snapshot ({} machines; `twinwatch models list` names them)",
+            p.machines.len()
+        ))
+        .into());
+    };
+    let metric = |id: u32| {
+        p.metrics
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
+    };
+    let device = |id: u32| {
+        p.devices
+            .get(id as usize)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
+    };
+    let sensors: Vec<serde_json::Value> = p
+        .detectors
+        .get(i)
+        .and_then(Option::as_ref)
+        .map(|d| {
+            d.metrics
+                .iter()
+                .map(|s| {
+                    serde_json::json!({
+                        "sensor": metric(s.metric),
+                        "level": s.predictor.level,
+                        "sigma": s.predictor.sigma(),
+                        "range": [s.envelope.lo, s.envelope.hi],
+                        "settled": s.settled,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let devices: Vec<serde_json::Value> = p
+        .identity
+        .machines
+        .get(i)
+        .and_then(Option::as_ref)
+        .map(|m| {
+            m.devices
+                .iter()
+                .map(|d| {
+                    serde_json::json!({
+                        "device": device(d.device),
+                        "status": d.status,
+                        "messages_per_window": d.rate.mean,
+                        "payload_bytes": d.size.mean,
+                        "clock_offset_ms": d.skew.offset,
+                    })
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let flows = p.flows.get(i).and_then(Option::as_ref).map(|f| {
+        serde_json::json!({
+            "protecting": f.protecting,
+            "peers": f.peers.len(),
+            "ports": f.ports,
+            "operations": f.ops.len(),
+            "widest_fanout": f.widest_fanout,
+        })
+    });
+    let model = p.learned.get(i).and_then(Option::as_ref).map(|m| {
+        serde_json::json!({
+            "features": m.features.iter().map(|f| metric(*f)).collect::<Vec<_>>(),
+            "trained_from": crate::time::format_rfc3339(m.trained_from),
+            "trained_to": crate::time::format_rfc3339(m.trained_to),
+            "fits": m.fits,
+            "fit_error": m.fit_error,
+            "model": m.model,
+        })
+    });
+    let out = serde_json::json!({
+        "machine": machine,
+        "snapshot": {"created_at": c.created_at, "format_version": c.format_version},
+        "sensors": sensors,
+        "devices": devices,
+        "flows": flows,
+        "multivariate": model,
+    });
+    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }

@@ -28,15 +28,28 @@ pub struct MachineModel {
     /// Metric ids of the features, ascending.
     pub features: Vec<u32>,
     last: Vec<Option<f64>>,
+    /// Training vectors: not in snapshots (they would dwarf everything
+    /// else); after a restart the next refit learns from what comes.
+    #[serde(skip)]
     buffer: Vec<Vec<f64>>,
     stride: u32,
     skipped: u32,
-    /// Event time of the first and last training vector.
+    /// Event time of the first and last vector the model in force was fitted on.
     pub trained_from: Millis,
     pub trained_to: Millis,
+    /// The same for the vectors kept for the next fit.
+    #[serde(skip)]
+    kept_from: Millis,
+    #[serde(skip)]
+    kept_to: Millis,
     pub model: Option<Model>,
     /// Why fitting failed, if it did.
     pub fit_error: Option<String>,
+    /// How many times it was fitted, and when it is refitted next.
+    #[serde(default)]
+    pub fits: u32,
+    #[serde(default)]
+    next_fit: Millis,
     #[serde(skip)]
     scorer: Option<Scorer>,
 }
@@ -49,6 +62,27 @@ struct Params {
     t2_factor: f64,
     q_factor: f64,
     max_train: usize,
+    retrain: Millis,
+}
+
+/// Adds a training vector, thinning the kept ones by half when full (so
+/// everything since the machine started stays represented, ever more sparsely).
+fn keep(m: &mut MachineModel, x: &[f64], ts: Millis, max: usize) {
+    m.skipped += 1;
+    if m.skipped < m.stride {
+        return;
+    }
+    m.skipped = 0;
+    if m.buffer.is_empty() {
+        m.kept_from = ts;
+    }
+    m.kept_to = ts;
+    m.buffer.push(x.to_vec());
+    if m.buffer.len() >= max {
+        let kept: Vec<Vec<f64>> = m.buffer.iter().step_by(2).cloned().collect();
+        m.buffer = kept;
+        m.stride = m.stride.saturating_mul(2);
+    }
 }
 
 /// Every machine's model.
@@ -72,6 +106,7 @@ impl Learned {
                 t2_factor: l.t2_factor,
                 q_factor: l.q_factor,
                 max_train: l.max_train,
+                retrain: l.retrain,
             },
             machines: Vec::new(),
             scratch: Vec::new(),
@@ -92,7 +127,10 @@ impl Learned {
     }
 
     /// Observes one message's readings (metric id, value). `trusted` messages
-    /// teach; every message with a model is scored.
+    /// teach while the machine learns; afterwards only those that are also
+    /// `clean` (no other detector found anything in the message) and within
+    /// the model's training range do, for the refits every `learn.retrain`.
+    /// Every message with a model is scored.
     #[allow(clippy::too_many_arguments)]
     pub fn observe(
         &mut self,
@@ -101,6 +139,7 @@ impl Learned {
         device: u32,
         ts: Millis,
         trusted: bool,
+        clean: bool,
         readings: &[(u32, f64)],
         names: &dyn Fn(u32) -> String,
         out: &mut Vec<Finding>,
@@ -122,8 +161,12 @@ impl Learned {
             skipped: 0,
             trained_from: 0,
             trained_to: 0,
+            kept_from: 0,
+            kept_to: 0,
             model: None,
             fit_error: None,
+            fits: 0,
+            next_fit: 0,
             scorer: None,
         });
         let choosing = m.model.is_none() && ts < m.first_ts.saturating_add(FEATURES_AFTER);
@@ -143,30 +186,18 @@ impl Learned {
         self.scratch.clear();
         self.scratch.extend(m.last.iter().map(|v| v.unwrap_or(0.0)));
         let learning = ts < m.first_ts.saturating_add(p.warmup);
-        if m.model.is_none() && m.fit_error.is_none() {
-            if learning {
-                if trusted && !choosing {
-                    m.skipped += 1;
-                    if m.skipped >= m.stride {
-                        m.skipped = 0;
-                        if m.buffer.is_empty() {
-                            m.trained_from = ts;
-                        }
-                        m.trained_to = ts;
-                        m.buffer.push(self.scratch.clone());
-                        if m.buffer.len() >= p.max_train {
-                            // Thin to every other vector: the whole warm-up stays represented.
-                            let kept: Vec<Vec<f64>> = m.buffer.iter().step_by(2).cloned().collect();
-                            m.buffer = kept;
-                            m.stride *= 2;
-                        }
-                    }
-                }
-                return;
+        if learning {
+            if trusted && !choosing {
+                keep(m, &self.scratch, ts, p.max_train);
             }
-            if !trusted {
-                return;
-            }
+            return;
+        }
+        let due = match &m.model {
+            None => m.fit_error.is_none(),
+            Some(_) => ts >= m.next_fit,
+        };
+        if due && trusted {
+            m.next_fit = ts.saturating_add(p.retrain);
             match Model::fit(&m.buffer, &p.fit) {
                 Ok(model) => {
                     tracing::debug!(
@@ -176,12 +207,15 @@ impl Learned {
                         components = model.components.len(),
                         "multivariate model fitted"
                     );
+                    m.fits += 1;
+                    m.trained_from = m.kept_from;
+                    m.trained_to = m.kept_to;
                     m.scorer = Some(Scorer::new(&model));
                     m.model = Some(model);
                 }
-                Err(e) => m.fit_error = Some(e.to_string()),
+                Err(e) if m.model.is_none() => m.fit_error = Some(e.to_string()),
+                Err(_) => {}
             }
-            m.buffer = Vec::new();
         }
         let Some(model) = &m.model else { return };
         let scorer = m.scorer.get_or_insert_with(|| Scorer::new(model));
@@ -192,6 +226,10 @@ impl Learned {
             ("pca_t2", r.t2, p.t2_factor)
         };
         if ratio <= factor {
+            // Judged normal by every detector: it may teach the next fit.
+            if trusted && clean && r.worst() <= 1.0 {
+                keep(m, &self.scratch, ts, p.max_train);
+            }
             return;
         }
         let shares = contributions(&r, &stats);
