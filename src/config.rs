@@ -559,6 +559,12 @@ pub struct LearnConfig {
     /// Refit on the vectors judged normal since the machine started, this often (event time).
     #[serde(with = "serde_duration")]
     pub retrain: Millis,
+    /// Largest inflation of a sensor's deviation for its autocorrelation (1 = none).
+    pub max_inflation: f64,
+    /// Each sensor also enters the model as its exponential average over this long
+    /// ("0s": not), so a sensor that follows another with a lag is related to it.
+    #[serde(with = "serde_duration")]
+    pub lag: Millis,
 }
 
 impl Default for LearnConfig {
@@ -571,6 +577,8 @@ impl Default for LearnConfig {
             q_factor: 5.0,
             max_train: 1200,
             retrain: 3_600_000,
+            max_inflation: 20.0,
+            lag: 120_000,
         }
     }
 }
@@ -794,6 +802,11 @@ q_factor = 5.0
 max_train = 1200
 # Refit on everything judged normal since the machine started (thinned), this often.
 retrain = "1h"
+# Slow sensors are scaled by their long-run deviation, at most this many times their short-term one.
+max_inflation = 20.0
+# Each sensor also enters the model as its average over this long ("0s": not), so a sensor
+# that follows another with a lag (temperature after load) is related to it.
+lag = "2m"
 
 [alerts]
 # Findings scoring below this (0..1) are not alerted. Severity is `low` from 0.7, `medium` from
@@ -1009,6 +1022,12 @@ impl Config {
             if !(v.is_finite() && v > 0.0) {
                 return bad(key, "must be a positive number");
             }
+        }
+        if !(self.learn.max_inflation.is_finite() && self.learn.max_inflation >= 1.0) {
+            return bad("learn.max_inflation", "must be at least 1");
+        }
+        if self.learn.lag < 0 {
+            return bad("learn.lag", "must not be negative");
         }
         if self.learn.retrain <= 0 {
             return bad("learn.retrain", "must be greater than zero");

@@ -479,8 +479,9 @@ fn models_list_and_show_what_a_replay_learned() {
             .lines()
             .find(|l| l.starts_with(m))
             .unwrap_or_else(|| panic!("{list}"));
+        // Six sensors and their lagged averages.
         assert!(
-            line.contains("protecting") && line.contains("6 features"),
+            line.contains("protecting") && line.contains("12 features"),
             "{line}"
         );
     }

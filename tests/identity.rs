@@ -676,7 +676,7 @@ fn a_gateway_numbers_its_messages_across_machines() {
 fn a_sensor_decoupled_from_the_one_it_follows_is_multivariate() {
     // pressure follows temperature; after learning, pressure goes flat while
     // temperature keeps moving: each value stays in its learned range.
-    let mut p = Plant::new("[learn]\nenabled = true\n");
+    let mut p = Plant::new("[learn]\nenabled = true\nlag = \"0s\"\n");
     let reading = |p: &mut Plant, i: i64, coupled: bool| {
         let load = ((i as f64) / 10.0).sin() * 3.0;
         let (a, b) = (p.noise(), p.noise());

@@ -28,6 +28,13 @@ pub struct MachineModel {
     /// Metric ids of the features, ascending.
     pub features: Vec<u32>,
     last: Vec<Option<f64>>,
+    /// Each feature's exponential average over `learn.lag` (event time): a
+    /// sensor that follows another with a lag (temperature after load) is
+    /// related to its average, which an instantaneous vector cannot show.
+    #[serde(default)]
+    lagged: Vec<f64>,
+    #[serde(default)]
+    lagged_ts: Millis,
     /// Training vectors: not in snapshots (they would dwarf everything
     /// else); after a restart the next refit learns from what comes.
     #[serde(skip)]
@@ -63,6 +70,7 @@ struct Params {
     q_factor: f64,
     max_train: usize,
     retrain: Millis,
+    lag: Millis,
 }
 
 /// Adds a training vector, thinning the kept ones by half when full (so
@@ -102,11 +110,13 @@ impl Learned {
                 fit: FitParams {
                     variance: l.variance,
                     smooth: l.smooth,
+                    max_inflation: l.max_inflation,
                 },
                 t2_factor: l.t2_factor,
                 q_factor: l.q_factor,
                 max_train: l.max_train,
                 retrain: l.retrain,
+                lag: l.lag,
             },
             machines: Vec::new(),
             scratch: Vec::new(),
@@ -156,6 +166,8 @@ impl Learned {
             first_ts: ts,
             features: Vec::new(),
             last: Vec::new(),
+            lagged: Vec::new(),
+            lagged_ts: 0,
             buffer: Vec::new(),
             stride: 1,
             skipped: 0,
@@ -185,6 +197,19 @@ impl Learned {
         }
         self.scratch.clear();
         self.scratch.extend(m.last.iter().map(|v| v.unwrap_or(0.0)));
+        if p.lag > 0 {
+            if m.lagged.len() != self.scratch.len() {
+                m.lagged = self.scratch.clone();
+                m.lagged_ts = ts;
+            } else if ts > m.lagged_ts {
+                let a = 1.0 - (-((ts - m.lagged_ts) as f64) / p.lag as f64).exp();
+                for (l, x) in m.lagged.iter_mut().zip(&self.scratch) {
+                    *l += a * (x - *l);
+                }
+                m.lagged_ts = ts;
+            }
+            self.scratch.extend_from_slice(&m.lagged);
+        }
         let learning = ts < m.first_ts.saturating_add(p.warmup);
         if learning {
             if trusted && !choosing {
@@ -226,18 +251,25 @@ impl Learned {
             ("pca_t2", r.t2, p.t2_factor)
         };
         if ratio <= factor {
-            // Judged normal by every detector: it may teach the next fit.
-            if trusted && clean && r.worst() <= 1.0 {
+            // Judged normal by every detector (this one included): it may teach the next fit.
+            if trusted && clean {
                 keep(m, &self.scratch, ts, p.max_train);
             }
             return;
         }
         let shares = contributions(&r, &stats);
+        // Shares of a sensor and of its lagged average are summed under the sensor's name.
+        let n = m.features.len();
         let mut named: Vec<(String, f64)> = m
             .features
             .iter()
-            .zip(&shares)
-            .map(|(f, w)| (names(*f), *w))
+            .enumerate()
+            .map(|(k, f)| {
+                (
+                    names(*f),
+                    shares[k] + shares.get(k + n).copied().unwrap_or(0.0),
+                )
+            })
             .collect();
         named.sort_by(|a, b| b.1.total_cmp(&a.1));
         let top = named.first().map(|n| n.0.clone()).unwrap_or_default();

@@ -10,7 +10,8 @@
 //!   (a temperature) seen for a few minutes shows a small deviation that its
 //!   ordinary wandering soon exceeds; the inflation accounts for that wandering
 //!   and keeps noisy features as they are;
-//! - **PCA** (linfa-reduction) on the scaled training vectors, keeping the
+//! - **PCA** (the eigendecomposition of their covariance, with linfa-linalg)
+//!   on the scaled training vectors, keeping the
 //!   components that explain `variance` of it: Hotelling's T² measures how far
 //!   a vector is inside the model's plane (an unusual operating point), Q (SPE)
 //!   how far it is off it (a broken relation between features);
@@ -22,13 +23,11 @@
 //! seen while training), smoothed over the last `smooth` vectors, and
 //! explained by per-feature contributions that sum to 1.
 
-use linfa::DatasetBase;
-use linfa::traits::Fit;
-use linfa_reduction::Pca;
+use linfa_linalg::eigh::Eigh;
 use ndarray::{Array1, Array2, Axis};
 use serde::{Deserialize, Serialize};
 
-/// Largest inflation of a feature's deviation for its autocorrelation.
+/// Default largest inflation of a feature's deviation for its autocorrelation.
 pub const MAX_INFLATION: f64 = 20.0;
 
 /// Why a model could not be fitted.
@@ -49,6 +48,13 @@ pub struct FitParams {
     pub variance: f64,
     /// Vectors the statistics are averaged over before they are compared with their limits.
     pub smooth: usize,
+    /// Largest inflation of a feature's deviation for its autocorrelation (1 = none).
+    #[serde(default = "default_inflation")]
+    pub max_inflation: f64,
+}
+
+fn default_inflation() -> f64 {
+    MAX_INFLATION
 }
 
 impl Default for FitParams {
@@ -56,6 +62,7 @@ impl Default for FitParams {
         FitParams {
             variance: 0.9,
             smooth: 20,
+            max_inflation: MAX_INFLATION,
         }
     }
 }
@@ -144,24 +151,29 @@ impl Model {
             } else {
                 0.0
             };
-            let inflation = ((1.0 + rho) / (1.0 - rho)).sqrt().clamp(1.0, MAX_INFLATION);
+            let inflation = ((1.0 + rho) / (1.0 - rho))
+                .sqrt()
+                .clamp(1.0, params.max_inflation.max(1.0));
             // A constant feature gets a unit scale: any movement is news.
             scale.push(if sd > 1e-12 { sd * inflation } else { 1.0 });
         }
         let scale_a = Array1::from(scale.clone());
         let z = &centred / &scale_a;
         let centre = z.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(d));
-        let k_all = d.min(n - 1).max(1);
-        let pca = Pca::params(k_all)
-            .fit(&DatasetBase::from(z.clone()))
-            .map_err(|e| FitError::Pca(e.to_string()))?;
-        // linfa's explained_variance divides by the component count; the
-        // variance along a component is sigma^2 / (n - 1).
-        let variances_all: Vec<f64> = pca
-            .singular_values()
-            .iter()
-            .map(|s| s * s / (n as f64 - 1.0))
-            .collect();
+        if z.iter().any(|v| !v.is_finite()) {
+            return Err(FitError::Pca(
+                "training vectors hold non-finite values".into(),
+            ));
+        }
+        // PCA as the symmetric eigendecomposition of the scaled covariance
+        // (linfa-linalg): exact, deterministic, and safe on rank-deficient
+        // training data, where an iterative SVD may not converge.
+        let zc = &z - &centre;
+        let cov = zc.t().dot(&zc) / (n as f64 - 1.0);
+        let (values, vectors) = cov.eigh().map_err(|e| FitError::Pca(e.to_string()))?;
+        let mut order: Vec<usize> = (0..values.len()).collect();
+        order.sort_by(|&a, &b| values[b].total_cmp(&values[a]));
+        let variances_all: Vec<f64> = order.iter().map(|&i| values[i].max(0.0)).collect();
         let total: f64 = variances_all.iter().sum();
         let mut k = 0;
         let mut acc = 0.0;
@@ -171,8 +183,10 @@ impl Model {
         }
         // Keep at least one dimension off the plane, so Q means something.
         let k = k.min(d.saturating_sub(1)).max(1);
-        let comps = pca.components();
-        let components: Vec<Vec<f64>> = (0..k).map(|i| comps.row(i).to_vec()).collect();
+        let components: Vec<Vec<f64>> = order[..k]
+            .iter()
+            .map(|&i| vectors.column(i).to_vec())
+            .collect();
         let mut model = Model {
             mean: mean.to_vec(),
             scale,

@@ -12,7 +12,8 @@
 //! Labelled incidents are injected after the warm-up, alternating between
 //! sensor faults on one sensor — `spike` (a few readings many sigmas off),
 //! `drift` (an offset growing linearly for minutes), `stuck` (the value
-//! frozen) — and attacks on the twin's traffic: `spoof` (a second device
+//! frozen), `decouple` (temperature reported flat, with its usual noise, while
+//! the load changes underneath: a cross-sensor manipulation) — and attacks on the twin's traffic: `spoof` (a second device
 //! publishing plausible readings for the machine), `replay_seq` and
 //! `replay_forged` (an old stretch of the machine's readings sent instead of
 //! the live ones, with their old sequence numbers or with forged continuing
@@ -138,9 +139,17 @@ const DRIFTABLE: [usize; 4] = [0, 1, 4, 5];
 
 #[derive(Debug, Clone, Copy)]
 enum Fault {
-    Spike { offset: f64 },
-    Drift { total: f64 },
+    Spike {
+        offset: f64,
+    },
+    Drift {
+        total: f64,
+    },
     Stuck,
+    /// The sensor reports its level at the start, with its usual noise, while
+    /// the machine changes load underneath: every statistic of its own stays
+    /// normal, its relation to the others breaks.
+    Decouple,
 }
 
 #[derive(Debug, Clone)]
@@ -464,7 +473,7 @@ fn plan_incidents(m: &mut Machine, cfg: &SimConfig, labels: &mut Vec<Label>) {
             continue;
         }
         attack_next = true;
-        let which = m.rng.below(3);
+        let which = m.rng.below(4);
         let (fault, metric, len, kind) = match which {
             0 => {
                 let metric = m.rng.below(METRICS.len());
@@ -480,10 +489,15 @@ fn plan_incidents(m: &mut Machine, cfg: &SimConfig, labels: &mut Vec<Label>) {
                 let len = m.rng.range(8.0, 15.0) as Millis * 60_000;
                 (Fault::Drift { total }, metric, len, "drift")
             }
-            _ => {
+            2 => {
                 let metric = m.rng.below(METRICS.len());
                 let len = m.rng.range(3.0, 8.0) as Millis * 60_000;
                 (Fault::Stuck, metric, len, "stuck")
+            }
+            _ => {
+                // Temperature held flat while motor current rises or falls with the load.
+                let len = m.rng.range(4.0, 8.0) as Millis * 60_000;
+                (Fault::Decouple, 0, len, "decouple")
             }
         };
         if t + len + 60_000 > end {
@@ -513,6 +527,20 @@ fn on_break(t: Millis) -> bool {
 }
 
 fn advance(m: &mut Machine, t: Millis, dt: f64, cfg: &SimConfig) {
+    // A decoupling attack starts with a load change (the attacker waits for one).
+    if let Some(inc) = m
+        .incidents
+        .iter()
+        .find(|i| matches!(i.fault, Fault::Decouple) && t >= i.start && t < i.end)
+        && m.mode_until < inc.end
+    {
+        m.mode = if m.mode == Mode::Full {
+            Mode::Idle
+        } else {
+            Mode::Full
+        };
+        m.mode_until = inc.end + 120_000;
+    }
     if t >= m.mode_until {
         let since_start = t - cfg.start;
         // Walk through idle -> normal -> full -> normal while learning, then roam.
@@ -578,7 +606,7 @@ fn telemetry(m: &mut Machine, t: Millis, step: Millis, site: &str, out: &mut Vec
     for inc in &m.incidents {
         let i = inc.metric;
         if ts < inc.start || ts >= inc.end {
-            if matches!(inc.fault, Fault::Stuck) && ts >= inc.end {
+            if matches!(inc.fault, Fault::Stuck | Fault::Decouple) && ts >= inc.end {
                 m.frozen[i] = None;
             }
             continue;
@@ -590,6 +618,10 @@ fn telemetry(m: &mut Machine, t: Millis, step: Millis, site: &str, out: &mut Vec
             }
             Fault::Stuck => {
                 values[i] = *m.frozen[i].get_or_insert(m.last[i]);
+            }
+            Fault::Decouple => {
+                let level = *m.frozen[i].get_or_insert(m.last[i]);
+                values[i] = level + METRICS[i].1 * m.rng.normal();
             }
         }
     }
