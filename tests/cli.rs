@@ -513,3 +513,39 @@ fn models_list_and_show_what_a_replay_learned() {
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a twinwatch snapshot"));
 }
+
+#[test]
+fn eval_nab_scores_a_nab_shaped_folder() {
+    // One series of 400 rows with a step at row 300, labelled 290..=320.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("data").join("synthetic")).unwrap();
+    std::fs::create_dir_all(dir.path().join("labels")).unwrap();
+    let mut text = String::from("timestamp,value\n");
+    for i in 0..400 {
+        let v = if i >= 300 { 80.0 } else { 50.0 } + ((i * 7919) % 13) as f64 * 0.1;
+        text.push_str(&format!("2014-01-01 {:02}:{:02}:00,{v}\n", i / 60, i % 60));
+    }
+    std::fs::write(dir.path().join("data/synthetic/step.csv"), text).unwrap();
+    std::fs::write(
+        dir.path().join("labels/combined_windows.json"),
+        r#"{"synthetic/step.csv": [["2014-01-01 04:50:00.000000", "2014-01-01 05:20:00.000000"]]}"#,
+    )
+    .unwrap();
+    let out = ok(&["eval", "nab", dir.path().to_str().unwrap()]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        stdout.contains("| ARTime | 74.9 | 65.1 | 80.4 |"),
+        "{stdout}"
+    );
+    let last = stdout.lines().last().unwrap();
+    let standard: f64 = last
+        .strip_prefix("nab: standard ")
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{last}"));
+    assert!(standard > 90.0, "the step is caught early: {last}");
+    assert_eq!(
+        twinwatch(&["eval", "nab", "/nonexistent"]).status.code(),
+        Some(2)
+    );
+}

@@ -173,4 +173,197 @@ mod tests {
         assert_eq!(normalised(&[null], &p), 0.0);
         assert_eq!(scaled_sigmoid(3.5), -1.0);
     }
+
+    #[test]
+    fn an_open_alert_is_not_flagged_again() {
+        let s = [0.1, 0.9, 0.95, 0.2, 0.9, 0.1, 0.1, 0.1, 0.99];
+        let f = flags_at(&s, 0.9, 3);
+        assert_eq!(
+            f,
+            [false, true, false, false, false, false, false, false, true]
+        );
+        assert_eq!(flags_at(&s, 0.9, 0).iter().filter(|f| **f).count(), 4);
+    }
+}
+
+/// One NAB series with its windows as row ranges.
+#[derive(Debug, Clone)]
+pub struct Series {
+    pub name: String,
+    pub values: Vec<f64>,
+    pub windows: Vec<(usize, usize)>,
+}
+
+/// Why the NAB folder could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum NabError {
+    #[error("{0}: not the NAB folder (expected data/ and labels/combined_windows.json)")]
+    NotNab(std::path::PathBuf),
+    #[error("{path}: {message}")]
+    Bad {
+        path: std::path::PathBuf,
+        message: String,
+    },
+}
+
+fn parse_time(s: &str) -> Option<i64> {
+    let s = s.trim();
+    let fmt = if s.contains('.') {
+        "%Y-%m-%d %H:%M:%S%.f"
+    } else {
+        "%Y-%m-%d %H:%M:%S"
+    };
+    chrono::NaiveDateTime::parse_from_str(s, fmt)
+        .ok()
+        .map(|t| t.and_utc().timestamp_millis())
+}
+
+/// Reads every series named in `labels/combined_windows.json`, in name order.
+pub fn load(dir: &std::path::Path) -> Result<Vec<Series>, NabError> {
+    use std::collections::BTreeMap;
+    let labels = dir.join("labels").join("combined_windows.json");
+    let text = std::fs::read_to_string(&labels).map_err(|_| NabError::NotNab(dir.to_path_buf()))?;
+    let windows: BTreeMap<String, Vec<(String, String)>> =
+        serde_json::from_str(&text).map_err(|e| NabError::Bad {
+            path: labels.clone(),
+            message: e.to_string(),
+        })?;
+    let mut out = Vec::with_capacity(windows.len());
+    for (name, wins) in windows {
+        let path = dir.join("data").join(&name);
+        let bad = |message: String| NabError::Bad {
+            path: path.clone(),
+            message,
+        };
+        let text = std::fs::read_to_string(&path).map_err(|e| bad(e.to_string()))?;
+        let mut times = Vec::new();
+        let mut values = Vec::new();
+        for (n, line) in text.lines().enumerate().skip(1) {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let (t, v) = line
+                .split_once(',')
+                .ok_or_else(|| bad(format!("line {}: expected timestamp,value", n + 1)))?;
+            times.push(parse_time(t).ok_or_else(|| bad(format!("line {}: bad timestamp", n + 1)))?);
+            values.push(
+                v.trim()
+                    .parse::<f64>()
+                    .map_err(|_| bad(format!("line {}: bad value", n + 1)))?,
+            );
+        }
+        let mut rows = Vec::new();
+        for (a, b) in &wins {
+            let (Some(a), Some(b)) = (parse_time(a), parse_time(b)) else {
+                return Err(bad(format!("window {a} .. {b}: bad timestamp")));
+            };
+            let lo = times.partition_point(|t| *t < a);
+            let hi = times.partition_point(|t| *t <= b);
+            if hi > lo {
+                rows.push((lo, hi - 1));
+            }
+        }
+        out.push(Series {
+            name,
+            values,
+            windows: rows,
+        });
+    }
+    if out.is_empty() {
+        return Err(NabError::NotNab(dir.to_path_buf()));
+    }
+    Ok(out)
+}
+
+/// Flags of a threshold: rows scoring at or above it, except those within
+/// `cooldown` rows after a flagged one — an open alert is not raised again, as
+/// the live pipeline's dedup does.
+pub fn flags_at(scores: &[f64], threshold: f64, cooldown: usize) -> Vec<bool> {
+    let mut last: Option<usize> = None;
+    scores
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            if *v < threshold {
+                return false;
+            }
+            let open = last.is_some_and(|l| i - l <= cooldown);
+            last = Some(i);
+            !open
+        })
+        .collect()
+}
+
+/// The best threshold of a profile over the corpus, and the file scores it gives.
+/// `scores` are the detector's per-row anomaly scores (0..1) of each series.
+pub fn best_threshold(
+    series: &[Series],
+    scores: &[Vec<f64>],
+    p: &Profile,
+    cooldown: usize,
+) -> (f64, Vec<FileScore>) {
+    let mut all: Vec<f64> = scores
+        .iter()
+        .flatten()
+        .copied()
+        .filter(|s| s.is_finite())
+        .collect();
+    all.sort_by(f64::total_cmp);
+    all.dedup();
+    // Candidates: up to 400 quantiles of the scores seen, and "never".
+    let step = (all.len() / 400).max(1);
+    let mut candidates: Vec<f64> = all.iter().step_by(step).copied().collect();
+    candidates.push(f64::INFINITY);
+    let mut best = (f64::INFINITY, f64::NEG_INFINITY, Vec::new());
+    for t in candidates {
+        let files: Vec<FileScore> = series
+            .iter()
+            .zip(scores)
+            .map(|(s, sc)| score_file(&flags_at(sc, t, cooldown), &s.windows, p))
+            .collect();
+        let total: f64 = files.iter().map(|f| f.score).sum();
+        if total > best.1 {
+            best = (t, total, files);
+        }
+    }
+    (best.0, best.2)
+}
+
+/// The published scoreboard (standard, low FP, low FN).
+pub const SCOREBOARD: [(&str, f64, f64, f64); 10] = [
+    ("ARTime", 74.9, 65.1, 80.4),
+    ("Numenta HTM", 70.5, 62.6, 75.2),
+    ("CAD OSE", 69.9, 67.0, 73.2),
+    ("earthgecko Skyline", 58.2, 46.2, 63.9),
+    ("KNN CAD", 58.0, 43.4, 64.8),
+    ("Relative Entropy", 54.6, 47.6, 58.8),
+    ("Random Cut Forest", 51.7, 38.4, 59.7),
+    ("Twitter ADVec", 47.1, 33.6, 53.5),
+    ("Windowed Gaussian", 39.6, 20.9, 47.4),
+    ("Random", 11.0, 1.2, 19.5),
+];
+
+/// Per-row anomaly scores of a series from the live pipeline's per-reading
+/// detectors (spike, shift, stuck, range): each row is one reading, one
+/// second apart, learning over the probation rows; a row's score is the
+/// highest score of what the detectors found in it (0 when nothing).
+pub fn detector_scores(series: &Series, cfg: &crate::config::Config) -> Vec<f64> {
+    let mut cfg = cfg.clone();
+    cfg.alerts.min_score = 0.0;
+    cfg.baseline.warmup = (probation(series.values.len()).max(1) as i64) * 1000;
+    let mut detectors = crate::detect::Detectors::new(&cfg);
+    let mut found = Vec::new();
+    series
+        .values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            found.clear();
+            detectors.observe(0, 0, i as i64 * 1000, true, &[(0, *v)], &mut found);
+            found
+                .iter()
+                .map(|f| crate::score::score_from_surprise(f.surprise))
+                .fold(0.0, f64::max)
+        })
+        .collect()
 }
