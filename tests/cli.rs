@@ -27,6 +27,15 @@ fn ok(args: &[&str]) -> Output {
     out
 }
 
+/// The number after `prefix` on the last line of `stdout` (the closing line of an eval).
+fn closing_figure(stdout: &str, prefix: &str) -> f64 {
+    let last = stdout.lines().last().unwrap_or_default();
+    last.strip_prefix(prefix)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("last line: {last}"))
+}
+
 fn read_alerts(path: &Path) -> Vec<Alert> {
     std::fs::read_to_string(path)
         .unwrap()
@@ -438,13 +447,8 @@ fn eval_skab_runs_the_protocol_on_a_skab_shaped_folder() {
         stdout.contains("| Conv-AE | 0.78 | 13.55 | 28.02 |"),
         "{stdout}"
     );
-    let last = stdout.lines().last().unwrap();
-    let f1: f64 = last
-        .strip_prefix("skab: F1 ")
-        .and_then(|r| r.split(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("last line: {last}"));
-    assert!(f1 > 0.9, "the flow drop is found: {last}");
+    let f1 = closing_figure(&stdout, "skab: F1 ");
+    assert!(f1 > 0.9, "the flow drop is found: {stdout}");
     let missing = twinwatch(&["eval", "skab", "/nonexistent"]);
     assert_eq!(missing.status.code(), Some(2));
 }
@@ -537,13 +541,8 @@ fn eval_nab_scores_a_nab_shaped_folder() {
         stdout.contains("| ARTime | 74.9 | 65.1 | 80.4 |"),
         "{stdout}"
     );
-    let last = stdout.lines().last().unwrap();
-    let standard: f64 = last
-        .strip_prefix("nab: standard ")
-        .and_then(|r| r.split(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("{last}"));
-    assert!(standard > 90.0, "the step is caught early: {last}");
+    let standard = closing_figure(&stdout, "nab: standard ");
+    assert!(standard > 90.0, "the step is caught early: {stdout}");
     assert_eq!(
         twinwatch(&["eval", "nab", "/nonexistent"]).status.code(),
         Some(2)

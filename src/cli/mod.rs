@@ -553,17 +553,8 @@ fn replay(a: ReplayArgs) -> Result<()> {
     };
     let mut pipeline = Pipeline::new(&cfg);
     pipeline.set_registry(load_registry(&cfg, a.devices.as_deref())?);
-    let mut progress = Progress::new();
     let started = Instant::now();
-    let mut stage = features(&cfg);
-    runtime()?.block_on(run(
-        &mut pipeline,
-        &mut source,
-        &mut sink,
-        stage.as_mut(),
-        &mut |p| progress.tick(&p.stats()),
-    ))?;
-    progress.done();
+    replay_through(&cfg, &mut pipeline, &mut source, &mut sink)?;
     tracing::info!(
         "replay: {}",
         summary_line(&pipeline.stats(), started.elapsed().as_secs_f64())
@@ -574,6 +565,22 @@ fn replay(a: ReplayArgs) -> Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         tracing::info!(path = %path.display(), "state written");
     }
+    Ok(())
+}
+
+/// A capture through the pipeline and the query files into `sink`, with progress on a terminal.
+fn replay_through<K: crate::sink::Sink>(
+    cfg: &Config,
+    pipeline: &mut Pipeline,
+    source: &mut CaptureSource,
+    sink: &mut K,
+) -> Result<()> {
+    let mut progress = Progress::new();
+    let mut stage = features(cfg);
+    runtime()?.block_on(run(pipeline, source, sink, stage.as_mut(), &mut |p| {
+        progress.tick(&p.stats())
+    }))?;
+    progress.done();
     Ok(())
 }
 
@@ -816,17 +823,8 @@ fn eval_sim(a: EvalSimArgs) -> Result<()> {
         .or_else(|| beside.exists().then_some(beside));
     pipeline.set_registry(load_registry(&cfg, devices.as_deref())?);
     let mut sink = MemorySink::default();
-    let mut progress = Progress::new();
     let started = Instant::now();
-    let mut stage = features(&cfg);
-    runtime()?.block_on(run(
-        &mut pipeline,
-        &mut source,
-        &mut sink,
-        stage.as_mut(),
-        &mut |p| progress.tick(&p.stats()),
-    ))?;
-    progress.done();
+    replay_through(&cfg, &mut pipeline, &mut source, &mut sink)?;
     let stats = pipeline.stats();
     if let Some(p) = &a.alerts {
         let mut f = std::io::BufWriter::new(

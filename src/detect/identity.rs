@@ -457,12 +457,7 @@ impl Identity {
         let slot = match mach.devices.iter().position(|d| d.device == m.device) {
             Some(s) => s,
             None => {
-                let home = self
-                    .state
-                    .home
-                    .get(m.device as usize)
-                    .copied()
-                    .unwrap_or(NONE);
+                let home = home_of(&self.state.home, m.device);
                 let status = if declared_here {
                     Status::Approved
                 } else if declared_elsewhere {
@@ -521,12 +516,7 @@ impl Identity {
         }
         if !dev.status.trusted() {
             let (kind, text) = if dev.status == Status::Mismatch {
-                let home = self
-                    .state
-                    .home
-                    .get(m.device as usize)
-                    .copied()
-                    .unwrap_or(NONE);
+                let home = home_of(&self.state.home, m.device);
                 let belongs = match entry {
                     Some(e) if declared_elsewhere => {
                         format!("declared for {}", e.machines.join(", "))
@@ -841,6 +831,11 @@ impl Identity {
         let devices = machines.clone().map(|m| m.devices.len()).sum();
         (machines.count(), devices)
     }
+}
+
+/// The machine a device was first learned or approved for, or [`NONE`].
+fn home_of(home: &[u32], device: u32) -> u32 {
+    home.get(device as usize).copied().unwrap_or(NONE)
 }
 
 fn signed_secs(ms: f64) -> String {
