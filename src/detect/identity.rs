@@ -17,7 +17,8 @@
 //!   window (`traffic_rate`: floods, drops, and silences judged by
 //!   [`Identity::tick`] on the plant's event clock), payload size
 //!   (`traffic_size`), clock offset (`clock_skew`, kept out of the
-//!   watermarks and baselines);
+//!   watermarks and baselines); the messages of a window past its flood
+//!   threshold are kept out too;
 //! - **sequence** ([`sequence`](super::sequence)): gaps (`sequence_gap`,
 //!   scored by the device's loss rate), duplicates and rewinds
 //!   (`sequence_replay`);
@@ -715,6 +716,12 @@ impl Identity {
         let learn = trusted && in_order;
         if let Some(f) = dev.rate.observe(ts, p.window, p.flood_factor, learn, judge) {
             out.push(rate_finding(m, f, m.device, "message_rate", m.device_name));
+        }
+        // Past the flood threshold, the excess messages of the window are scored
+        // but teach nothing (window features included): a flood must not become
+        // the baseline it is then judged against when it ends.
+        if dev.rate.flooding() {
+            trusted = false;
         }
         if let Some(f) = mach
             .rate

@@ -117,6 +117,12 @@ impl Rate {
         self.buckets = self.buckets.saturating_add(1);
     }
 
+    /// Whether the current window has gone past the flood threshold: the
+    /// messages beyond it are excess, not the device's usual data.
+    pub fn flooding(&self) -> bool {
+        self.flooded
+    }
+
     /// More than `factor` times the usual count, and well beyond its jitter.
     pub fn flood_threshold(&self, factor: f64) -> f64 {
         (factor * self.mean).max(self.mean + 6.0 * self.dev.max(1.0)) + 2.0
