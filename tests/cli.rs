@@ -543,6 +543,23 @@ fn eval_nab_scores_a_nab_shaped_folder() {
     );
     let standard = closing_figure(&stdout, "nab: standard ");
     assert!(standard > 90.0, "the step is caught early: {stdout}");
+    let readings = ok(&[
+        "eval",
+        "nab",
+        dir.path().to_str().unwrap(),
+        "--detector",
+        "readings",
+    ]);
+    let stdout = String::from_utf8(readings.stdout).unwrap();
+    assert!(closing_figure(&stdout, "nab: standard ") > 90.0, "{stdout}");
+    let bad = twinwatch(&[
+        "eval",
+        "nab",
+        dir.path().to_str().unwrap(),
+        "--detector",
+        "magic",
+    ]);
+    assert_eq!(bad.status.code(), Some(2));
     assert_eq!(
         twinwatch(&["eval", "nab", "/nonexistent"]).status.code(),
         Some(2)

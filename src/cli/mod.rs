@@ -288,11 +288,18 @@ pub enum EvalCommand {
         #[arg(long, default_value_t = 20)]
         smooth: usize,
     },
-    /// NAB scoring on the NAB folder: the per-reading detectors beside the published scoreboard.
+    /// NAB scoring on the NAB folder: a detector of the pipeline beside the published scoreboard.
     Nab {
         /// The NAB folder (holding data/ and labels/).
         dir: PathBuf,
-        /// Configuration file (TOML) for the detectors' settings.
+        /// Which detector: `learned` (the multivariate model, on one series) or
+        /// `readings` (the per-reading baselines: spike, shift, stuck, range).
+        #[arg(long, default_value = "learned")]
+        detector: String,
+        /// Rows the learned model's statistic is averaged over.
+        #[arg(long, default_value_t = 1)]
+        smooth: usize,
+        /// Configuration file (TOML) for the per-reading detectors' settings.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -345,7 +352,12 @@ pub fn dispatch(cli: Cli) -> Result<()> {
         Command::Demo(a) => demo(a),
         Command::Config(a) => config(a),
         Command::Eval(EvalCommand::Sim(a)) => eval_sim(a),
-        Command::Eval(EvalCommand::Nab { dir, config }) => eval_nab(&dir, config.as_deref()),
+        Command::Eval(EvalCommand::Nab {
+            dir,
+            detector,
+            smooth,
+            config,
+        }) => eval_nab(&dir, &detector, smooth, config.as_deref()),
         Command::Eval(EvalCommand::Skab {
             dir,
             per_run,
@@ -1073,9 +1085,19 @@ fn models_show(c: &crate::state::Checkpoint, machine: &str) -> Result<()> {
     Ok(())
 }
 
-fn eval_nab(dir: &Path, config: Option<&Path>) -> Result<()> {
+fn eval_nab(dir: &Path, detector: &str, smooth: usize, config: Option<&Path>) -> Result<()> {
     use crate::eval::nab::{self, Profile};
     let cfg = load_config(config)?;
+    let (learned, label) = match detector {
+        "learned" => (true, "**twinwatch (learned model)**"),
+        "readings" => (false, "**twinwatch (per-reading detectors)**"),
+        other => {
+            return Err(UsageError(format!(
+                "--detector `{other}`: give `learned` or `readings`"
+            ))
+            .into());
+        }
+    };
     let series = nab::load(dir).map_err(|e| UsageError(e.to_string()))?;
     let on = std::io::stderr().is_terminal();
     let mut scores = Vec::with_capacity(series.len());
@@ -1088,7 +1110,11 @@ fn eval_nab(dir: &Path, config: Option<&Path>) -> Result<()> {
                 s.name
             );
         }
-        scores.push(nab::detector_scores(s, &cfg));
+        scores.push(if learned {
+            nab::model_scores(s, smooth)
+        } else {
+            nab::detector_scores(s, &cfg)
+        });
     }
     if on {
         eprintln!();
@@ -1110,12 +1136,7 @@ fn eval_nab(dir: &Path, config: Option<&Path>) -> Result<()> {
         .iter()
         .map(|(n, a, b, c)| (n.to_string(), *a, *b, *c))
         .collect();
-    rows.push((
-        "**twinwatch (per-reading detectors)**".into(),
-        ours[0].0,
-        ours[1].0,
-        ours[2].0,
-    ));
+    rows.push((label.into(), ours[0].0, ours[1].0, ours[2].0));
     rows.sort_by(|a, b| b.1.total_cmp(&a.1));
     println!("| Detector | Standard | Low FP | Low FN |");
     println!("|---|---|---|---|");
