@@ -158,9 +158,11 @@ impl BusLag {
         }
         self.seen += 1;
         if self.seen.is_multiple_of(4) || self.recent.len() < 16 {
-            let mut v = self.recent.clone();
-            let mid = v.len() / 2;
-            self.median = *v.select_nth_unstable(mid).1;
+            // On the per-message path: a stack copy, no allocation.
+            let mut v = [0; BUS_RECENT];
+            let n = self.recent.len();
+            v[..n].copy_from_slice(&self.recent);
+            self.median = *v[..n].select_nth_unstable(n / 2).1;
         }
     }
 }
@@ -237,11 +239,9 @@ pub struct Identity {
     p: Params,
     state: IdentityState,
     registry: Registry,
-    /// Signature result of the last (batch, envelope, device) checked.
-    sig_cache: Option<(u64, u32, u32, SignatureCheck)>,
-    /// Signatures of this batch checked ahead, in parallel: (envelope, device) -> result.
+    /// Signatures of this batch already checked (ahead, in parallel, or on
+    /// first sight): (envelope, device) -> result.
     verified: std::collections::HashMap<(u32, u32), SignatureCheck>,
-    batch: u64,
     next_tick: Millis,
     pub counts: IdentityCounts,
 }
@@ -268,9 +268,7 @@ impl Identity {
             },
             state: IdentityState::default(),
             registry: Registry::default(),
-            sig_cache: None,
             verified: std::collections::HashMap::new(),
-            batch: 0,
             next_tick: Millis::MIN,
             counts: IdentityCounts::default(),
         }
@@ -279,7 +277,7 @@ impl Identity {
     /// Replaces the device registry (approvals take effect with the next message).
     pub fn set_registry(&mut self, registry: Registry) {
         self.registry = registry;
-        self.sig_cache = None;
+        self.verified.clear();
     }
 
     /// The registry in force.
@@ -305,7 +303,6 @@ impl Identity {
 
     /// Marks the start of a batch (envelope indexes restart).
     pub fn begin_batch(&mut self) {
-        self.batch += 1;
         self.verified.clear();
     }
 
@@ -354,13 +351,9 @@ impl Identity {
                     .collect()
             })
         };
-        for ((j, _), c) in todo.iter().zip(results) {
-            match c {
-                SignatureCheck::Valid => self.counts.signatures_verified += 1,
-                SignatureCheck::Missing | SignatureCheck::Bad => self.counts.signatures_failed += 1,
-                SignatureCheck::Unchecked => {}
-            }
-            self.verified.insert((j.envelope, j.device), c);
+        let done: Vec<(u32, u32)> = todo.iter().map(|(j, _)| (j.envelope, j.device)).collect();
+        for ((envelope, device), c) in done.into_iter().zip(results) {
+            record(&mut self.counts, &mut self.verified, (envelope, device), c);
         }
     }
 
@@ -406,24 +399,17 @@ impl Identity {
         let entry = self.registry.get(m.device_name);
         let mut signed_ok = true;
         if let Some(e) = entry {
-            let ahead = self.verified.get(&(m.envelope, m.device)).copied();
-            let check = match self.sig_cache {
-                _ if ahead.is_some() => ahead.unwrap_or(SignatureCheck::Unchecked),
-                Some((b, env, dev, c))
-                    if b == self.batch && env == m.envelope && dev == m.device =>
-                {
-                    c
-                }
-                _ => {
+            // Checked ahead by the pipeline; on first sight otherwise (once per envelope).
+            let check = match self.verified.get(&(m.envelope, m.device)) {
+                Some(c) => *c,
+                None => {
                     let c = e.check(m.payload, m.signature);
-                    self.sig_cache = Some((self.batch, m.envelope, m.device, c));
-                    match c {
-                        SignatureCheck::Valid => self.counts.signatures_verified += 1,
-                        SignatureCheck::Missing | SignatureCheck::Bad => {
-                            self.counts.signatures_failed += 1
-                        }
-                        SignatureCheck::Unchecked => {}
-                    }
+                    record(
+                        &mut self.counts,
+                        &mut self.verified,
+                        (m.envelope, m.device),
+                        c,
+                    );
                     c
                 }
             };
@@ -838,6 +824,21 @@ impl Identity {
         let devices = machines.clone().map(|m| m.devices.len()).sum();
         (machines.count(), devices)
     }
+}
+
+/// Records a signature result for its batch, and counts it.
+fn record(
+    counts: &mut IdentityCounts,
+    verified: &mut std::collections::HashMap<(u32, u32), SignatureCheck>,
+    key: (u32, u32),
+    c: SignatureCheck,
+) {
+    match c {
+        SignatureCheck::Valid => counts.signatures_verified += 1,
+        SignatureCheck::Missing | SignatureCheck::Bad => counts.signatures_failed += 1,
+        SignatureCheck::Unchecked => {}
+    }
+    verified.insert(key, c);
 }
 
 /// The machine a device was first learned or approved for, or [`NONE`].
