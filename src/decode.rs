@@ -152,6 +152,8 @@ impl std::fmt::Display for Reason {
 pub struct DecodeError {
     pub reason: Reason,
     pub detail: String,
+    /// For [`Reason::Capacity`]: the configuration key of the cap reached.
+    pub cap: Option<&'static str>,
 }
 
 impl DecodeError {
@@ -165,7 +167,11 @@ impl DecodeError {
             detail.truncate(cut);
             detail.push('…');
         }
-        DecodeError { reason, detail }
+        DecodeError {
+            reason,
+            detail,
+            cap: None,
+        }
     }
 
     /// Classifies a serde_json error. Our own visitors prefix their messages
@@ -935,9 +941,12 @@ impl Decoder {
     }
 }
 
-fn capacity(what: &str, key: &str) -> DecodeError {
-    DecodeError::new(
-        Reason::Capacity,
-        format!("too many distinct {what}: the cap {key} is reached"),
-    )
+fn capacity(what: &str, key: &'static str) -> DecodeError {
+    DecodeError {
+        cap: Some(key),
+        ..DecodeError::new(
+            Reason::Capacity,
+            format!("too many distinct {what}: the cap {key} is reached"),
+        )
+    }
 }

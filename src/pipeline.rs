@@ -670,13 +670,7 @@ impl Pipeline {
     /// A global cap (machines, devices, metrics) refused a message: one
     /// `capacity` alert per cap and cooldown, from the monitor itself.
     fn cap_alert(&mut self, error: &DecodeError, out: &mut Output) {
-        let Some(key) = [
-            "input.max_machines",
-            "input.max_devices",
-            "input.max_metrics",
-        ]
-        .into_iter()
-        .find(|k| error.detail.contains(k)) else {
+        let Some(key) = error.cap else {
             return;
         };
         let ts = self.stats.newest_ts.unwrap_or(0);
