@@ -6,6 +6,16 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+/// The entry of `id` in a table indexed by interned ids, made on first use.
+/// Ids are dense and capped by their interner, so the table is too.
+pub fn entry<T>(table: &mut Vec<Option<T>>, id: u32, make: impl FnOnce() -> T) -> &mut T {
+    let i = id as usize;
+    if table.len() <= i {
+        table.resize_with(i + 1, || None);
+    }
+    table[i].get_or_insert_with(make)
+}
+
 /// Maps names to dense ids `0..len`, refusing new names past `cap`.
 #[derive(Debug)]
 pub struct Interner {

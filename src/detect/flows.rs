@@ -169,11 +169,7 @@ impl Flows {
         if !p.enabled {
             return;
         }
-        let idx = r.machine as usize;
-        if self.machines.len() <= idx {
-            self.machines.resize_with(idx + 1, || None);
-        }
-        let m = self.machines[idx].get_or_insert_with(|| MachineFlows {
+        let m = crate::intern::entry(&mut self.machines, r.machine, || MachineFlows {
             first_ts: r.ts,
             protecting: false,
             peers: Vec::new(),

@@ -360,11 +360,7 @@ impl Identity {
     /// Judges one message; findings go to `out`.
     pub fn observe(&mut self, m: &Message, out: &mut Vec<Finding>) -> Verdict {
         let p = &self.p;
-        let idx = m.machine as usize;
-        if self.state.machines.len() <= idx {
-            self.state.machines.resize_with(idx + 1, || None);
-        }
-        let mach = self.state.machines[idx].get_or_insert_with(|| MachineIdentity {
+        let mach = crate::intern::entry(&mut self.state.machines, m.machine, || MachineIdentity {
             first_ts: m.ts,
             protecting: false,
             devices: Vec::new(),

@@ -350,11 +350,7 @@ impl Detectors {
         out: &mut Vec<Finding>,
     ) {
         let p = &self.p;
-        let idx = machine as usize;
-        if self.machines.len() <= idx {
-            self.machines.resize_with(idx + 1, || None);
-        }
-        let m = self.machines[idx].get_or_insert_with(|| MachineState {
+        let m = crate::intern::entry(&mut self.machines, machine, || MachineState {
             first_ts: ts,
             protecting: false,
             mode: ModeTracker::default(),

@@ -158,11 +158,7 @@ impl Learned {
             return;
         }
         let p = &self.p;
-        let i = machine as usize;
-        if self.machines.len() <= i {
-            self.machines.resize_with(i + 1, || None);
-        }
-        let m = self.machines[i].get_or_insert_with(|| MachineModel {
+        let m = crate::intern::entry(&mut self.machines, machine, || MachineModel {
             first_ts: ts,
             features: Vec::new(),
             last: Vec::new(),
