@@ -118,6 +118,24 @@ fn dedup_key(subject: &str) -> u32 {
     (key(&[subject]) >> 32) as u32
 }
 
+/// The slot of `key` in a window's tallies, added while there is room
+/// ([`MAX_TALLIES`]); `None` once full.
+fn tally<T>(
+    v: &mut Vec<T>,
+    key: u64,
+    key_of: impl Fn(&T) -> u64,
+    make: impl FnOnce() -> T,
+) -> Option<usize> {
+    match v.iter().position(|e| key_of(e) == key) {
+        Some(i) => Some(i),
+        None if v.len() < MAX_TALLIES => {
+            v.push(make());
+            Some(v.len() - 1)
+        }
+        None => None,
+    }
+}
+
 /// Inserts into a sorted set below `cap`; `Err(true)` when the cap refused it.
 fn insert_capped<T: Ord + Copy>(set: &mut Vec<T>, v: T, cap: usize) -> Result<bool, bool> {
     match set.binary_search(&v) {
@@ -301,14 +319,7 @@ impl Flows {
         // Volume to the destination in this window.
         let dst = key(&[r.dst]);
         let w = &mut m.window;
-        let slot = match w.bytes.iter().position(|e| e.0 == dst) {
-            Some(i) => Some(i),
-            None if w.bytes.len() < MAX_TALLIES => {
-                w.bytes.push((dst, 0, false));
-                Some(w.bytes.len() - 1)
-            }
-            None => None,
-        };
+        let slot = tally(&mut w.bytes, dst, |e| e.0, || (dst, 0, false));
         if let Some(i) = slot {
             let e = &mut w.bytes[i];
             e.1 = e.1.saturating_add(r.bytes);
@@ -363,14 +374,7 @@ impl Flows {
         let port = r.dst_port.map_or(0, |p| p as u64 + 1);
         let pair = key(&[r.dst]) ^ port.wrapping_mul(0x9e37_79b9_7f4a_7c15);
         let limit = p.fanout_min.max(2 * m.widest_fanout as usize);
-        let slot = match w.fanout.iter().position(|e| e.0 == src) {
-            Some(i) => Some(i),
-            None if w.fanout.len() < MAX_TALLIES => {
-                w.fanout.push((src, Vec::new(), false));
-                Some(w.fanout.len() - 1)
-            }
-            None => None,
-        };
+        let slot = tally(&mut w.fanout, src, |e| e.0, || (src, Vec::new(), false));
         if let Some(i) = slot {
             let e = &mut w.fanout[i];
             if e.1.len() <= limit && !e.1.contains(&pair) {
