@@ -747,71 +747,152 @@ fn sign_envelope(
     e
 }
 
+/// One flow record of the simulated network (always TCP).
+struct Flow<'a> {
+    ts: Millis,
+    src: &'a str,
+    dst: &'a str,
+    port: u16,
+    app: Option<&'a str>,
+    op: Option<&'a str>,
+    bytes: u64,
+    packets: u64,
+}
+
+/// Appends a flow record to a JSON array being written (`p` starts with `[`).
+fn write_flow(p: &mut String, machine: &str, f: Flow) {
+    if p.len() > 1 {
+        p.push(',');
+    }
+    let _ = write!(
+        p,
+        "{{\"ts\":{},\"machine\":\"{machine}\",\"src\":\"{}\",\"dst\":\"{}\",\"dst_port\":{},\"proto\":\"tcp\"",
+        f.ts, f.src, f.dst, f.port
+    );
+    if let Some(app) = f.app {
+        let _ = write!(p, ",\"app\":\"{app}\"");
+    }
+    if let Some(op) = f.op {
+        let _ = write!(p, ",\"op\":\"{op}\"");
+    }
+    let _ = write!(p, ",\"bytes\":{},\"packets\":{}}}", f.bytes, f.packets);
+}
+
 fn flows(m: &mut Machine, t: Millis, site: &str) -> Envelope {
     let ts = t + 500;
     let mut p = String::with_capacity(512);
-    let _ = write!(
-        p,
-        "[{{\"ts\":{ts},\"machine\":\"{}\",\"src\":\"10.20.0.5\",\"dst\":\"{}\",\"dst_port\":502,\"proto\":\"tcp\",\"app\":\"modbus\",\"op\":\"read_holding_registers\",\"bytes\":{},\"packets\":2}}",
-        m.name,
-        m.ip,
-        118 + m.rng.below(12)
+    p.push('[');
+    let name = m.name.clone();
+    let ip = m.ip.clone();
+    // The SCADA poller reads registers; the OPC UA client reads.
+    let bytes = 118 + m.rng.below(12) as u64;
+    let (src, dst) = ("10.20.0.5", ip.as_str());
+    write_flow(
+        &mut p,
+        &name,
+        Flow {
+            ts,
+            src,
+            dst,
+            port: 502,
+            app: Some("modbus"),
+            op: Some("read_holding_registers"),
+            bytes,
+            packets: 2,
+        },
     );
-    let _ = write!(
-        p,
-        ",{{\"ts\":{},\"machine\":\"{}\",\"src\":\"10.20.0.8\",\"dst\":\"{}\",\"dst_port\":4840,\"proto\":\"tcp\",\"app\":\"opcua\",\"op\":\"read\",\"bytes\":{},\"packets\":4}}",
-        ts + 100,
-        m.name,
-        m.ip,
-        400 + m.rng.below(80)
+    let bytes = 400 + m.rng.below(80) as u64;
+    write_flow(
+        &mut p,
+        &name,
+        Flow {
+            ts: ts + 100,
+            src: "10.20.0.8",
+            dst,
+            port: 4840,
+            app: Some("opcua"),
+            op: Some("read"),
+            bytes,
+            packets: 4,
+        },
     );
     // The engineering workstation writes a register about twice an hour, and
     // once while the machine learns (so learning knows it may).
     let learning_write = t >= m.learning_write && t < m.learning_write + 5_000;
     if m.rng.chance(5.0 / 1800.0) || learning_write {
-        let _ = write!(
-            p,
-            ",{{\"ts\":{},\"machine\":\"{}\",\"src\":\"10.20.0.20\",\"dst\":\"{}\",\"dst_port\":502,\"proto\":\"tcp\",\"app\":\"modbus\",\"op\":\"write_single_register\",\"bytes\":{},\"packets\":2}}",
-            ts + 200,
-            m.name,
-            m.ip,
-            120 + m.rng.below(8)
+        let bytes = 120 + m.rng.below(8) as u64;
+        write_flow(
+            &mut p,
+            &name,
+            Flow {
+                ts: ts + 200,
+                src: "10.20.0.20",
+                dst,
+                port: 502,
+                app: Some("modbus"),
+                op: Some("write_single_register"),
+                bytes,
+                packets: 2,
+            },
         );
     }
     match attack_at(m, ts) {
         Some(Attack::Exfil) => {
-            let _ = write!(
-                p,
-                ",{{\"ts\":{},\"machine\":\"{}\",\"src\":\"{}\",\"dst\":\"203.0.113.{}\",\"dst_port\":443,\"proto\":\"tcp\",\"app\":\"https\",\"bytes\":{},\"packets\":{}}}",
-                ts + 300,
-                m.name,
-                m.ip,
-                10 + m.ip.len() % 200,
-                300_000 + m.rng.below(1_500_000),
-                400 + m.rng.below(800)
+            let far = format!("203.0.113.{}", 10 + ip.len() % 200);
+            let bytes = 300_000 + m.rng.below(1_500_000) as u64;
+            let packets = 400 + m.rng.below(800) as u64;
+            write_flow(
+                &mut p,
+                &name,
+                Flow {
+                    ts: ts + 300,
+                    src: &ip,
+                    dst: &far,
+                    port: 443,
+                    app: Some("https"),
+                    op: None,
+                    bytes,
+                    packets,
+                },
             );
         }
         Some(Attack::UnauthorizedWrite) => {
-            let _ = write!(
-                p,
-                ",{{\"ts\":{},\"machine\":\"{}\",\"src\":\"10.20.0.5\",\"dst\":\"{}\",\"dst_port\":502,\"proto\":\"tcp\",\"app\":\"modbus\",\"op\":\"write_single_register\",\"bytes\":{},\"packets\":2}}",
-                ts + 250,
-                m.name,
-                m.ip,
-                120 + m.rng.below(8)
+            let bytes = 120 + m.rng.below(8) as u64;
+            write_flow(
+                &mut p,
+                &name,
+                Flow {
+                    ts: ts + 250,
+                    src: "10.20.0.5",
+                    dst,
+                    port: 502,
+                    app: Some("modbus"),
+                    op: Some("write_single_register"),
+                    bytes,
+                    packets: 2,
+                },
             );
         }
         Some(Attack::Scan) => {
             // A compromised host sweeps the machine's subnet and common ports.
             for k in 0..40i64 {
                 let port = [22, 80, 102, 443, 502, 4840, 8080, 44818][k as usize % 8];
-                let _ = write!(
-                    p,
-                    ",{{\"ts\":{},\"machine\":\"{}\",\"src\":\"10.20.0.8\",\"dst\":\"10.20.{}.{}\",\"dst_port\":{port},\"proto\":\"tcp\",\"bytes\":60,\"packets\":1}}",
-                    ts + 300 + k * 10,
-                    m.name,
-                    1 + m.rng.below(4),
-                    1 + m.rng.below(250)
+                let a = 1 + m.rng.below(4);
+                let b = 1 + m.rng.below(250);
+                let target = format!("10.20.{a}.{b}");
+                write_flow(
+                    &mut p,
+                    &name,
+                    Flow {
+                        ts: ts + 300 + k * 10,
+                        src: "10.20.0.8",
+                        dst: &target,
+                        port,
+                        app: None,
+                        op: None,
+                        bytes: 60,
+                        packets: 1,
+                    },
                 );
             }
         }
