@@ -1046,7 +1046,7 @@ fn models_show(c: &crate::state::Checkpoint, machine: &str) -> Result<()> {
                     serde_json::json!({
                         "device": device(d.device),
                         "status": d.status,
-                        "messages_per_window": d.rate.mean,
+                        "messages_per_window": d.rate.counts.mean,
                         "payload_bytes": d.size.mean,
                         "clock_offset_ms": d.skew.offset,
                     })

@@ -49,9 +49,7 @@ pub struct FlowRecord<'a> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Volume {
     pub dst: u64,
-    pub mean: f64,
-    pub dev: f64,
-    pub n: u32,
+    pub bytes: super::traffic::Running,
 }
 
 /// The current window's tallies.
@@ -330,10 +328,10 @@ impl Flows {
                     .ok()
                     .map(|i| &m.volumes[i]);
                 let (expected, threshold) = match learned {
-                    Some(v) if v.n >= 3 => (
-                        v.mean,
-                        (v.mean * p.volume_factor)
-                            .max(v.mean + 8.0 * v.dev)
+                    Some(v) if v.bytes.n >= 3 => (
+                        v.bytes.mean,
+                        (v.bytes.mean * p.volume_factor)
+                            .max(v.bytes.mean + 8.0 * v.bytes.dev)
                             .max(p.volume_min as f64),
                     ),
                     _ => (
@@ -416,20 +414,15 @@ fn learn_window(m: &mut MachineFlows, w: &Window, learning: bool) {
                     i,
                     Volume {
                         dst,
-                        mean: bytes as f64,
-                        dev: 0.0,
-                        n: 0,
+                        bytes: Default::default(),
                     },
                 );
                 i
             }
             Err(_) => continue,
         };
-        let v = &mut m.volumes[i];
-        let a = (1.0 / (v.n as f64 + 1.0)).max(0.02);
-        v.dev += a * ((bytes as f64 - v.mean).abs() - v.dev);
-        v.mean += a * (bytes as f64 - v.mean);
-        v.n = v.n.saturating_add(1);
+        let v = &mut m.volumes[i].bytes;
+        v.learn(bytes as f64);
         if learning {
             m.largest_mean = m.largest_mean.max(v.mean);
         }

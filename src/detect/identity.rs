@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 
 use super::replay::{ReplayIndex, ReplayVerdict};
 use super::sequence::{SeqEvent, SeqTracker};
-use super::traffic::{Gaps, Rate, RateFinding, Size, Skew};
+use super::traffic::{Gaps, Rate, RateFinding, Running, Skew};
 use super::{Finding, Kind};
 use crate::alerts::{NO_DEVICE, fmt_num};
 use crate::config::Config;
@@ -77,7 +77,7 @@ pub struct DeviceState {
     pub learn_until: Millis,
     pub rate: Rate,
     pub gaps: Gaps,
-    pub size: Size,
+    pub size: Running,
     pub skew: Skew,
     /// Consecutive messages behind the bus's lag.
     #[serde(default)]
@@ -92,7 +92,7 @@ impl DeviceState {
             learn_until,
             rate: Rate::default(),
             gaps: Gaps::default(),
-            size: Size::default(),
+            size: Running::default(),
             skew: Skew::default(),
             behind: 0,
         }
@@ -721,7 +721,7 @@ impl Identity {
         }
         // Untrusted messages still show the device is alive, but teach no gaps.
         dev.gaps.observe(ts, learning && trusted);
-        match dev.size.z(m.size) {
+        match dev.size.size_z(m.size) {
             Some(z) if judge && z.abs() >= p.size_z => out.push(
                 note(
                     Kind::TrafficSize,

@@ -22,10 +22,8 @@ fn alpha(n: u32) -> f64 {
 pub struct Rate {
     bucket: Millis,
     count: u32,
-    /// Mean and mean absolute deviation of the count of a full window.
-    pub mean: f64,
-    pub dev: f64,
-    pub buckets: u32,
+    /// Messages in a full window: mean and mean absolute deviation.
+    pub counts: Running,
     flooded: bool,
     started: bool,
 }
@@ -66,17 +64,18 @@ impl Rate {
             self.bucket = bucket;
         } else if bucket > self.bucket {
             let count = self.count;
-            let ready = self.buckets >= MIN_BUCKETS;
-            let threshold = self.mean / factor;
-            if judge && ready && self.mean >= 5.0 && (count as f64) < threshold && count > 0 {
+            let ready = self.counts.n >= MIN_BUCKETS;
+            let threshold = self.counts.mean / factor;
+            if judge && ready && self.counts.mean >= 5.0 && (count as f64) < threshold && count > 0
+            {
                 found = Some(RateFinding::Drop {
                     count,
-                    mean: self.mean,
+                    mean: self.counts.mean,
                     threshold,
                 });
             }
             if learn && !self.flooded && found.is_none() && self.count_is_full(bucket, size) {
-                self.learn(count as f64);
+                self.counts.learn(count as f64);
             }
             self.bucket = bucket;
             self.count = 0;
@@ -86,13 +85,13 @@ impl Rate {
             return None;
         }
         self.count = self.count.saturating_add(1);
-        if judge && self.buckets >= MIN_BUCKETS && !self.flooded {
+        if judge && self.counts.n >= MIN_BUCKETS && !self.flooded {
             let threshold = self.flood_threshold(factor);
             if self.count as f64 > threshold {
                 self.flooded = true;
                 found = Some(RateFinding::Flood {
                     count: self.count,
-                    mean: self.mean,
+                    mean: self.counts.mean,
                     threshold,
                 });
             }
@@ -106,17 +105,6 @@ impl Rate {
         next - self.bucket == size
     }
 
-    fn learn(&mut self, count: f64) {
-        let a = alpha(self.buckets);
-        if self.buckets == 0 {
-            self.mean = count;
-        } else {
-            self.dev += a * ((count - self.mean).abs() - self.dev);
-            self.mean += a * (count - self.mean);
-        }
-        self.buckets = self.buckets.saturating_add(1);
-    }
-
     /// Whether the current window has gone past the flood threshold: the
     /// messages beyond it are excess, not the device's usual data.
     pub fn flooding(&self) -> bool {
@@ -125,7 +113,8 @@ impl Rate {
 
     /// More than `factor` times the usual count, and well beyond its jitter.
     pub fn flood_threshold(&self, factor: f64) -> f64 {
-        (factor * self.mean).max(self.mean + 6.0 * self.dev.max(1.0)) + 2.0
+        let c = &self.counts;
+        (factor * c.mean).max(c.mean + 6.0 * c.dev.max(1.0)) + 2.0
     }
 }
 
@@ -170,18 +159,20 @@ impl Gaps {
     }
 }
 
-/// Payload size per message.
+/// A running mean and mean absolute deviation: the first observations weigh
+/// equally, then each counts [`MIN_ALPHA`] (about the last 50). Used for
+/// message counts, payload sizes and flow volumes.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-pub struct Size {
+pub struct Running {
     pub mean: f64,
     pub dev: f64,
     pub n: u32,
 }
 
-impl Size {
-    /// Robust z of a size (the deviation floored at 2 % of the mean and 4 bytes,
-    /// since payloads of one device often differ by a digit or two only).
-    pub fn z(&self, bytes: f64) -> Option<f64> {
+impl Running {
+    /// Robust z of a payload size (the deviation floored at 2 % of the mean
+    /// and 4 bytes, since payloads of one device often differ by a digit or two only).
+    pub fn size_z(&self, bytes: f64) -> Option<f64> {
         if self.n < 30 {
             return None;
         }
@@ -189,13 +180,13 @@ impl Size {
         Some((bytes - self.mean) / sigma)
     }
 
-    pub fn learn(&mut self, bytes: f64) {
+    pub fn learn(&mut self, x: f64) {
         let a = alpha(self.n);
         if self.n == 0 {
-            self.mean = bytes;
+            self.mean = x;
         } else {
-            self.dev += a * ((bytes - self.mean).abs() - self.dev);
-            self.mean += a * (bytes - self.mean);
+            self.dev += a * ((x - self.mean).abs() - self.dev);
+            self.mean += a * (x - self.mean);
         }
         self.n = self.n.saturating_add(1);
     }
@@ -246,7 +237,7 @@ mod tests {
     fn flood_and_drop_against_the_learned_rate() {
         let mut r = Rate::default();
         assert!(feed(&mut r, 0, 60, 10, false).is_empty());
-        assert!((r.mean - 10.0).abs() < 0.5, "{}", r.mean);
+        assert!((r.counts.mean - 10.0).abs() < 0.5, "{}", r.counts.mean);
         // Normal jitter (9..11 per window) is quiet.
         for w in 60..120 {
             let n = 9 + (w % 3);
@@ -281,12 +272,12 @@ mod tests {
         assert_eq!(g.silence_threshold(30_000, 5.0), 30_000);
         assert_eq!(g.observe(500, true), 0, "old messages close no gap");
 
-        let mut s = Size::default();
+        let mut s = Running::default();
         for i in 0..100 {
             s.learn(180.0 + (i % 5) as f64);
         }
-        assert!(s.z(183.0).unwrap().abs() < 1.0);
-        assert!(s.z(1800.0).unwrap() > 100.0);
+        assert!(s.size_z(183.0).unwrap().abs() < 1.0);
+        assert!(s.size_z(1800.0).unwrap() > 100.0);
 
         let mut k = Skew::default();
         assert_eq!(k.departure(90_000), 90_000.0);
