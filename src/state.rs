@@ -33,6 +33,27 @@ pub struct Checkpoint {
     pub pipeline: PipelineState,
 }
 
+/// Why a snapshot file could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("{0}")]
+    Io(std::io::Error),
+    #[error("not a twinwatch snapshot: {0}")]
+    Parse(serde_json::Error),
+    #[error("format version {0} (this build reads {FORMAT_VERSION})")]
+    Version(u32),
+}
+
+/// Reads a snapshot file of this format (nothing is set aside: see [`StateStore::load`]).
+pub fn read(path: &Path) -> Result<Checkpoint, ReadError> {
+    let bytes = std::fs::read(path).map_err(ReadError::Io)?;
+    let c: Checkpoint = serde_json::from_slice(&bytes).map_err(ReadError::Parse)?;
+    if c.format_version != FORMAT_VERSION {
+        return Err(ReadError::Version(c.format_version));
+    }
+    Ok(c)
+}
+
 /// A failure to write a snapshot.
 #[derive(Debug, thiserror::Error)]
 #[error("writing state snapshot {path}: {source}")]
@@ -58,24 +79,14 @@ impl StateStore {
 
     /// The snapshot on disk, if there is a usable one.
     pub fn load(&self) -> Option<Checkpoint> {
-        let bytes = match std::fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
-            Err(e) => {
-                warn!(path = %self.path.display(), error = %e, "cannot read the state snapshot; learning afresh");
-                return None;
-            }
-        };
-        match serde_json::from_slice::<Checkpoint>(&bytes) {
-            Ok(c) if c.format_version == FORMAT_VERSION => {
+        match read(&self.path) {
+            Ok(c) => {
                 info!(path = %self.path.display(), created_at = %c.created_at, machines = c.pipeline.machines.len(), "state restored");
                 Some(c)
             }
-            Ok(c) => {
-                self.set_aside(&format!(
-                    "format version {} (this build reads {FORMAT_VERSION})",
-                    c.format_version
-                ));
+            Err(ReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(ReadError::Io(e)) => {
+                warn!(path = %self.path.display(), error = %e, "cannot read the state snapshot; learning afresh");
                 None
             }
             Err(e) => {

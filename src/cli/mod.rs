@@ -922,24 +922,15 @@ fn eval_skab(dir: &Path, per_run: bool, detector: &crate::eval::skab::Detector) 
 fn load_checkpoint(config: Option<&Path>, path: Option<&Path>) -> Result<crate::state::Checkpoint> {
     let cfg = load_config(config)?;
     let file = path.map_or_else(|| PathBuf::from(&cfg.state.path), Path::to_path_buf);
-    let bytes = std::fs::read(&file).map_err(|e| {
-        UsageError(format!(
-            "{}: {e} (nothing learned yet? `run` writes it every [state] interval)",
-            file.display()
-        ))
-    })?;
-    let c: crate::state::Checkpoint = serde_json::from_slice(&bytes)
-        .map_err(|e| UsageError(format!("{}: not a twinwatch snapshot: {e}", file.display())))?;
-    if c.format_version != crate::state::FORMAT_VERSION {
-        return Err(UsageError(format!(
-            "{}: format version {} (this build reads {})",
-            file.display(),
-            c.format_version,
-            crate::state::FORMAT_VERSION
-        ))
-        .into());
-    }
-    Ok(c)
+    crate::state::read(&file).map_err(|e| {
+        let hint = match &e {
+            crate::state::ReadError::Io(_) => {
+                " (nothing learned yet? `run` writes it every [state] interval)"
+            }
+            _ => "",
+        };
+        UsageError(format!("{}: {e}{hint}", file.display())).into()
+    })
 }
 
 fn models_list(c: &crate::state::Checkpoint) -> Result<()> {
