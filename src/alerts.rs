@@ -249,7 +249,7 @@ impl AlertBook {
 }
 
 /// The dedup state in a snapshot.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct BookState {
     open: Vec<OpenEntry>,
     newest: Millis,

@@ -565,6 +565,10 @@ pub struct LearnConfig {
     /// ("0s": not), so a sensor that follows another with a lag is related to it.
     #[serde(with = "serde_duration")]
     pub lag: Millis,
+    /// Most operating modes per machine (KMeans clusters of its training vectors, a model each).
+    pub max_modes: usize,
+    /// Clusters are modes when their centres are this many summed spreads apart.
+    pub mode_separation: f64,
 }
 
 impl Default for LearnConfig {
@@ -573,12 +577,14 @@ impl Default for LearnConfig {
             enabled: false,
             variance: 0.9,
             smooth: 20,
-            t2_factor: 3.0,
+            t2_factor: 5.0,
             q_factor: 5.0,
             max_train: 1200,
             retrain: 3_600_000,
             max_inflation: 20.0,
             lag: 120_000,
+            max_modes: 1,
+            mode_separation: crate::learn::model::MODE_SEPARATION,
         }
     }
 }
@@ -797,7 +803,7 @@ enabled = false
 variance = 0.9
 smooth = 20
 # Alert when the smoothed statistic exceeds this many times its largest value in training.
-t2_factor = 3.0
+t2_factor = 5.0
 q_factor = 5.0
 max_train = 1200
 # Refit on everything judged normal since the machine started (thinned), this often.
@@ -807,6 +813,15 @@ max_inflation = 20.0
 # Each sensor also enters the model as its average over this long ("0s": not), so a sensor
 # that follows another with a lag (temperature after load) is related to it.
 lag = "2m"
+# Operating modes: the training vectors are clustered (KMeans) and each distinct cluster gets
+# its own model, for machines that switch between discrete states whose sensors relate
+# differently. 1 = one model: on the simulated plant, whose temperature takes minutes to follow
+# a load change, one model with lagged averages keeps quiet through every change, while models
+# per state do not know the way between them (see README, "Learned baselines").
+max_modes = 1
+# Clusters are modes when their centres are this many summed spreads apart (halves of one
+# continuous cloud are ~1.5); otherwise the machine has one model.
+mode_separation = 3.0
 
 [alerts]
 # Findings scoring below this (0..1) are not alerted. Severity is `low` from 0.7, `medium` from
@@ -1025,6 +1040,12 @@ impl Config {
         }
         if !(self.learn.max_inflation.is_finite() && self.learn.max_inflation >= 1.0) {
             return bad("learn.max_inflation", "must be at least 1");
+        }
+        if !(1..=8).contains(&self.learn.max_modes) {
+            return bad("learn.max_modes", "must be 1 to 8");
+        }
+        if !(self.learn.mode_separation.is_finite() && self.learn.mode_separation > 0.0) {
+            return bad("learn.mode_separation", "must be above 0");
         }
         if self.learn.lag < 0 {
             return bad("learn.lag", "must not be negative");

@@ -124,7 +124,7 @@ pub struct Output {
 
 /// Everything the pipeline has learned, serializable: what a restart needs so
 /// it does not learn from zero (see [`crate::state`]).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct PipelineState {
     pub machines: Vec<String>,
     pub devices: Vec<String>,

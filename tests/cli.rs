@@ -495,7 +495,26 @@ fn models_list_and_show_what_a_replay_learned() {
     assert_eq!(v["sensors"].as_array().unwrap().len(), 6);
     assert_eq!(v["devices"][0]["device"], "plc-01a");
     assert_eq!(v["multivariate"]["features"].as_array().unwrap().len(), 6);
-    assert!(v["multivariate"]["model"]["limits"]["q"].as_f64().unwrap() > 0.0);
+    assert!(
+        v["multivariate"]["model"]["models"][0]["limits"]["q"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    // Each machine's model is its own file beside the snapshot, saying what it holds.
+    for m in ["press-01", "lathe-02"] {
+        let file = dir.path().join(format!("{m}.model.json"));
+        let f: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        assert_eq!(f["machine"], m);
+        assert_eq!(f["format_version"], 2);
+        assert_eq!(f["features"].as_array().unwrap().len(), 6);
+        assert_eq!(f["modes"], 1);
+        assert!(
+            f["training_window"]["from"].as_str().unwrap()
+                < f["training_window"]["to"].as_str().unwrap()
+        );
+        assert!(f["created_at"].as_str().unwrap().ends_with('Z'));
+    }
     assert_eq!(
         twinwatch(&["models", "show", "nope", "--path", state])
             .status

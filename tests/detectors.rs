@@ -3,6 +3,7 @@
 
 use twinwatch::config::Config;
 use twinwatch::detect::{Detectors, Finding, Kind};
+use twinwatch::learn::machines::Learned;
 use twinwatch::sim::rng::Rng;
 
 const T0: i64 = 1_795_759_200_000;
@@ -309,4 +310,102 @@ fn future_dated_readings_are_scored_but_never_learned() {
         level,
         "not learned"
     );
+}
+
+/// Runs `seconds` of one machine through the learned multivariate model
+/// (`[learn]` on); `tamper` may change readings.
+fn run_learned(
+    seconds: i64,
+    seed: u64,
+    mut tamper: impl FnMut(i64, &mut [f64; 4]),
+) -> (Vec<Finding>, Learned) {
+    let mut cfg = config();
+    cfg.learn.enabled = true;
+    let mut l = Learned::new(&cfg);
+    let mut m = Machine::new(seed);
+    let mut out = Vec::new();
+    let names = |i: u32| ["temperature", "vibration", "speed", "current"][i as usize].to_string();
+    for s in 0..seconds {
+        let mut v = m.step(mode_at(s));
+        tamper(s, &mut v);
+        let readings: Vec<(u32, f64)> = v
+            .iter()
+            .enumerate()
+            .map(|(i, x)| (i as u32, (x * 1000.0).round() / 1000.0))
+            .collect();
+        l.observe(
+            0,
+            "m",
+            0,
+            T0 + s * 1000,
+            true,
+            true,
+            &readings,
+            &names,
+            &mut out,
+        );
+    }
+    (out, l)
+}
+
+#[test]
+fn learned_model_keeps_quiet_through_mode_changes() {
+    for seed in 1..=3 {
+        let (findings, l) = run_learned(3 * 3600, seed, |_, _| {});
+        let m = l.machine(0).unwrap();
+        assert!(m.model.is_some(), "fitted after the warm-up");
+        assert!(
+            findings.is_empty(),
+            "seed {seed}: {} multivariate findings on a clean series, first {:?}",
+            findings.len(),
+            findings.first()
+        );
+    }
+}
+
+#[test]
+fn learned_model_catches_a_sensor_decoupled_from_the_load() {
+    // At 2280 s the machine drops from full load to idle; from then on the
+    // temperature is reported at its full-load level with its usual noise,
+    // while current, speed and vibration fall: each alone looks normal.
+    let (start, end) = (2280, 2280 + 360);
+    for seed in 1..=3 {
+        let mut frozen = None;
+        let mut noise = Rng::new(seed + 100);
+        let (findings, _) = run_learned(3000, seed, |s, v| {
+            if (start..end).contains(&s) {
+                let level = *frozen.get_or_insert(v[0]);
+                v[0] = level + SIGMA[0] * noise.normal();
+            }
+        });
+        assert!(
+            findings.iter().all(|f| f.ts >= T0 + start * 1000),
+            "seed {seed}: nothing before the attack, first {:?}",
+            findings.first()
+        );
+        let caught: Vec<&Finding> = findings
+            .iter()
+            .filter(|f| f.kind == Kind::Multivariate && f.ts < T0 + end * 1000)
+            .collect();
+        let first = caught
+            .first()
+            .unwrap_or_else(|| panic!("seed {seed}: the decoupled temperature is not caught"));
+        assert!(
+            first.ts <= T0 + (start + 180) * 1000,
+            "seed {seed}: caught within three minutes, not {} s in",
+            (first.ts - T0) / 1000 - start
+        );
+        let twinwatch::detect::Detail::Multivariate { contributions, .. } = &first.detail else {
+            panic!("multivariate findings carry contributions");
+        };
+        let total: f64 = contributions.iter().map(|c| c.1).sum();
+        assert!(
+            (total - 1.0).abs() < 1e-9,
+            "weights sum to 1: {contributions:?}"
+        );
+        assert_eq!(
+            contributions[0].0, "temperature",
+            "seed {seed}: the decoupled sensor leads the explanation: {contributions:?}"
+        );
+    }
 }

@@ -64,7 +64,7 @@ pub enum ModelsCommand {
         /// Configuration file (TOML), for `[state] path`.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// The snapshot file; default: the configured `[state] path`.
+        /// The snapshot file (model files are read from its folder); default: the configured `[state] path`.
         #[arg(long)]
         path: Option<PathBuf>,
     },
@@ -287,6 +287,9 @@ pub enum EvalCommand {
         /// Rows the statistics are averaged over.
         #[arg(long, default_value_t = 20)]
         smooth: usize,
+        /// Most operating modes per run (KMeans clusters of its training rows, a model each).
+        #[arg(long, default_value_t = 1)]
+        max_modes: usize,
     },
     /// NAB scoring on the NAB folder: a detector of the pipeline beside the published scoreboard.
     Nab {
@@ -365,6 +368,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             t2_factor,
             q_factor,
             smooth,
+            max_modes,
         }) => {
             let mut d = crate::eval::skab::Detector {
                 z_factor,
@@ -373,6 +377,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
                 ..Default::default()
             };
             d.fit.smooth = smooth;
+            d.fit.max_modes = max_modes.clamp(1, 8);
             eval_skab(&dir, per_run, &d)
         }
         Command::Models(ModelsCommand::List { config, path }) => {
@@ -968,10 +973,10 @@ fn models_list(c: &crate::state::Checkpoint) -> Result<()> {
             None => "-".to_string(),
             Some(m) => match (&m.model, &m.fit_error) {
                 (Some(model), _) => format!(
-                    "{} features, {} components, trained on {} vectors {} .. {}, fitted {} time(s)",
+                    "{} features, {} mode(s), trained on {} vectors {} .. {}, fitted {} time(s)",
                     model.width(),
-                    model.components.len(),
-                    model.trained_on,
+                    model.models.len(),
+                    model.trained_on(),
                     crate::time::format_rfc3339(m.trained_from),
                     crate::time::format_rfc3339(m.trained_to),
                     m.fits

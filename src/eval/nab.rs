@@ -371,14 +371,14 @@ pub fn detector_scores(series: &Series, cfg: &crate::config::Config) -> Vec<f64>
 /// Per-row scores of a series from the learned model (`learn::model`) fitted
 /// on its probation rows: the smoothed max-z ratio r mapped to r / (1 + r).
 pub fn model_scores(series: &Series, smooth: usize) -> Vec<f64> {
-    use crate::learn::model::{FitParams, Model, Scorer};
+    use crate::learn::model::{FitParams, Modes, Scorer};
     let n = probation(series.values.len()).max(2 * smooth.max(10));
     let rows: Vec<Vec<f64>> = series.values.iter().map(|v| vec![*v]).collect();
     let params = FitParams {
         smooth,
         ..FitParams::default()
     };
-    let Ok(model) = Model::fit(&rows[..n.min(rows.len())], &params) else {
+    let Ok(model) = Modes::fit(&rows[..n.min(rows.len())], &params) else {
         return vec![0.0; rows.len()];
     };
     let mut scorer = Scorer::new(&model);

@@ -202,15 +202,15 @@ impl Default for Detector {
 impl Detector {
     /// One prediction per row of `run` (the training rows included, unscored).
     pub fn predict(&self, run: &Run) -> Result<Vec<bool>, crate::learn::model::FitError> {
-        use crate::learn::model::{Model, Scorer};
+        use crate::learn::model::{Modes, Scorer};
         let train = &run.rows[..TRAIN_ROWS.min(run.rows.len())];
-        let model = Model::fit(train, &self.fit)?;
+        let model = Modes::fit(train, &self.fit)?;
         let mut scorer = Scorer::new(&model);
         Ok(run
             .rows
             .iter()
             .map(|r| {
-                let (x, _) = scorer.score(&model, r);
+                let (x, _, _) = scorer.score(&model, r);
                 x.max_z > self.z_factor || x.t2 > self.t2_factor || x.q > self.q_factor
             })
             .collect())

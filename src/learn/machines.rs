@@ -13,7 +13,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::model::{FitParams, Model, Scorer, contributions};
+use super::model::{FitParams, Modes, Scorer, contributions};
 use crate::detect::{Detail, Finding, Kind};
 use crate::score::ratio_surprise;
 use crate::time::Millis;
@@ -25,7 +25,7 @@ pub const FEATURES_AFTER: Millis = 30_000;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MachineModel {
     pub first_ts: Millis,
-    /// Metric ids of the features, ascending.
+    /// Metric ids of the features, in the order they were first heard.
     pub features: Vec<u32>,
     last: Vec<Option<f64>>,
     /// Each feature's exponential average over `learn.lag` (event time): a
@@ -35,9 +35,10 @@ pub struct MachineModel {
     lagged: Vec<f64>,
     #[serde(default)]
     lagged_ts: Millis,
-    /// Training vectors: not in snapshots (they would dwarf everything
-    /// else); after a restart the next refit learns from what comes.
-    #[serde(skip)]
+    /// Training vectors kept for the next fit (at most `learn.max_train`):
+    /// saved with the model, so a refit after a restart still sees every
+    /// mode the machine went through before it.
+    #[serde(default, with = "packed_rows")]
     buffer: Vec<Vec<f64>>,
     stride: u32,
     skipped: u32,
@@ -45,11 +46,11 @@ pub struct MachineModel {
     pub trained_from: Millis,
     pub trained_to: Millis,
     /// The same for the vectors kept for the next fit.
-    #[serde(skip)]
+    #[serde(default)]
     kept_from: Millis,
-    #[serde(skip)]
+    #[serde(default)]
     kept_to: Millis,
-    pub model: Option<Model>,
+    pub model: Option<Modes>,
     /// Why fitting failed, if it did.
     pub fit_error: Option<String>,
     /// How many times it was fitted, and when it is refitted next.
@@ -57,7 +58,13 @@ pub struct MachineModel {
     pub fits: u32,
     #[serde(default)]
     next_fit: Millis,
-    #[serde(skip)]
+    /// Vectors teach refits only from this time: any finding on the machine
+    /// holds them back for `alerts.cooldown`, as long as an alert it raised
+    /// stays open, so no refit learns from data under an open alert.
+    #[serde(default)]
+    teach_from: Millis,
+    /// The smoothing in progress, so a restart continues it.
+    #[serde(default)]
     scorer: Option<Scorer>,
 }
 
@@ -71,6 +78,40 @@ struct Params {
     max_train: usize,
     retrain: Millis,
     lag: Millis,
+    cooldown: Millis,
+}
+
+/// Training vectors on disk: one base64 string per vector, of its values as
+/// little-endian f64 — exact, and about half the size of JSON numbers.
+mod packed_rows {
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as B64;
+    use serde::{Deserialize, Deserializer, Serializer, de::Error};
+
+    pub fn serialize<S: Serializer>(rows: &[Vec<f64>], s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(rows.iter().map(|r| {
+            let bytes: Vec<u8> = r.iter().flat_map(|v| v.to_le_bytes()).collect();
+            B64.encode(bytes)
+        }))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Vec<f64>>, D::Error> {
+        let text: Vec<String> = Vec::deserialize(d)?;
+        text.iter()
+            .map(|t| {
+                let bytes = B64.decode(t).map_err(D::Error::custom)?;
+                if bytes.len() % 8 != 0 {
+                    return Err(D::Error::custom(
+                        "a training vector is not a whole number of f64",
+                    ));
+                }
+                Ok(bytes
+                    .chunks_exact(8)
+                    .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+                    .collect())
+            })
+            .collect()
+    }
 }
 
 /// Adds a training vector, thinning the kept ones by half when full (so
@@ -111,12 +152,15 @@ impl Learned {
                     variance: l.variance,
                     smooth: l.smooth,
                     max_inflation: l.max_inflation,
+                    max_modes: l.max_modes,
+                    mode_separation: l.mode_separation,
                 },
                 t2_factor: l.t2_factor,
                 q_factor: l.q_factor,
                 max_train: l.max_train,
                 retrain: l.retrain,
                 lag: l.lag,
+                cooldown: cfg.alerts.cooldown,
             },
             machines: Vec::new(),
             scratch: Vec::new(),
@@ -138,8 +182,9 @@ impl Learned {
 
     /// Observes one message's readings (metric id, value). `trusted` messages
     /// teach while the machine learns; afterwards only those that are also
-    /// `clean` (no other detector found anything in the message) and within
-    /// the model's training range do, for the refits every `learn.retrain`.
+    /// `clean` (no other detector found anything in the message), judged
+    /// normal by the model, and at least `alerts.cooldown` after the
+    /// machine's last finding do, for the refits every `learn.retrain`.
     /// Every message with a model is scored.
     #[allow(clippy::too_many_arguments)]
     pub fn observe(
@@ -175,17 +220,20 @@ impl Learned {
             fit_error: None,
             fits: 0,
             next_fit: 0,
+            teach_from: 0,
             scorer: None,
         });
         let choosing = m.model.is_none() && ts < m.first_ts.saturating_add(FEATURES_AFTER);
         for &(metric, v) in readings {
-            match m.features.binary_search(&metric) {
-                Ok(k) => m.last[k] = Some(v),
-                Err(k) if choosing && trusted && m.features.len() < 64 => {
-                    m.features.insert(k, metric);
-                    m.last.insert(k, Some(v));
+            // A linear scan: a machine has a handful of features, and their
+            // order must survive a restore that interns metric names afresh.
+            match m.features.iter().position(|f| *f == metric) {
+                Some(k) => m.last[k] = Some(v),
+                None if choosing && trusted && m.features.len() < 64 => {
+                    m.features.push(metric);
+                    m.last.push(Some(v));
                 }
-                Err(_) => {}
+                None => {}
             }
         }
         if m.features.len() < 2 || m.last.iter().any(Option::is_none) {
@@ -219,13 +267,13 @@ impl Learned {
         };
         if due && trusted {
             m.next_fit = ts.saturating_add(p.retrain);
-            match Model::fit(&m.buffer, &p.fit) {
+            match Modes::fit(&m.buffer, &p.fit) {
                 Ok(model) => {
                     tracing::debug!(
                         machine = %machine_name,
-                        vectors = model.trained_on,
+                        vectors = model.trained_on(),
                         features = model.width(),
-                        components = model.components.len(),
+                        modes = model.models.len(),
                         "multivariate model fitted"
                     );
                     m.fits += 1;
@@ -240,17 +288,22 @@ impl Learned {
         }
         let Some(model) = &m.model else { return };
         let scorer = m.scorer.get_or_insert_with(|| Scorer::new(model));
-        let (r, stats) = scorer.score(model, &self.scratch);
+        let (r, stats, mode) = scorer.score(model, &self.scratch);
         let (statistic, ratio, factor) = if r.q / p.q_factor >= r.t2 / p.t2_factor {
             ("pca_q", r.q, p.q_factor)
         } else {
             ("pca_t2", r.t2, p.t2_factor)
         };
-        if ratio <= factor {
-            // Judged normal by every detector (this one included): it may teach the next fit.
-            if trusted && clean {
+        if ratio <= factor && clean {
+            // Judged normal by every detector (this one included), with no
+            // alert open on the machine: it may teach the next fit.
+            if trusted && ts >= m.teach_from {
                 keep(m, &self.scratch, ts, p.max_train);
             }
+            return;
+        }
+        m.teach_from = m.teach_from.max(ts.saturating_add(p.cooldown));
+        if ratio <= factor {
             return;
         }
         let shares = contributions(&r, &stats);
@@ -269,8 +322,17 @@ impl Learned {
             .collect();
         named.sort_by(|a, b| b.1.total_cmp(&a.1));
         let top = named.first().map(|n| n.0.clone()).unwrap_or_default();
+        let modes = model.models.len();
+        let in_mode = if modes > 1 {
+            format!(
+                " in the closest of its {modes} operating modes (mode {})",
+                mode + 1
+            )
+        } else {
+            String::new()
+        };
         let text = format!(
-            "{machine_name}'s sensors no longer relate as they did while it learned: {} is {:.1} times its largest learned value (alert from {factor}), driven by {}",
+            "{machine_name}'s sensors no longer relate as they did while it learned: {}{in_mode} is {:.1} times its largest learned value (alert from {factor}), driven by {}",
             if statistic == "pca_q" {
                 "the residual off the learned plane (Q)"
             } else {

@@ -51,7 +51,24 @@ pub struct FitParams {
     /// Largest inflation of a feature's deviation for its autocorrelation (1 = none).
     #[serde(default = "default_inflation")]
     pub max_inflation: f64,
+    /// Most operating modes looked for (1 = one model for everything).
+    #[serde(default = "one")]
+    pub max_modes: usize,
+    /// Clusters are modes when their centres are this many summed spreads apart.
+    #[serde(default = "default_separation")]
+    pub mode_separation: f64,
 }
+
+fn one() -> usize {
+    1
+}
+
+fn default_separation() -> f64 {
+    MODE_SEPARATION
+}
+
+/// Default [`FitParams::mode_separation`]: operating points that do not overlap, not a cloud cut in pieces.
+pub const MODE_SEPARATION: f64 = 3.0;
 
 fn default_inflation() -> f64 {
     MAX_INFLATION
@@ -63,6 +80,8 @@ impl Default for FitParams {
             variance: 0.9,
             smooth: 20,
             max_inflation: MAX_INFLATION,
+            max_modes: 1,
+            mode_separation: MODE_SEPARATION,
         }
     }
 }
@@ -119,11 +138,23 @@ pub struct Stats {
     pub residual: Vec<f64>,
 }
 
+impl Stats {
+    fn empty() -> Stats {
+        Stats {
+            max_z: 0.0,
+            t2: 0.0,
+            q: 0.0,
+            z: Vec::new(),
+            residual: Vec::new(),
+        }
+    }
+}
+
 impl Model {
     /// Fits on training vectors (rows), all of the same width.
     pub fn fit(rows: &[Vec<f64>], params: &FitParams) -> Result<Model, FitError> {
         let n = rows.len();
-        let min = 2 * params.smooth.max(10);
+        let min = min_rows(params);
         if n < min {
             return Err(FitError::TooFew(n, min));
         }
@@ -210,7 +241,7 @@ impl Model {
         };
         for r in rows {
             let s = model.stats(r);
-            let m = smoother.push(&s);
+            let m = smoother.push((s.max_z, s.t2, s.q));
             lim.max_z = lim.max_z.max(m.0);
             lim.t2 = lim.t2.max(m.1);
             lim.q = lim.q.max(m.2);
@@ -278,9 +309,8 @@ impl Smoother {
         }
     }
 
-    /// Adds a vector's statistics; the mean over the window so far.
-    pub fn push(&mut self, s: &Stats) -> (f64, f64, f64) {
-        let v = (s.max_z, s.t2, s.q);
+    /// Adds a vector's three values; their means over the window so far.
+    pub fn push(&mut self, v: (f64, f64, f64)) -> (f64, f64, f64) {
         if self.buf.len() < self.n {
             self.buf.push(v);
         } else {
@@ -299,33 +329,248 @@ impl Smoother {
     }
 }
 
-/// Scores a stream of vectors against a model.
-#[derive(Debug, Clone)]
+/// Scores a stream of vectors against a machine's modes.
+///
+/// Each vector is judged by the mode that explains it best (the smallest
+/// worst ratio to that mode's limits); those ratios are then averaged over
+/// the last `smooth` vectors. With one mode this is exactly the smoothed
+/// statistic over its limit.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Scorer {
     smoother: Smoother,
 }
 
 impl Scorer {
-    pub fn new(model: &Model) -> Self {
+    pub fn new(modes: &Modes) -> Self {
         Scorer {
-            smoother: Smoother::new(model.params.smooth),
+            smoother: Smoother::new(modes.params().smooth),
         }
     }
 
-    /// The smoothed ratios of the next vector, and its raw statistics.
-    pub fn score(&mut self, model: &Model, x: &[f64]) -> (Ratios, Stats) {
-        let s = model.stats(x);
-        let m = self.smoother.push(&s);
-        let l = &model.limits;
+    /// The smoothed ratios of the next vector, its raw statistics under the
+    /// mode that explains it best, and that mode's index.
+    pub fn score(&mut self, modes: &Modes, x: &[f64]) -> (Ratios, Stats, usize) {
+        let mut best: Option<(Ratios, Stats, usize)> = None;
+        for (k, model) in modes.models.iter().enumerate() {
+            let s = model.stats(x);
+            let l = &model.limits;
+            let r = Ratios {
+                max_z: s.max_z / l.max_z,
+                t2: s.t2 / l.t2,
+                q: s.q / l.q,
+            };
+            if best.as_ref().is_none_or(|b| r.worst() < b.0.worst()) {
+                best = Some((r, s, k));
+            }
+        }
+        let Some((r, s, k)) = best else {
+            return (Ratios::default(), Stats::empty(), 0);
+        };
+        let m = self.smoother.push((r.max_z, r.t2, r.q));
         (
             Ratios {
-                max_z: m.0 / l.max_z,
-                t2: m.1 / l.t2,
-                q: m.2 / l.q,
+                max_z: m.0,
+                t2: m.1,
+                q: m.2,
             },
             s,
+            k,
         )
     }
+}
+
+/// A machine's operating modes: the training vectors clustered with linfa's
+/// KMeans, and a [`Model`] fitted on each cluster. A machine that runs in a
+/// few distinct states (idle, production, cleaning) relates its sensors
+/// differently in each; one plane through all of them would be loose
+/// everywhere, and a change of mode would look like an anomaly when the
+/// data of each mode is tight. One mode when the data shows no distinct
+/// clusters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Modes {
+    pub models: Vec<Model>,
+    /// Each mode's centre in the raw feature space (for `models show`).
+    pub centres: Vec<Vec<f64>>,
+}
+
+impl Modes {
+    /// Finds the modes of the training vectors and fits one model per mode.
+    ///
+    /// The modes are the most clusters of the standardised training vectors
+    /// (up to `max_modes`) that are pairwise at least `mode_separation` apart
+    /// (centre distance over summed spreads), each with enough vectors to fit
+    /// a model; when there are none (one continuous cloud) the machine has
+    /// one mode.
+    pub fn fit(rows: &[Vec<f64>], params: &FitParams) -> Result<Modes, FitError> {
+        let one = Model::fit(rows, params)?;
+        let single = |m: Model| Modes {
+            centres: vec![m.mean.clone()],
+            models: vec![m],
+        };
+        let min = 2 * min_rows(params);
+        if params.max_modes <= 1 || rows.len() < 2 * min {
+            return Ok(single(one));
+        }
+        let labels = clusters(rows, params, min);
+        let k = labels.iter().copied().max().map_or(1, |m| m + 1);
+        if k <= 1 {
+            return Ok(single(one));
+        }
+        let mut models = Vec::with_capacity(k);
+        for c in 0..k {
+            let part: Vec<Vec<f64>> = rows
+                .iter()
+                .zip(&labels)
+                .filter(|(_, l)| **l == c)
+                .map(|(r, _)| r.clone())
+                .collect();
+            match Model::fit(&part, params) {
+                Ok(m) => models.push(m),
+                // A mode that cannot be modelled alone: keep the single model.
+                Err(_) => return Ok(single(one)),
+            }
+        }
+        let mut modes = Modes {
+            centres: models.iter().map(|m| m.mean.clone()).collect(),
+            models,
+        };
+        modes.calibrate(rows);
+        Ok(modes)
+    }
+
+    /// Sets the limits so that, scored as live vectors are (each by its
+    /// best mode, smoothed), the largest ratio over the training vectors is
+    /// 1 — as a single model's limits are by construction. Vectors between
+    /// modes (a machine on its way from idle to full load) belong to no
+    /// cluster; without this they would look anomalous to every mode.
+    fn calibrate(&mut self, rows: &[Vec<f64>]) {
+        let mut scorer = Scorer::new(self);
+        let mut top = Ratios::default();
+        for r in rows {
+            let (x, _, _) = scorer.score(self, r);
+            top.max_z = top.max_z.max(x.max_z);
+            top.t2 = top.t2.max(x.t2);
+            top.q = top.q.max(x.q);
+        }
+        for m in &mut self.models {
+            if top.max_z > 0.0 && top.max_z.is_finite() {
+                m.limits.max_z *= top.max_z;
+            }
+            if top.t2 > 0.0 && top.t2.is_finite() {
+                m.limits.t2 *= top.t2;
+            }
+            if top.q > 0.0 && top.q.is_finite() {
+                m.limits.q *= top.q;
+            }
+        }
+    }
+
+    /// One mode, one model.
+    pub fn single(model: Model) -> Modes {
+        Modes {
+            centres: vec![model.mean.clone()],
+            models: vec![model],
+        }
+    }
+
+    /// The fit parameters (the same for every mode).
+    pub fn params(&self) -> &FitParams {
+        &self.models[0].params
+    }
+
+    /// How many features the models take.
+    pub fn width(&self) -> usize {
+        self.models.first().map_or(0, Model::width)
+    }
+
+    /// Vectors trained on, over all modes.
+    pub fn trained_on(&self) -> usize {
+        self.models.iter().map(|m| m.trained_on).sum()
+    }
+}
+
+/// The fewest vectors a model is fitted on.
+fn min_rows(params: &FitParams) -> usize {
+    2 * params.smooth.max(10)
+}
+
+/// Cluster labels of the rows (all 0 for one mode): KMeans (seeded, so the
+/// same training data gives the same modes) on standardised features; the
+/// most clusters, up to `max_modes`, that are all distinct (see
+/// [`separation`]) and each big enough to fit a model on.
+fn clusters(rows: &[Vec<f64>], params: &FitParams, min: usize) -> Vec<usize> {
+    use linfa::DatasetBase;
+    use linfa::prelude::{Fit, Predict};
+    use linfa_clustering::KMeans;
+    use rand_xoshiro::Xoshiro256Plus;
+    use rand_xoshiro::rand_core::SeedableRng;
+
+    let (n, d) = (rows.len(), rows[0].len());
+    let mut x = Array2::<f64>::zeros((n, d));
+    for (i, r) in rows.iter().enumerate() {
+        for (j, v) in r.iter().enumerate() {
+            x[[i, j]] = *v;
+        }
+    }
+    let mean = x.mean_axis(Axis(0)).unwrap_or_else(|| Array1::zeros(d));
+    let sd = x
+        .std_axis(Axis(0), 0.0)
+        .mapv(|s| if s > 1e-12 { s } else { 1.0 });
+    let z = (&x - &mean) / &sd;
+    let mut labels = vec![0usize; n];
+    let data = DatasetBase::from(z.clone());
+    for k in 2..=params.max_modes.min(8) {
+        let fitted = KMeans::params_with_rng(k, Xoshiro256Plus::seed_from_u64(0x7477))
+            .n_runs(3)
+            .max_n_iterations(100)
+            .tolerance(1e-4)
+            .fit(&data);
+        let Ok(km) = fitted else { break };
+        let assigned: Vec<usize> = km.predict(&z).iter().map(|a| (*a).min(k - 1)).collect();
+        let mut counts = vec![0usize; k];
+        for a in &assigned {
+            counts[*a] += 1;
+        }
+        if counts.iter().any(|&c| c < min) {
+            break;
+        }
+        if separation(&z, &assigned, km.centroids()) >= params.mode_separation {
+            labels = assigned;
+        }
+    }
+    labels
+}
+
+/// How distinct clusters are: over every pair, the distance between their
+/// centres over the sum of their spreads along the line joining them (the
+/// smallest pair counts). Halves of one Gaussian cloud score ~1.3, of a
+/// uniform one ~1.7; operating points with no overlap score far more.
+fn separation(z: &Array2<f64>, labels: &[usize], centres: &Array2<f64>) -> f64 {
+    let k = centres.nrows();
+    let mut worst = f64::INFINITY;
+    for a in 0..k {
+        for b in a + 1..k {
+            let u = &centres.row(a) - &centres.row(b);
+            let dist = u.dot(&u).sqrt();
+            if dist <= 0.0 {
+                return 0.0;
+            }
+            let u = u / dist;
+            let spread = |c: usize| {
+                let p: Vec<f64> = z
+                    .rows()
+                    .into_iter()
+                    .zip(labels)
+                    .filter(|(_, l)| **l == c)
+                    .map(|(r, _)| r.dot(&u))
+                    .collect();
+                let m = p.iter().sum::<f64>() / p.len().max(1) as f64;
+                (p.iter().map(|v| (v - m).powi(2)).sum::<f64>() / p.len().max(1) as f64).sqrt()
+            };
+            worst = worst.min(dist / (spread(a) + spread(b)).max(1e-12));
+        }
+    }
+    worst
 }
 
 /// Per-feature shares of what drove a vector's score, summing to 1: the
@@ -374,8 +619,9 @@ mod tests {
     fn a_broken_relation_stands_out_and_normal_data_does_not() {
         let rows = plant(600, 7);
         let p = FitParams::default();
-        let m = Model::fit(&rows[..400], &p).unwrap();
-        assert!(m.components.len() < 3);
+        let m = Modes::fit(&rows[..400], &p).unwrap();
+        assert_eq!(m.models.len(), 1, "one continuous cloud is one mode");
+        assert!(m.models[0].components.len() < 3);
         let mut sc = Scorer::new(&m);
         let normal: Vec<f64> = rows[400..]
             .iter()
@@ -392,7 +638,7 @@ mod tests {
             if i >= 20 {
                 v[1] = 20.0;
             }
-            let (ratios, s) = sc.score(&m, &v);
+            let (ratios, s, _) = sc.score(&m, &v);
             last = ratios;
             stats = Some(s);
         }
@@ -406,6 +652,73 @@ mod tests {
             .unwrap()
             .0;
         assert!(top == 0 || top == 1, "the coupled pair drives it: {c:?}");
+    }
+
+    /// A machine with two distinct operating points whose sensors relate
+    /// differently in each (b = 2a around a = 10; b = 40 − a around a = 30),
+    /// switching abruptly every 60 vectors; a swings ±3 at random.
+    fn two_modes(n: usize, seed: u64) -> Vec<Vec<f64>> {
+        let mut s = seed;
+        let mut noise = || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
+        };
+        (0..n)
+            .map(|i| {
+                let swing = 6.0 * noise();
+                if (i / 60) % 2 == 0 {
+                    let a = 10.0 + swing + 0.2 * noise();
+                    vec![a, 2.0 * a + 0.2 * noise(), 5.0 + 0.2 * noise()]
+                } else {
+                    let a = 30.0 + swing + 0.2 * noise();
+                    vec![a, 40.0 - a + 0.2 * noise(), 5.0 + 0.2 * noise()]
+                }
+            })
+            .collect()
+    }
+
+    fn params(max_modes: usize) -> FitParams {
+        FitParams {
+            max_modes,
+            ..FitParams::default()
+        }
+    }
+
+    /// The largest smoothed worst ratio over `rows`.
+    fn peak(m: &Modes, rows: &[Vec<f64>]) -> f64 {
+        let mut sc = Scorer::new(m);
+        rows.iter()
+            .map(|r| sc.score(m, r).0.worst())
+            .fold(0.0, f64::max)
+    }
+
+    #[test]
+    fn distinct_operating_modes_get_a_model_each() {
+        let rows = two_modes(1200, 3);
+        let modes = Modes::fit(&rows[..600], &params(4)).unwrap();
+        assert_eq!(modes.models.len(), 2, "two operating points, two modes");
+        let single = Modes::fit(&rows[..600], &params(1)).unwrap();
+        assert_eq!(single.models.len(), 1);
+        // Switching between the modes is normal for both.
+        // Switching is far below the alert factors (5).
+        assert!(peak(&modes, &rows[600..]) < 2.5);
+        assert!(peak(&single, &rows[600..]) < 2.5);
+        // In the first mode, b stops following a (held at its mean): each value
+        // stays inside what both modes have seen.
+        let broken: Vec<Vec<f64>> = rows[600..660]
+            .iter()
+            .map(|r| vec![r[0], 20.0, r[2]])
+            .collect();
+        let (m, s) = (peak(&modes, &broken), peak(&single, &broken));
+        assert!(m > 3.0, "the mode's own relation is broken: {m}");
+        assert!(
+            m > 2.0 * s,
+            "a model per mode sees it clearer than one for both: {m} vs {s}"
+        );
+        // The same training data gives the same modes.
+        assert_eq!(modes, Modes::fit(&rows[..600], &params(4)).unwrap());
     }
 
     #[test]

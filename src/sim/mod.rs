@@ -527,14 +527,33 @@ fn on_break(t: Millis) -> bool {
 }
 
 fn advance(m: &mut Machine, t: Millis, dt: f64, cfg: &SimConfig) {
-    // A decoupling attack starts with a load change (the attacker waits for one).
+    // A decoupling attack starts with a load change (the attacker waits for
+    // one) on a working machine: a plant break does not idle it meanwhile, or
+    // the frozen sensor would be telling the truth.
+    let decoupling = m
+        .incidents
+        .iter()
+        .any(|i| matches!(i.fault, Fault::Decouple) && t >= i.start && t < i.end);
+    let working = |mode: Mode| {
+        if on_break(t) && t - cfg.start > 600_000 && !decoupling {
+            Mode::Idle
+        } else {
+            mode
+        }
+    };
     if let Some(inc) = m
         .incidents
         .iter()
         .find(|i| matches!(i.fault, Fault::Decouple) && t >= i.start && t < i.end)
-        && m.mode_until < inc.end
+        // Once per incident (the flip sets this mark), whatever the schedule.
+        && m.mode_until != inc.end + 120_000
     {
-        m.mode = if m.mode == Mode::Full {
+        let before = if on_break(t) && t - cfg.start > 600_000 {
+            Mode::Idle
+        } else {
+            m.mode
+        };
+        m.mode = if before == Mode::Full {
             Mode::Idle
         } else {
             Mode::Full
@@ -567,11 +586,7 @@ fn advance(m: &mut Machine, t: Millis, dt: f64, cfg: &SimConfig) {
         m.mode = next;
         m.mode_until = t + len as Millis;
     }
-    let mode = if on_break(t) && t - cfg.start > 600_000 {
-        Mode::Idle
-    } else {
-        m.mode
-    };
+    let mode = working(m.mode);
     let a = |tau: f64| 1.0 - (-dt / tau).exp();
     m.rpm += (m.base_rpm * mode.speed() - m.rpm) * a(3.0);
     m.load += (mode.load() - m.load) * a(2.0);
