@@ -11,9 +11,11 @@
 //! 6. [`sink`] — NDJSON, console (and NATS).
 //!
 //! [`pipeline`] wires them; [`config`] holds every setting; [`sim`] is the
-//! simulated factory; [`eval`] scores detection quality.
+//! simulated factory; [`eval`] scores detection quality; [`bench`] measures
+//! the pipeline on NATS against NATS's own delivery rate.
 
 pub mod alerts;
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod decode;

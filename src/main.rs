@@ -4,13 +4,20 @@
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use twinwatch::cli::{Cli, UsageError, dispatch};
+use twinwatch::cli::{Cli, Command, UsageError, dispatch};
 
 fn main() {
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("TWINWATCH_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("twinwatch=info"));
+        .unwrap_or_else(|_| {
+            // The bench runs the pipeline for thousands of machines: its per-machine news is noise there.
+            EnvFilter::new(if matches!(cli.command, Command::Bench(_)) {
+                "twinwatch=warn"
+            } else {
+                "twinwatch=info"
+            })
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -165,6 +165,8 @@ pub struct Pipeline {
     identity: Identity,
     flows: Flows,
     learned: crate::learn::machines::Learned,
+    /// Envelopes processed so far, shared with whoever watches from another task.
+    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// When each global cap last raised its `capacity` alert (event time).
     cap_raised: HashMap<&'static str, Millis>,
     registry_watch: Option<crate::registry::RegistryWatch>,
@@ -200,6 +202,7 @@ impl Pipeline {
             identity: Identity::new(cfg),
             flows: Flows::new(cfg),
             learned: crate::learn::machines::Learned::new(cfg),
+            progress: Default::default(),
             cap_raised: HashMap::new(),
             registry_watch: None,
             stats: Stats::default(),
@@ -245,6 +248,12 @@ impl Pipeline {
     /// The flows room, for inspection and tests.
     pub fn flows(&self) -> &Flows {
         &self.flows
+    }
+
+    /// A counter of the envelopes processed, readable while the pipeline runs
+    /// in another task (`bench` uses it to see that nothing was dropped).
+    pub fn progress(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        self.progress.clone()
     }
 
     /// The learned models, for inspection and tests.
@@ -404,6 +413,8 @@ impl Pipeline {
     pub fn process(&mut self, envelopes: &[Envelope], emitted_at: Millis) -> Output {
         let mut out = Output::default();
         self.stats.envelopes += envelopes.len() as u64;
+        self.progress
+            .fetch_add(envelopes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.stats.payload_bytes += envelopes
             .iter()
             .map(|e| e.payload.len() as u64)

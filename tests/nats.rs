@@ -750,3 +750,40 @@ fn signatures_and_registry_reload_live() {
         );
     });
 }
+
+#[test]
+fn bench_measures_raw_delivery_then_the_pipeline() {
+    // A small run against its own nats-server: the figures are not judged
+    // here (benchmarks are not timed tests), only that each is measured.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+        .args(["bench", "--messages", "3000", "--machines", "20"])
+        .env("NATS_SERVER_BIN", common::nats_server_bin())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or_default();
+    let fields: Vec<&str> = last.split_whitespace().collect();
+    assert_eq!(fields.first(), Some(&"bench:"), "{stdout}");
+    assert_eq!(
+        [fields[2], fields[3], fields[5], fields[7], fields[8], fields[10]],
+        ["msgs/s", "ratio", "p99", "ms", "rss", "MB"],
+        "{last}"
+    );
+    let num = |i: usize| fields[i].parse::<f64>().unwrap();
+    assert!(num(1) > 0.0, "a sustained rate: {last}");
+    assert!(
+        num(4) > 0.0 && num(4) <= 1.5,
+        "a ratio to raw delivery: {last}"
+    );
+    assert!(num(6) > 0.0, "spikes were timed: {stdout}");
+    assert!(num(9) > 0.0, "peak RSS: {last}");
+    assert!(
+        stdout.contains("raw NATS delivery to one counting subscriber"),
+        "{stdout}"
+    );
+}

@@ -41,6 +41,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Write what flows on the bus as a capture file, for later `replay`.
     Record(RecordArgs),
+    /// Throughput and latency on NATS: raw delivery to a counting subscriber, then the whole pipeline.
+    Bench(BenchArgs),
     /// Configuration helpers.
     Config(ConfigArgs),
     /// Check or explain the SQL query files.
@@ -309,6 +311,28 @@ pub enum EvalCommand {
 }
 
 #[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// NATS server to use; by default a private nats-server on a free loopback port.
+    #[arg(long)]
+    pub nats_url: Option<String>,
+    /// Machines the messages come from, in turn.
+    #[arg(long, default_value_t = 1000)]
+    pub machines: usize,
+    /// Readings per telemetry object.
+    #[arg(long, default_value_t = 4)]
+    pub sensors: usize,
+    /// NATS messages per measured burst.
+    #[arg(long, default_value_t = 500_000)]
+    pub messages: usize,
+    /// Telemetry objects per NATS message (more than 1: an array payload).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Configuration file (TOML) for the pipeline; default: the defaults (queries from ./queries).
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
 pub struct EvalSimArgs {
     /// Capture file written by `simulate`.
     #[arg(long, short)]
@@ -361,6 +385,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             smooth,
             config,
         }) => eval_nab(&dir, &detector, smooth, config.as_deref()),
+        Command::Bench(a) => bench(a),
         Command::Eval(EvalCommand::Skab {
             dir,
             per_run,
@@ -924,6 +949,53 @@ fn eval_skab(dir: &Path, per_run: bool, detector: &crate::eval::skab::Detector) 
 }
 
 /// The saved snapshot, read as `run` would (a bad file is a usage error here: nothing is set aside).
+fn bench(a: BenchArgs) -> Result<()> {
+    if a.machines == 0 || a.sensors == 0 || a.messages == 0 || a.batch == 0 {
+        return Err(UsageError(
+            "--machines, --sensors, --messages and --batch must be at least 1".into(),
+        )
+        .into());
+    }
+    let params = crate::bench::BenchParams {
+        nats_url: a.nats_url,
+        machines: a.machines,
+        sensors: a.sensors,
+        messages: a.messages,
+        batch: a.batch,
+        config: load_config(a.config.as_deref())?,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let (machines, sensors, batch) = (a.machines, a.sensors, a.batch);
+    let r = runtime()?
+        .block_on(crate::bench::run(params))
+        .map_err(|e| match e {
+            crate::bench::BenchError::NoServer => anyhow::Error::from(UsageError(e.to_string())),
+            other => anyhow::anyhow!(other),
+        })?;
+    println!(
+        "messages: {machines} machines, {sensors} readings per object, {batch} object(s) per message; {} query file(s)",
+        r.queries
+    );
+    println!(
+        "raw NATS delivery to one counting subscriber: {:.0} msgs/s",
+        r.raw_msgs_per_s
+    );
+    println!(
+        "pipeline, sustained with no drops: {:.0} msgs/s = {:.0} readings/s ({:.2} of raw; {} burst(s))",
+        r.sustained_msgs_per_s,
+        r.sustained_readings_per_s,
+        r.ratio(),
+        r.attempts
+    );
+    println!(
+        "publish -> alert at {:.0} msgs/s: p50 {:.1} ms, p99 {:.1} ms ({} spikes)",
+        r.latency_load_msgs_per_s, r.p50_ms, r.p99_ms, r.spikes
+    );
+    println!("peak RSS {:.0} MB", r.peak_rss_mb);
+    println!("{}", r.line());
+    Ok(())
+}
+
 fn load_checkpoint(config: Option<&Path>, path: Option<&Path>) -> Result<crate::state::Checkpoint> {
     let cfg = load_config(config)?;
     let file = path.map_or_else(|| PathBuf::from(&cfg.state.path), Path::to_path_buf);

@@ -5,47 +5,22 @@
 #![allow(dead_code)]
 
 use std::io::Read;
-use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The nats-server binary: `NATS_SERVER_BIN`, else `nats-server` on PATH, else Debian's path.
+/// The nats-server binary (the library's search: `NATS_SERVER_BIN`, `PATH`, Debian's path).
 pub fn nats_server_bin() -> String {
-    if let Ok(b) = std::env::var("NATS_SERVER_BIN") {
-        return b;
-    }
-    for dir in std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin", "/usr/local/bin"])
-    {
-        let p = Path::new(dir).join("nats-server");
-        if p.is_file() {
-            return p.display().to_string();
-        }
-    }
-    panic!("nats-server not found: install it (scripts/test does) or set NATS_SERVER_BIN");
+    twinwatch::bench::nats_server_bin()
+        .map(|p| p.display().to_string())
+        .expect("nats-server not found: install it (scripts/test does) or set NATS_SERVER_BIN")
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    twinwatch::bench::free_port().unwrap()
 }
 
-fn wait_for_port(port: u16, timeout: Duration) -> bool {
-    let t = Instant::now();
-    while t.elapsed() < timeout {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    false
-}
+use twinwatch::bench::wait_for_port;
 
 /// A nats-server owned by one test; killed when dropped.
 pub struct NatsServer {

@@ -1,0 +1,192 @@
+//! What each room of the pipeline costs (`cargo bench --bench rooms`):
+//! decoding JSON into Arrow (one message, and a batch of 1,000), the window
+//! features (the shipped query files over one closed 10-second window of 100
+//! machines), the per-reading baselines (one message of 4 readings into a
+//! machine that has learned), the learned model scoring one vector, and
+//! encoding one alert as the JSON the sinks publish.
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use std::hint::black_box;
+
+use twinwatch::alerts::{AlertBook, Names};
+use twinwatch::config::Config;
+use twinwatch::decode::Decoder;
+use twinwatch::detect::{Detectors, Finding, Kind};
+use twinwatch::features::Queries;
+use twinwatch::intern::Interner;
+use twinwatch::learn::model::{FitParams, Modes, Scorer};
+use twinwatch::pipeline::Pipeline;
+use twinwatch::source::Envelope;
+
+const T0: i64 = 1_795_766_400_000;
+
+/// A telemetry message of about 180 bytes with 4 readings, as the contract's example.
+fn message(machine: usize, second: i64) -> Envelope {
+    let n = ((second as usize * 7919 + machine * 31) % 97) as f64 * 0.01;
+    let ts = T0 + second * 1000;
+    Envelope::new(
+        format!("twin.telemetry.bench.m-{machine:05}"),
+        Some(ts + 3),
+        format!(
+            r#"{{"ts":{ts},"device":"plc-{machine:05}","seq":{second},"readings":{{"temperature_c":{:.2},"vibration_mm_s":{:.3},"spindle_rpm":{:.1},"motor_current_a":{:.2}}}}}"#,
+            70.0 + n,
+            2.3 + n / 10.0,
+            1198.0 + n * 10.0,
+            24.0 + n
+        ),
+    )
+}
+
+fn decode(c: &mut Criterion) {
+    let cfg = Config::default();
+    let mut g = c.benchmark_group("decode");
+    let one = vec![message(1, 1)];
+    let mut d = Decoder::new(cfg.input.clone());
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("one message", |b| {
+        b.iter(|| black_box(d.decode(black_box(&one))))
+    });
+    let batch: Vec<Envelope> = (0..1000).map(|m| message(m, 1)).collect();
+    let mut d = Decoder::new(cfg.input.clone());
+    g.throughput(Throughput::Elements(batch.len() as u64));
+    g.bench_function("batch of 1000 messages", |b| {
+        b.iter(|| black_box(d.decode(black_box(&batch))))
+    });
+    g.finish();
+}
+
+fn window_features(c: &mut Criterion) {
+    // One closed 10-second window of 100 machines at 1 Hz.
+    let envs: Vec<Envelope> = (0..10)
+        .flat_map(|s| (0..100).map(move |m| message(m, s)))
+        .collect();
+    let mut p = Pipeline::new(&Config::default());
+    p.process(&envs, 0);
+    let window = p.finish().closed.expect("one window");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("queries");
+    let mut q = Queries::new(&dir);
+    let refused = rt.block_on(q.reload());
+    assert!(refused.is_empty(), "{refused:?}");
+    let mut g = c.benchmark_group("window features");
+    g.throughput(Throughput::Elements(window.readings.num_rows() as u64));
+    g.sample_size(20);
+    g.bench_function("shipped queries, 100 machines x 10 s", |b| {
+        b.iter(|| black_box(rt.block_on(q.run(&window))))
+    });
+    g.finish();
+}
+
+fn baselines(c: &mut Criterion) {
+    let cfg = Config::default();
+    let mut d = Detectors::new(&cfg);
+    let mut out = Vec::new();
+    let mut second = 0i64;
+    let reading = |s: i64| -> Vec<(u32, f64)> {
+        let n = ((s * 7919) % 97) as f64 * 0.01;
+        vec![
+            (0, 70.0 + n),
+            (1, 2.3 + n / 10.0),
+            (2, 1198.0 + n * 10.0),
+            (3, 24.0 + n),
+        ]
+    };
+    // Past the warm-up, so every detector judges.
+    while second < 900 {
+        d.observe(0, 0, T0 + second * 1000, true, &reading(second), &mut out);
+        second += 1;
+    }
+    let mut g = c.benchmark_group("baselines");
+    g.throughput(Throughput::Elements(4));
+    g.bench_function("one message of 4 readings", |b| {
+        b.iter(|| {
+            second += 1;
+            out.clear();
+            d.observe(0, 0, T0 + second * 1000, true, &reading(second), &mut out);
+            black_box(out.len())
+        })
+    });
+    g.finish();
+}
+
+fn multivariate(c: &mut Criterion) {
+    // 12 features (6 sensors and their lagged averages), 600 training vectors.
+    let rows: Vec<Vec<f64>> = (0..700)
+        .map(|i| {
+            let load = (i as f64 / 50.0).sin();
+            (0..12)
+                .map(|k| {
+                    10.0 * k as f64 + load * (k + 1) as f64 + ((i * 31 + k * 7) % 13) as f64 * 0.01
+                })
+                .collect()
+        })
+        .collect();
+    let single = Modes::fit(&rows[..600], &FitParams::default()).expect("a model");
+    let mut scorer = Scorer::new(&single);
+    let mut g = c.benchmark_group("multivariate");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 600;
+    g.bench_function("score one vector of 12 features", |b| {
+        b.iter(|| {
+            i = if i + 1 >= rows.len() { 600 } else { i + 1 };
+            black_box(scorer.score(&single, black_box(&rows[i])))
+        })
+    });
+    g.bench_function("fit on 600 vectors", |b| {
+        b.iter(|| black_box(Modes::fit(black_box(&rows[..600]), &FitParams::default())))
+    });
+    g.finish();
+}
+
+fn alert_encoding(c: &mut Criterion) {
+    let mut machines = Interner::new(16);
+    let mut devices = Interner::new(16);
+    let mut metrics = Interner::new(16);
+    let m = machines.intern("press-07").expect("room");
+    let d = devices.intern("plc-07a").expect("room");
+    let k = metrics.intern("temperature_c").expect("room");
+    let names = Names {
+        machines: &machines,
+        devices: &devices,
+        metrics: &metrics,
+    };
+    let f = Finding::note(
+        m,
+        d,
+        Kind::SensorSpike,
+        "robust_z",
+        T0,
+        k,
+        "temperature_c".into(),
+        12.0,
+        "temperature_c jumped to 120.4 (expected 70.2 ± 0.3): 8.1 sigma".into(),
+    );
+    let mut book = AlertBook::new(0.0, 600_000, 10_000);
+    let alert = book.offer(&f, &names, T0 + 5).expect("an alert");
+    let mut g = c.benchmark_group("alerts");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("encode one alert as JSON", |b| {
+        b.iter_batched(
+            || Vec::with_capacity(1024),
+            |mut buf| {
+                serde_json::to_writer(&mut buf, black_box(&alert)).expect("serializable");
+                black_box(buf)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+criterion_group!(
+    rooms,
+    decode,
+    window_features,
+    baselines,
+    multivariate,
+    alert_encoding
+);
+criterion_main!(rooms);

