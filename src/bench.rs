@@ -304,9 +304,9 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
         let before = live.envelopes();
         let t = Instant::now();
         publish(&publisher, &mut traffic, p.messages, pace).await?;
-        probe(&publisher, &format!("burst {attempt}")).await?;
+        let probes = probe(&publisher, &format!("burst {attempt}")).await?;
         let secs = t.elapsed().as_secs_f64();
-        let got = live.envelopes() - before - 1;
+        let got = (live.envelopes() - before).saturating_sub(probes);
         let rate = p.messages as f64 / secs;
         say(
             &p,
@@ -429,20 +429,23 @@ async fn publish(
 
 /// Returns once everything published before it went through the pipeline:
 /// a message that cannot be decoded comes back as a dead letter after them.
-async fn probe(c: &Client, tag: &str) -> Result<(), BenchError> {
+/// Says how many probe messages it sent (it repeats one that got no answer).
+async fn probe(c: &Client, tag: &str) -> Result<u64, BenchError> {
     let mut dl = c.subscribe("twin.deadletter.>").await.map_err(nats)?;
     c.flush().await.map_err(nats)?;
     let body = format!("probe {tag}");
     let t = Instant::now();
+    let mut sent = 0;
     loop {
         c.publish("twin.telemetry.bench.probe", body.clone().into())
             .await
             .map_err(nats)?;
+        sent += 1;
         c.flush().await.map_err(nats)?;
         if let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(2), dl.next()).await
             && m.payload == body.as_bytes()
         {
-            return Ok(());
+            return Ok(sent);
         }
         if t.elapsed() > Duration::from_secs(120) {
             return Err(BenchError::Stalled(format!(

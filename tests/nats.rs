@@ -770,7 +770,9 @@ fn bench_measures_raw_delivery_then_the_pipeline() {
     let fields: Vec<&str> = last.split_whitespace().collect();
     assert_eq!(fields.first(), Some(&"bench:"), "{stdout}");
     assert_eq!(
-        [fields[2], fields[3], fields[5], fields[7], fields[8], fields[10]],
+        [
+            fields[2], fields[3], fields[5], fields[7], fields[8], fields[10]
+        ],
         ["msgs/s", "ratio", "p99", "ms", "rss", "MB"],
         "{last}"
     );
