@@ -83,6 +83,10 @@ struct Pending {
     start: Vec<Millis>,
     open: Vec<bool>,
     n_open: usize,
+    /// The earliest window start among the open rows: no row can close
+    /// before some machine's clock passes its end, so most batches are
+    /// skipped without looking at their rows.
+    min_start: Millis,
 }
 
 /// Columns of each decoded table dropped from its window table (batch-local row links).
@@ -147,12 +151,14 @@ impl TableBuffer {
         cols.push(Arc::new(ends));
         let batch = RecordBatch::try_new(self.schema.clone(), cols).expect("window columns match");
         let n = batch.num_rows();
+        let min_start = start.iter().copied().min().unwrap_or(Millis::MAX);
         self.pending.push(Pending {
             batch,
             machine,
             start,
             open: vec![true; n],
             n_open: n,
+            min_start,
         });
     }
 
@@ -165,9 +171,21 @@ impl TableBuffer {
         windows: &mut Vec<(u32, Millis)>,
     ) -> RecordBatch {
         let mut parts = Vec::new();
+        // The furthest any machine has closed: a batch whose earliest open
+        // window ends after it has nothing to give (checked per batch, so a
+        // close costs the batches that can close, not every row waiting).
+        let horizon = clocks
+            .iter()
+            .map(|c| c.closed_upto)
+            .max()
+            .unwrap_or(Millis::MIN);
         for p in &mut self.pending {
+            if !all && p.min_start.saturating_add(size) > horizon {
+                continue;
+            }
             let mut mask = Vec::with_capacity(p.open.len());
             let mut any = false;
+            let mut min_start = Millis::MAX;
             for i in 0..p.open.len() {
                 let closed = p.open[i]
                     && (all || p.start[i] + size <= clocks[p.machine[i] as usize].closed_upto);
@@ -176,9 +194,12 @@ impl TableBuffer {
                     p.n_open -= 1;
                     windows.push((p.machine[i], p.start[i]));
                     any = true;
+                } else if p.open[i] {
+                    min_start = min_start.min(p.start[i]);
                 }
                 mask.push(closed);
             }
+            p.min_start = min_start;
             if any {
                 parts.push(
                     filter_record_batch(&p.batch, &BooleanArray::from(mask))
