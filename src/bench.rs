@@ -177,7 +177,7 @@ impl Drop for OwnServer {
 }
 
 /// The telemetry a bench publishes: `sensors` readings per object, `batch`
-/// objects per message, machines in turn, event time 100 ms per round.
+/// objects per message, machines in turn, 100 ms of event time per object.
 struct Traffic {
     machines: usize,
     sensors: usize,
@@ -196,7 +196,9 @@ impl Traffic {
         let m = (self.sent % self.machines as u64) as usize;
         let round = self.sent / self.machines as u64;
         self.sent += 1;
-        let ts = self.base + round as i64 * 100;
+        // Each object is 100 ms of event time after the one before it, on its machine.
+        let first = round * self.batch as u64;
+        let ts = self.base + (first + self.batch as u64 - 1) as i64 * 100;
         let mut body = Vec::with_capacity(64 + self.batch * (40 + 24 * self.sensors));
         if self.batch > 1 {
             body.push(b'[');
@@ -205,13 +207,13 @@ impl Traffic {
             if b > 0 {
                 body.push(b',');
             }
-            // Objects of one array are 1 ms apart, so each is its own reading.
-            let t = ts - (self.batch - 1 - b) as i64;
+            let seq = first + b as u64;
+            let t = self.base + seq as i64 * 100;
             object(
                 &mut body,
                 m,
                 t,
-                round * self.batch as u64 + b as u64,
+                seq,
                 self.sensors,
                 spike && b + 1 == self.batch,
             );
@@ -326,10 +328,10 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
         report.sustained_msgs_per_s * (traffic.batch * traffic.sensors) as f64;
 
     // Latency at half the sustained rate, once every machine has learned
-    // (70 s of event time, at 100 ms per round of messages).
-    let rounds = traffic.sent / traffic.machines as u64;
-    if rounds < 700 {
-        let more = (700 - rounds) as usize * traffic.machines;
+    // (70 s of event time, at 100 ms per object).
+    let objects = traffic.sent / traffic.machines as u64 * traffic.batch as u64;
+    if objects < 700 {
+        let more = (700 - objects).div_ceil(traffic.batch as u64) as usize * traffic.machines;
         say(
             &p,
             &format!("{more} more messages, until every machine has learned"),
