@@ -63,15 +63,15 @@ fn config() -> Config {
     Config::default()
 }
 
-/// Runs `seconds` of one machine through the detectors; `tamper` may change readings.
-fn run(
+/// Plays `seconds` of one machine, `tamper` changing readings, handing each
+/// second's readings (rounded as a PLC reports them) to `feed`.
+fn drive(
     seconds: i64,
     seed: u64,
     mut tamper: impl FnMut(i64, &mut [f64; 4]),
-) -> (Vec<Finding>, Detectors) {
-    let mut d = Detectors::new(&config());
+    mut feed: impl FnMut(i64, &[(u32, f64)]),
+) {
     let mut m = Machine::new(seed);
-    let mut out = Vec::new();
     for s in 0..seconds {
         let mut v = m.step(mode_at(s));
         tamper(s, &mut v);
@@ -80,8 +80,21 @@ fn run(
             .enumerate()
             .map(|(i, x)| (i as u32, (x * 1000.0).round() / 1000.0))
             .collect();
-        d.observe(0, 0, T0 + s * 1000, true, &readings, &mut out);
+        feed(T0 + s * 1000, &readings);
     }
+}
+
+/// Runs `seconds` of one machine through the detectors; `tamper` may change readings.
+fn run(
+    seconds: i64,
+    seed: u64,
+    tamper: impl FnMut(i64, &mut [f64; 4]),
+) -> (Vec<Finding>, Detectors) {
+    let mut d = Detectors::new(&config());
+    let mut out = Vec::new();
+    drive(seconds, seed, tamper, |ts, r| {
+        d.observe(0, 0, ts, true, r, &mut out)
+    });
     (out, d)
 }
 
@@ -317,34 +330,16 @@ fn future_dated_readings_are_scored_but_never_learned() {
 fn run_learned(
     seconds: i64,
     seed: u64,
-    mut tamper: impl FnMut(i64, &mut [f64; 4]),
+    tamper: impl FnMut(i64, &mut [f64; 4]),
 ) -> (Vec<Finding>, Learned) {
     let mut cfg = config();
     cfg.learn.enabled = true;
     let mut l = Learned::new(&cfg);
-    let mut m = Machine::new(seed);
     let mut out = Vec::new();
     let names = |i: u32| ["temperature", "vibration", "speed", "current"][i as usize].to_string();
-    for s in 0..seconds {
-        let mut v = m.step(mode_at(s));
-        tamper(s, &mut v);
-        let readings: Vec<(u32, f64)> = v
-            .iter()
-            .enumerate()
-            .map(|(i, x)| (i as u32, (x * 1000.0).round() / 1000.0))
-            .collect();
-        l.observe(
-            0,
-            "m",
-            0,
-            T0 + s * 1000,
-            true,
-            true,
-            &readings,
-            &names,
-            &mut out,
-        );
-    }
+    drive(seconds, seed, tamper, |ts, r| {
+        l.observe(0, "m", 0, ts, true, true, r, &names, &mut out)
+    });
     (out, l)
 }
 

@@ -658,13 +658,8 @@ mod tests {
     /// differently in each (b = 2a around a = 10; b = 40 − a around a = 30),
     /// switching abruptly every 60 vectors; a swings ±3 at random.
     fn two_modes(n: usize, seed: u64) -> Vec<Vec<f64>> {
-        let mut s = seed;
-        let mut noise = || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 11) as f64 / (1u64 << 53) as f64 - 0.5
-        };
+        let mut rng = crate::sim::rng::Rng::new(seed);
+        let mut noise = || rng.range(-0.5, 0.5);
         (0..n)
             .map(|i| {
                 let swing = 6.0 * noise();
