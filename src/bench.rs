@@ -542,10 +542,7 @@ impl Live {
             .await
             .map_err(nats)?;
         let mut source = NatsSource::core(&client, &cfg.source).await.map_err(nats)?;
-        let mut stage = cfg
-            .queries
-            .enabled
-            .then(|| crate::features::FeatureStage::new(&cfg.queries));
+        let mut stage = crate::cli::features(cfg);
         let queries = if stage.is_some() {
             crate::features::Queries::check_dir(Path::new(&cfg.queries.dir))
                 .await

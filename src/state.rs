@@ -361,22 +361,9 @@ mod tests {
     #[test]
     fn restored_pipeline_continues_exactly() {
         let cfg = Config::default();
-        let mut f = Factory::new(SimConfig {
-            duration: 40 * 60_000,
-            machines: 3,
-            ..SimConfig::default()
-        });
-        let mut ticks = Vec::new();
-        while let Some(t) = f.next_tick() {
-            ticks.push(t);
-        }
+        let ticks = ticks(40, 3);
         let (head, tail) = ticks.split_at(ticks.len() / 2);
-        let mut whole = Pipeline::new(&cfg);
-        let mut first = Pipeline::new(&cfg);
-        for t in head {
-            whole.process(t, 0);
-            first.process(t, 0);
-        }
+        let (mut whole, first) = halfway(&cfg, head);
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::new(dir.path().join("m/state.json"));
         store.save(first.snapshot(), Some(42)).unwrap();
@@ -404,6 +391,16 @@ mod tests {
         std::iter::from_fn(|| f.next_tick()).collect()
     }
 
+    /// Two pipelines fed `head`: one to go on, one to be saved and restored.
+    fn halfway(cfg: &Config, head: &[Vec<crate::source::Envelope>]) -> (Pipeline, Pipeline) {
+        let (mut whole, mut first) = (Pipeline::new(cfg), Pipeline::new(cfg));
+        for t in head {
+            whole.process(t, 0);
+            first.process(t, 0);
+        }
+        (whole, first)
+    }
+
     fn learning() -> Config {
         let mut cfg = Config::default();
         cfg.learn.enabled = true;
@@ -415,12 +412,7 @@ mod tests {
         let cfg = learning();
         let ticks = ticks(40, 3);
         let (head, tail) = ticks.split_at(ticks.len() / 2);
-        let mut whole = Pipeline::new(&cfg);
-        let mut first = Pipeline::new(&cfg);
-        for t in head {
-            whole.process(t, 0);
-            first.process(t, 0);
-        }
+        let (mut whole, first) = halfway(&cfg, head);
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::new(dir.path().join("state.json"));
         let snap = first.snapshot();
