@@ -11,11 +11,11 @@
 //! |---|---|---|
 //! | `ts` | timestamp(ms, UTC) | event time of the message |
 //! | `received_at` | timestamp(ms, UTC) | arrival time (the event time when unknown) |
-//! | `subject` | utf8 | NATS subject |
-//! | `machine` | utf8 | machine (default: last subject token) |
-//! | `device` | utf8 | sending device (default: the machine) |
+//! | `subject` | text (dictionary) | NATS subject |
+//! | `machine` | text (dictionary) | machine (default: last subject token) |
+//! | `device` | text (dictionary) | sending device (default: the machine) |
 //! | `seq` | uint64, nullable | device sequence number |
-//! | `metric` | utf8 | reading name |
+//! | `metric` | text (dictionary) | reading name |
 //! | `value` | float64, nullable | the reading; null means "no value this time" |
 //! | `payload_bytes` | uint32 | size of the payload that carried the message |
 //! | `machine_id`, `device_id`, `metric_id` | uint32 | interned ids (dense, stable for the process) |
@@ -33,6 +33,10 @@
 //! `bytes` (uint64), `packets` (uint64, nullable), `payload_bytes, machine_id,
 //! envelope`.
 //!
+//! "text (dictionary)" is Arrow's `Dictionary(UInt32, Utf8)`: `machine`,
+//! `device` and `metric` are keyed by their interned ids, `subject` by a
+//! per-batch dictionary. SQL treats them as text; Rust readers cast them.
+//!
 //! A payload that breaks the contract is rejected whole (an array with one bad
 //! object included) with a [`Reason`]; nothing here panics on input.
 
@@ -40,10 +44,10 @@ use std::borrow::Cow;
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{
-    ArrayRef, Float64Builder, StringBuilder, TimestampMillisecondBuilder, UInt16Builder,
-    UInt32Builder, UInt64Builder,
+    ArrayRef, DictionaryArray, Float64Builder, StringBuilder, StringDictionaryBuilder,
+    TimestampMillisecondBuilder, UInt16Builder, UInt32Array, UInt32Builder, UInt64Builder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, UInt32Type};
 use arrow::record_batch::RecordBatch;
 use serde::Deserialize;
 use serde::de::{self, DeserializeSeed, MapAccess, SeqAccess, Visitor};
@@ -224,6 +228,14 @@ fn ts_type() -> DataType {
     DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()))
 }
 
+/// The type of the name columns of `readings` and `messages`: keys into the
+/// names (for `machine`, `device`, `metric`: the interned id itself), so a
+/// row carries 4 bytes per name and filters and window concatenation copy no
+/// text. Query files see ordinary text (comparisons, `||`, GROUP BY).
+pub fn name_type() -> DataType {
+    DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8))
+}
+
 /// Schema of the `readings` table.
 pub fn readings_schema() -> SchemaRef {
     static S: OnceLock<SchemaRef> = OnceLock::new();
@@ -231,11 +243,11 @@ pub fn readings_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
             Field::new("ts", ts_type(), false),
             Field::new("received_at", ts_type(), false),
-            Field::new("subject", DataType::Utf8, false),
-            Field::new("machine", DataType::Utf8, false),
-            Field::new("device", DataType::Utf8, false),
+            Field::new("subject", name_type(), false),
+            Field::new("machine", name_type(), false),
+            Field::new("device", name_type(), false),
             Field::new("seq", DataType::UInt64, true),
-            Field::new("metric", DataType::Utf8, false),
+            Field::new("metric", name_type(), false),
             Field::new("value", DataType::Float64, true),
             Field::new("payload_bytes", DataType::UInt32, false),
             Field::new("machine_id", DataType::UInt32, false),
@@ -254,9 +266,9 @@ pub fn messages_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![
             Field::new("ts", ts_type(), false),
             Field::new("received_at", ts_type(), false),
-            Field::new("subject", DataType::Utf8, false),
-            Field::new("machine", DataType::Utf8, false),
-            Field::new("device", DataType::Utf8, false),
+            Field::new("subject", name_type(), false),
+            Field::new("machine", name_type(), false),
+            Field::new("device", name_type(), false),
             Field::new("seq", DataType::UInt64, true),
             Field::new("payload_bytes", DataType::UInt32, false),
             Field::new("readings", DataType::UInt32, false),
@@ -493,11 +505,8 @@ fn parse_payload<'a, T: Deserialize<'a>>(
 struct ReadingsBuilder {
     ts: TimestampMillisecondBuilder,
     received_at: TimestampMillisecondBuilder,
-    subject: StringBuilder,
-    machine: StringBuilder,
-    device: StringBuilder,
+    subject: SubjectBuilder,
     seq: UInt64Builder,
-    metric: StringBuilder,
     value: Float64Builder,
     payload_bytes: UInt32Builder,
     machine_id: UInt32Builder,
@@ -510,9 +519,7 @@ struct ReadingsBuilder {
 struct MessagesBuilder {
     ts: TimestampMillisecondBuilder,
     received_at: TimestampMillisecondBuilder,
-    subject: StringBuilder,
-    machine: StringBuilder,
-    device: StringBuilder,
+    subject: SubjectBuilder,
     seq: UInt64Builder,
     payload_bytes: UInt32Builder,
     readings: UInt32Builder,
@@ -545,16 +552,36 @@ fn ts_builder() -> TimestampMillisecondBuilder {
     TimestampMillisecondBuilder::new().with_timezone("UTC")
 }
 
+/// Subjects are not interned (they are not capped names), so each batch
+/// has a dictionary of its own.
+type SubjectBuilder = StringDictionaryBuilder<UInt32Type>;
+
+/// The names of interned ids, for the dictionary columns.
+struct Names {
+    machines: ArrayRef,
+    devices: ArrayRef,
+    metrics: ArrayRef,
+}
+
+/// A dictionary column whose keys are interned ids.
+fn named(ids: &ArrayRef, names: &ArrayRef) -> ArrayRef {
+    let keys = ids
+        .as_any()
+        .downcast_ref::<UInt32Array>()
+        .expect("id columns are UInt32")
+        .clone();
+    Arc::new(
+        DictionaryArray::<UInt32Type>::try_new(keys, names.clone()).expect("every id has its name"),
+    )
+}
+
 impl ReadingsBuilder {
     fn new() -> Self {
         ReadingsBuilder {
             ts: ts_builder(),
             received_at: ts_builder(),
-            subject: StringBuilder::new(),
-            machine: StringBuilder::new(),
-            device: StringBuilder::new(),
+            subject: SubjectBuilder::new(),
             seq: UInt64Builder::new(),
-            metric: StringBuilder::new(),
             value: Float64Builder::new(),
             payload_bytes: UInt32Builder::new(),
             machine_id: UInt32Builder::new(),
@@ -565,21 +592,24 @@ impl ReadingsBuilder {
         }
     }
 
-    fn finish(&mut self) -> RecordBatch {
+    fn finish(&mut self, names: &Names) -> RecordBatch {
         self.rows = 0;
+        let machine_id: ArrayRef = Arc::new(self.machine_id.finish());
+        let device_id: ArrayRef = Arc::new(self.device_id.finish());
+        let metric_id: ArrayRef = Arc::new(self.metric_id.finish());
         let cols: Vec<ArrayRef> = vec![
             Arc::new(self.ts.finish()),
             Arc::new(self.received_at.finish()),
             Arc::new(self.subject.finish()),
-            Arc::new(self.machine.finish()),
-            Arc::new(self.device.finish()),
+            named(&machine_id, &names.machines),
+            named(&device_id, &names.devices),
             Arc::new(self.seq.finish()),
-            Arc::new(self.metric.finish()),
+            named(&metric_id, &names.metrics),
             Arc::new(self.value.finish()),
             Arc::new(self.payload_bytes.finish()),
-            Arc::new(self.machine_id.finish()),
-            Arc::new(self.device_id.finish()),
-            Arc::new(self.metric_id.finish()),
+            machine_id,
+            device_id,
+            metric_id,
             Arc::new(self.message.finish()),
         ];
         RecordBatch::try_new(readings_schema(), cols).expect("readings columns match their schema")
@@ -591,9 +621,7 @@ impl MessagesBuilder {
         MessagesBuilder {
             ts: ts_builder(),
             received_at: ts_builder(),
-            subject: StringBuilder::new(),
-            machine: StringBuilder::new(),
-            device: StringBuilder::new(),
+            subject: SubjectBuilder::new(),
             seq: UInt64Builder::new(),
             payload_bytes: UInt32Builder::new(),
             readings: UInt32Builder::new(),
@@ -605,19 +633,21 @@ impl MessagesBuilder {
         }
     }
 
-    fn finish(&mut self) -> RecordBatch {
+    fn finish(&mut self, names: &Names) -> RecordBatch {
         self.rows = 0;
+        let machine_id: ArrayRef = Arc::new(self.machine_id.finish());
+        let device_id: ArrayRef = Arc::new(self.device_id.finish());
         let cols: Vec<ArrayRef> = vec![
             Arc::new(self.ts.finish()),
             Arc::new(self.received_at.finish()),
             Arc::new(self.subject.finish()),
-            Arc::new(self.machine.finish()),
-            Arc::new(self.device.finish()),
+            named(&machine_id, &names.machines),
+            named(&device_id, &names.devices),
             Arc::new(self.seq.finish()),
             Arc::new(self.payload_bytes.finish()),
             Arc::new(self.readings.finish()),
-            Arc::new(self.machine_id.finish()),
-            Arc::new(self.device_id.finish()),
+            machine_id,
+            device_id,
             Arc::new(self.first_reading.finish()),
             Arc::new(self.envelope.finish()),
         ];
@@ -744,9 +774,14 @@ impl Decoder {
                 rejected.push(Rejected { index, error });
             }
         }
+        let names = Names {
+            machines: self.machines.arrow_values(),
+            devices: self.devices.arrow_values(),
+            metrics: self.metrics.arrow_values(),
+        };
         DecodedBatch {
-            readings: self.readings.finish(),
-            messages: self.messages.finish(),
+            readings: self.readings.finish(&names),
+            messages: self.messages.finish(&names),
             flows: self.flows.finish(),
             rejected,
         }
@@ -841,15 +876,11 @@ impl Decoder {
         for (m, (machine_id, device_id)) in scratch.iter().zip(ids) {
             let ts = m.ts.0;
             let received_at = env.received_at.unwrap_or(ts);
-            let machine = self.machines.name(machine_id);
-            let device = self.devices.name(device_id);
             let msg_row = self.messages.rows;
             let b = &mut self.messages;
             b.ts.append_value(ts);
             b.received_at.append_value(received_at);
             b.subject.append_value(&env.subject);
-            b.machine.append_value(machine);
-            b.device.append_value(device);
             b.seq.append_option(m.seq);
             b.payload_bytes.append_value(payload_bytes);
             b.readings.append_value(m.readings.0.len() as u32);
@@ -859,15 +890,12 @@ impl Decoder {
             b.envelope.append_value(index);
             b.rows += 1;
             let r = &mut self.readings;
-            for (k, v) in &m.readings.0 {
+            for (_, v) in &m.readings.0 {
                 let metric_id = metric_ids.next().expect("one id per reading");
                 r.ts.append_value(ts);
                 r.received_at.append_value(received_at);
                 r.subject.append_value(&env.subject);
-                r.machine.append_value(machine);
-                r.device.append_value(device);
                 r.seq.append_option(m.seq);
-                r.metric.append_value(k);
                 r.value.append_option(*v);
                 r.payload_bytes.append_value(payload_bytes);
                 r.machine_id.append_value(machine_id);

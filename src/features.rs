@@ -671,40 +671,32 @@ fn extract(
     Ok(())
 }
 
-/// The feature stage of a run: gathers closed windows and runs the queries
-/// over them once they span `queries.every` of event time (or once
-/// `queries.max_rows` rows have gathered), so a fast replay does not pay the
-/// query engine's fixed cost for every small batch of closed windows, and the
-/// grouping — hence the results — depends on the data, not on the wall clock.
-pub struct FeatureStage {
-    queries: Queries,
+/// Closed windows waiting for a query run: a run is due once they span
+/// `queries.every` of event time (or once `queries.max_rows` rows have
+/// gathered), so a fast replay does not pay the query engine's fixed cost for
+/// every small batch of closed windows, and the grouping — hence the results —
+/// depends on the data, not on the wall clock.
+struct Gather {
     pending: Vec<ClosedWindows>,
     rows: usize,
     /// Oldest and newest window ends gathered.
     span: Option<(Millis, Millis)>,
     every: Millis,
     max_rows: usize,
-    /// Runs so far, and their total time.
-    pub runs: u64,
-    pub busy: Duration,
 }
 
-impl FeatureStage {
-    pub fn new(cfg: &crate::config::QueriesConfig) -> Self {
-        FeatureStage {
-            queries: Queries::new(&cfg.dir),
+impl Gather {
+    fn new(cfg: &crate::config::QueriesConfig) -> Self {
+        Gather {
             pending: Vec::new(),
             rows: 0,
             span: None,
             every: cfg.every.max(0),
             max_rows: cfg.max_rows,
-            runs: 0,
-            busy: Duration::ZERO,
         }
     }
 
-    /// Gathers the windows a batch closed.
-    pub fn offer(&mut self, closed: Option<ClosedWindows>) {
+    fn offer(&mut self, closed: Option<ClosedWindows>) {
         if let Some(c) = closed {
             self.rows += c.readings.num_rows() + c.messages.num_rows() + c.flows.num_rows();
             let (start, end) = window_span(&c);
@@ -716,27 +708,173 @@ impl FeatureStage {
         }
     }
 
-    /// Whether a run is due.
-    pub fn due(&self) -> bool {
+    fn due(&self) -> bool {
         !self.pending.is_empty()
             && (self.rows >= self.max_rows
                 || self.span.is_some_and(|(lo, hi)| hi - lo >= self.every))
     }
 
-    /// Looks at the folder again and runs every file over the gathered windows.
-    pub async fn run(&mut self) -> Option<RunOutput> {
+    /// Everything gathered, as one set of tables.
+    fn take(&mut self) -> Option<ClosedWindows> {
         if self.pending.is_empty() {
             return None;
         }
-        let started = Instant::now();
-        self.queries.reload().await;
-        let closed = merge(std::mem::take(&mut self.pending));
         self.rows = 0;
         self.span = None;
-        let out = self.queries.run(&closed).await;
+        Some(merge(std::mem::take(&mut self.pending)))
+    }
+}
+
+/// The feature stage of a run, in line: the caller waits for each query run
+/// (`replay`, `demo`, `eval`: the alerts come out in input order, so a
+/// replay is deterministic). [`FeatureStage::spawn`] moves it to a task of its
+/// own for `run`.
+pub struct FeatureStage {
+    gather: Gather,
+    queries: Queries,
+    /// Runs so far, and their total time.
+    pub runs: u64,
+    pub busy: Duration,
+}
+
+impl FeatureStage {
+    pub fn new(cfg: &crate::config::QueriesConfig) -> Self {
+        FeatureStage {
+            gather: Gather::new(cfg),
+            queries: Queries::new(&cfg.dir),
+            runs: 0,
+            busy: Duration::ZERO,
+        }
+    }
+
+    /// Gathers the windows a batch closed.
+    pub fn offer(&mut self, closed: Option<ClosedWindows>) {
+        self.gather.offer(closed);
+    }
+
+    /// Whether a run is due.
+    pub fn due(&self) -> bool {
+        self.gather.due()
+    }
+
+    /// Looks at the folder again and runs every file over the gathered windows.
+    pub async fn run(&mut self) -> Option<RunOutput> {
+        let closed = self.gather.take()?;
+        Some(self.run_on(&closed).await)
+    }
+
+    async fn run_on(&mut self, closed: &ClosedWindows) -> RunOutput {
+        let started = Instant::now();
+        self.queries.reload().await;
+        let out = self.queries.run(closed).await;
         self.runs += 1;
         self.busy += started.elapsed();
-        Some(out)
+        out
+    }
+
+    /// Moves the query runs to a task of their own on the current runtime;
+    /// gathering stays with the caller.
+    pub fn spawn(self) -> BackgroundStage {
+        let FeatureStage {
+            gather,
+            mut queries,
+            ..
+        } = self;
+        // One run queued while one runs: a loop that closes windows faster
+        // than the queries answer waits, rather than piling up tables.
+        let (jobs, mut inbox) = tokio::sync::mpsc::channel::<ClosedWindows>(1);
+        // Unbounded, but never holds more than the runs in flight (at most two).
+        let (done, results) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Some(closed) = inbox.recv().await {
+                let started = Instant::now();
+                queries.reload().await;
+                let out = queries.run(&closed).await;
+                if done.send((out, started.elapsed())).is_err() {
+                    break;
+                }
+            }
+        });
+        BackgroundStage {
+            gather,
+            jobs,
+            results,
+            in_flight: 0,
+            task,
+            runs: 0,
+            busy: Duration::ZERO,
+        }
+    }
+}
+
+/// The feature stage on a task of its own (`run`): the ingest loop hands it
+/// the windows a batch closed and goes on decoding and scoring while the
+/// queries run on another core; their results come back in the order the
+/// windows were handed over. Only when the stage is one run behind does the
+/// loop wait for it.
+pub struct BackgroundStage {
+    gather: Gather,
+    jobs: tokio::sync::mpsc::Sender<ClosedWindows>,
+    results: tokio::sync::mpsc::UnboundedReceiver<(RunOutput, Duration)>,
+    in_flight: usize,
+    task: tokio::task::JoinHandle<()>,
+    /// Runs answered so far, and their total time.
+    pub runs: u64,
+    pub busy: Duration,
+}
+
+impl BackgroundStage {
+    /// Gathers the windows a batch closed and hands them over when a run is
+    /// due (or whatever is gathered, when `force`).
+    pub async fn offer(&mut self, closed: Option<ClosedWindows>, force: bool) {
+        self.gather.offer(closed);
+        if (force || self.gather.due())
+            && let Some(c) = self.gather.take()
+            && self.jobs.send(c).await.is_ok()
+        {
+            self.in_flight += 1;
+        }
+    }
+
+    /// Runs handed over and not yet answered.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// A run's output if one is ready, without waiting.
+    pub fn ready(&mut self) -> Option<RunOutput> {
+        let r = self.results.try_recv().ok()?;
+        Some(self.count(r))
+    }
+
+    /// Waits for the next run's output; `None` when nothing is in flight (or
+    /// the task died: its panic is logged by the runtime, and the loop goes
+    /// on without query features rather than stopping detection).
+    pub async fn next(&mut self) -> Option<RunOutput> {
+        if self.in_flight == 0 {
+            return None;
+        }
+        match self.results.recv().await {
+            Some(r) => Some(self.count(r)),
+            None => {
+                warn!("the query stage stopped; query features are off from here");
+                self.in_flight = 0;
+                None
+            }
+        }
+    }
+
+    fn count(&mut self, (out, took): (RunOutput, Duration)) -> RunOutput {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.runs += 1;
+        self.busy += took;
+        out
+    }
+}
+
+impl Drop for BackgroundStage {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -23,6 +23,8 @@ pub struct Interner {
     names: Vec<Arc<str>>,
     cap: usize,
     refused: u64,
+    /// The names as an Arrow array, while no name was added since it was built.
+    arrow: Option<arrow::array::ArrayRef>,
 }
 
 impl Interner {
@@ -33,6 +35,7 @@ impl Interner {
             names: Vec::new(),
             cap,
             refused: 0,
+            arrow: None,
         }
     }
 
@@ -49,6 +52,7 @@ impl Interner {
         let name: Arc<str> = Arc::from(name);
         self.ids.insert(name.clone(), id);
         self.names.push(name);
+        self.arrow = None;
         Some(id)
     }
 
@@ -75,6 +79,21 @@ impl Interner {
     /// Every name, in id order (for snapshots).
     pub fn names(&self) -> &[Arc<str>] {
         &self.names
+    }
+
+    /// Every name as an Arrow string array in id order: the values of the
+    /// dictionary columns whose keys are these ids (window tables carry
+    /// names as 4-byte keys, not as copies of the text). Rebuilt only after
+    /// names were added, so batches share one array once the plant is known
+    /// (and concatenating their columns needs no merge).
+    pub fn arrow_values(&mut self) -> arrow::array::ArrayRef {
+        self.arrow
+            .get_or_insert_with(|| {
+                Arc::new(arrow::array::StringArray::from_iter_values(
+                    self.names.iter().map(|n| &**n),
+                ))
+            })
+            .clone()
     }
 
     /// An interner holding `names` with ids in their order (restoring a snapshot).
@@ -105,6 +124,24 @@ mod tests {
         assert_eq!(i.intern("a"), Some(0));
         assert_eq!(&**i.name(1), "b");
         assert_eq!(i.get("c"), None);
+    }
+
+    #[test]
+    fn arrow_values_follow_the_names() {
+        let mut i = Interner::new(10);
+        i.intern("a");
+        let first = i.arrow_values();
+        assert!(
+            Arc::ptr_eq(&first, &i.arrow_values()),
+            "kept while unchanged"
+        );
+        i.intern("b");
+        let second = i.arrow_values();
+        let names = second
+            .as_any()
+            .downcast_ref::<arrow::array::StringArray>()
+            .unwrap();
+        assert_eq!(names.iter().flatten().collect::<Vec<_>>(), ["a", "b"]);
     }
 
     #[test]

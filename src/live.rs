@@ -2,7 +2,10 @@
 //! sink, with state snapshots and graceful shutdown.
 //!
 //! Per batch: decode → detect → dead letters and alerts published → sink
-//! flushed. Without state snapshots the batch is then committed to the source
+//! flushed. The query files run on a task of their own
+//! ([`BackgroundStage`]): the windows a batch closes are handed over, and the
+//! alerts of a run are published with the batch during which it answered (or
+//! as soon as it answers, when input is quiet). Without state snapshots the batch is then committed to the source
 //! (acknowledged). With snapshots, the pipeline's state is written every
 //! `state.interval` (and whenever input pauses), and only then is everything
 //! up to it committed: the acknowledged stream position and the saved state
@@ -18,10 +21,12 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use crate::features::BackgroundStage;
 use crate::pipeline::{Pipeline, RunError};
 use crate::sink::Sink;
 use crate::source::Source;
 use crate::state::StateStore;
+use crate::time::wall_now;
 
 /// Counters of one live run.
 #[derive(Debug, Default, Clone, Copy)]
@@ -42,7 +47,7 @@ pub async fn run_live<S: Source, K: Sink>(
     source: &mut S,
     sink: &mut K,
     checkpoints: Option<Checkpoints<'_>>,
-    mut features: Option<&mut crate::features::FeatureStage>,
+    mut features: Option<BackgroundStage>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<LiveSummary, RunError> {
     let mut summary = LiveSummary::default();
@@ -55,6 +60,7 @@ pub async fn run_live<S: Source, K: Sink>(
     if stopping {
         source.stop();
     }
+    let in_flight = |f: &Option<BackgroundStage>| f.as_ref().is_some_and(|f| f.in_flight() > 0);
     loop {
         pipeline.poll_registry();
         let batch = if stopping {
@@ -70,10 +76,19 @@ pub async fn run_live<S: Source, K: Sink>(
                     }
                     continue;
                 }
+                // A query run answered while input is quiet: its alerts go out now.
+                run = next_run(&mut features), if in_flight(&features) => {
+                    if let Some(run) = run {
+                        let alerts = pipeline.observe_features(&run, wall_now());
+                        sink.publish(&alerts).await?;
+                        sink.flush().await?;
+                    }
+                    continue;
+                }
                 _ = tokio::time::sleep_until(next_checkpoint), if uncommitted => {
                     // Input paused with work not yet acknowledged: checkpoint now.
                     if let Some(c) = &checkpoints {
-                        checkpoint(pipeline, source, c, &mut summary).await?;
+                        checkpoint(pipeline, source, sink, &mut features, c, &mut summary).await?;
                         uncommitted = false;
                         next_checkpoint = Instant::now() + c.interval;
                     }
@@ -86,34 +101,79 @@ pub async fn run_live<S: Source, K: Sink>(
         if batch.is_empty() {
             continue;
         }
-        crate::pipeline::deliver(pipeline, &batch, sink, &mut features).await?;
+        let mut out = pipeline.process(&batch, wall_now());
+        for (i, e) in &out.rejected {
+            sink.dead_letter(&batch[*i], e).await?;
+        }
+        if let Some(f) = features.as_mut() {
+            f.offer(out.closed.take(), false).await;
+            while let Some(run) = f.ready() {
+                out.alerts
+                    .extend(pipeline.observe_features(&run, wall_now()));
+            }
+        }
+        sink.publish(&out.alerts).await?;
+        sink.flush().await?;
         summary.batches += 1;
         match &checkpoints {
             None => source.commit().await?,
             Some(c) => {
                 uncommitted = true;
                 if Instant::now() >= next_checkpoint {
-                    checkpoint(pipeline, source, c, &mut summary).await?;
+                    checkpoint(pipeline, source, sink, &mut features, c, &mut summary).await?;
                     uncommitted = false;
                     next_checkpoint = Instant::now() + c.interval;
                 }
             }
         }
     }
-    crate::pipeline::finish(pipeline, sink, &mut features).await?;
+    let mut out = pipeline.finish();
+    if let Some(f) = features.as_mut() {
+        f.offer(out.closed.take(), true).await;
+    }
+    sink.publish(&out.alerts).await?;
+    answer_runs(pipeline, sink, &mut features).await?;
     match &checkpoints {
-        Some(c) => checkpoint(pipeline, source, c, &mut summary).await?,
+        Some(c) => checkpoint(pipeline, source, sink, &mut features, c, &mut summary).await?,
         None => source.commit().await?,
     }
     Ok(summary)
 }
 
-async fn checkpoint<S: Source>(
-    pipeline: &Pipeline,
+/// The next query run's output (pending forever without a stage, for `select!`).
+async fn next_run(features: &mut Option<BackgroundStage>) -> Option<crate::features::RunOutput> {
+    match features {
+        Some(f) => f.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Waits for every query run in flight and publishes its alerts, so that
+/// what a snapshot saves (feature baselines, alert books) includes them.
+async fn answer_runs<K: Sink>(
+    pipeline: &mut Pipeline,
+    sink: &mut K,
+    features: &mut Option<BackgroundStage>,
+) -> Result<(), RunError> {
+    if let Some(f) = features.as_mut() {
+        while let Some(run) = f.next().await {
+            let alerts = pipeline.observe_features(&run, wall_now());
+            sink.publish(&alerts).await?;
+        }
+    }
+    sink.flush().await?;
+    Ok(())
+}
+
+async fn checkpoint<S: Source, K: Sink>(
+    pipeline: &mut Pipeline,
     source: &mut S,
+    sink: &mut K,
+    features: &mut Option<BackgroundStage>,
     c: &Checkpoints<'_>,
     summary: &mut LiveSummary,
 ) -> Result<(), RunError> {
+    answer_runs(pipeline, sink, features).await?;
     match c.store.save(pipeline.snapshot(), source.position()) {
         Ok(()) => {
             summary.checkpoints += 1;

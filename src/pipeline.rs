@@ -156,6 +156,8 @@ pub struct Pipeline {
     cfg: Config,
     decoder: Decoder,
     windows: Windows,
+    /// Whether rows are kept in window tables (only the query files read them).
+    keep_windows: bool,
     detectors: Detectors,
     book: AlertBook,
     /// Names (`<file>:<feature>`, and rule files), baselines and alerts of the query features.
@@ -190,6 +192,7 @@ impl Pipeline {
             cfg: cfg.clone(),
             decoder: Decoder::new(cfg.input.clone()),
             windows: Windows::new(cfg.window.clone()),
+            keep_windows: cfg.queries.enabled,
             detectors: Detectors::new(cfg),
             book: AlertBook::new(cfg.alerts.min_score, cfg.alerts.cooldown, cfg.window.size),
             features: crate::intern::Interner::new(MAX_FEATURES),
@@ -605,8 +608,12 @@ impl Pipeline {
 
         {
             let _s = debug_span!("window").entered();
-            self.windows.buffer(&decoded, &msg_adm, &flow_adm);
-            out.closed = self.windows.close();
+            // Window tables only feed the query files: without them, rows are
+            // not kept (the watermarks above still judge lateness).
+            if self.keep_windows {
+                self.windows.buffer(&decoded, &msg_adm, &flow_adm);
+                out.closed = self.windows.close();
+            }
         }
         self.count_closed(&out.closed);
         out

@@ -96,13 +96,12 @@ fn windows_close_when_the_watermark_passes_their_end() {
         .closed
         .expect("the open windows close at the end");
     assert_eq!(end.readings.num_rows(), 7);
-    let machines = end
-        .readings
-        .column_by_name("machine")
-        .unwrap()
-        .as_any()
-        .downcast_ref::<StringArray>()
-        .unwrap();
+    let machines = arrow::compute::cast(
+        end.readings.column_by_name("machine").unwrap(),
+        &arrow::datatypes::DataType::Utf8,
+    )
+    .unwrap();
+    let machines = machines.as_any().downcast_ref::<StringArray>().unwrap();
     assert_eq!(machines.iter().flatten().filter(|m| *m == "b").count(), 1);
     assert_eq!(end.machine_windows, 2);
 }

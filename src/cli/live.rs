@@ -103,7 +103,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             interval: Duration::from_millis(cfg.state.interval.max(1) as u64),
         });
         let started = Instant::now();
-        let mut stage = super::features(&cfg);
+        let stage = super::features(&cfg).map(crate::features::FeatureStage::spawn);
         let mut source = if cfg.source.jetstream.enabled {
             NatsSource::jetstream(&client, &cfg.source, resume_after).await
         } else {
@@ -115,7 +115,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             &mut source,
             &mut sink,
             checkpoints,
-            stage.as_mut(),
+            stage,
             stop,
         )
         .await?;

@@ -327,6 +327,9 @@ pub struct BenchArgs {
     /// Telemetry objects per NATS message (more than 1: an array payload).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
+    /// Event time between two objects of one machine (1s: 1 Hz telemetry).
+    #[arg(long, default_value = "1s", value_parser = duration_arg)]
+    pub interval: i64,
     /// Configuration file (TOML) for the pipeline; default: the defaults (queries from ./queries).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
@@ -962,10 +965,11 @@ fn bench(a: BenchArgs) -> Result<()> {
         sensors: a.sensors,
         messages: a.messages,
         batch: a.batch,
+        interval: a.interval,
         config: load_config(a.config.as_deref())?,
         progress: std::io::stderr().is_terminal(),
     };
-    let (machines, sensors, batch) = (a.machines, a.sensors, a.batch);
+    let (machines, sensors, batch, interval) = (a.machines, a.sensors, a.batch, a.interval);
     let r = runtime()?
         .block_on(crate::bench::run(params))
         .map_err(|e| match e {
@@ -973,7 +977,7 @@ fn bench(a: BenchArgs) -> Result<()> {
             other => anyhow::anyhow!(other),
         })?;
     println!(
-        "messages: {machines} machines, {sensors} readings per object, {batch} object(s) per message; {} query file(s)",
+        "messages: {machines} machines, {sensors} readings per object, {batch} object(s) per message, {interval} ms of event time per object; {} query file(s)",
         r.queries
     );
     println!(

@@ -21,6 +21,7 @@ use async_nats::jetstream::{
     self, AckKind, consumer::AckPolicy, consumer::DeliverPolicy, consumer::pull,
 };
 use async_nats::{Client, HeaderMap, Message};
+use futures_util::FutureExt;
 use futures_util::stream::{BoxStream, SelectAll, StreamExt};
 use tracing::{info, warn};
 
@@ -249,7 +250,13 @@ impl Source for NatsSource {
         }
         let deadline = tokio::time::Instant::now() + self.max_latency;
         while self.pending.len() < self.max_batch && !self.stopping {
-            match tokio::time::timeout_at(deadline, self.next_one()).await {
+            // What has already arrived is taken without a timer; only an
+            // empty buffer waits (until the batch's deadline).
+            let next = match self.next_one().now_or_never() {
+                Some(next) => Ok(next),
+                None => tokio::time::timeout_at(deadline, self.next_one()).await,
+            };
+            match next {
                 Ok(Some(())) => {}
                 Ok(None) => {
                     self.feed = Feed::Ended;
