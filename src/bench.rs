@@ -60,7 +60,7 @@ pub struct BenchReport {
     pub raw_msgs_per_s: f64,
     pub sustained_msgs_per_s: f64,
     pub sustained_readings_per_s: f64,
-    /// Bursts that lost messages before one was sustained.
+    /// Bursts until one was sustained.
     pub attempts: usize,
     pub latency_load_msgs_per_s: f64,
     pub spikes: usize,
@@ -68,6 +68,11 @@ pub struct BenchReport {
     pub p99_ms: f64,
     pub peak_rss_mb: f64,
     pub queries: usize,
+    /// Query runs over the whole bench, their total time, and due runs
+    /// folded into the next because the query stage was busy.
+    pub query_runs: u64,
+    pub query_seconds: f64,
+    pub query_runs_folded: u64,
 }
 
 impl BenchReport {
@@ -335,7 +340,10 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
         // probe answered: a probe lost with the dropped messages is resent
         // after seconds, which would count as work).
         let end = live.envelopes().saturating_sub(probes);
-        let last = watch.stop().await.reached(end).unwrap_or_else(Instant::now);
+        let last = watch
+            .stop()
+            .await
+            .busy_until(t + Duration::from_secs_f64(published));
         let secs = last.duration_since(t).as_secs_f64().max(published);
         let got = end.saturating_sub(before);
         let rate = p.messages as f64 / published;
@@ -390,7 +398,10 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
         }
     }
     report.peak_rss_mb = peak_rss_mb();
-    live.stop().await?;
+    let summary = live.stop().await?;
+    report.query_runs = summary.query_runs;
+    report.query_seconds = summary.query_busy.as_secs_f64();
+    report.query_runs_folded = summary.query_deferred;
     drop(own);
     Ok(report)
 }
@@ -578,16 +589,28 @@ impl Watch {
 struct Timeline(Vec<(Instant, u64)>);
 
 impl Timeline {
-    /// When the counter first reached `count`.
-    fn reached(&self, count: u64) -> Option<Instant> {
-        self.0.iter().find(|(_, c)| *c >= count).map(|(t, _)| *t)
+    /// When the pipeline stopped taking messages once publishing had ended:
+    /// the last move of the counter before it stood still for half a second
+    /// (a probe resent after a loss moves it again much later).
+    fn busy_until(&self, publishing_ends: Instant) -> Instant {
+        let Some(&(first, _)) = self.0.first() else {
+            return publishing_ends;
+        };
+        let mut last = first;
+        for &(t, _) in &self.0 {
+            if t > publishing_ends && t.duration_since(last) > Duration::from_millis(500) {
+                break;
+            }
+            last = t;
+        }
+        last
     }
 }
 
 /// `run`'s loop in a task of this process.
 struct Live {
     stop: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<Result<(), BenchError>>,
+    task: tokio::task::JoinHandle<Result<crate::live::LiveSummary, BenchError>>,
     envelopes: std::sync::Arc<std::sync::atomic::AtomicU64>,
     queries: usize,
 }
@@ -615,11 +638,12 @@ impl Live {
         let (stop, rx) = watch::channel(false);
         let envelopes = pipeline.progress();
         let task = tokio::spawn(async move {
-            crate::live::run_live(&mut pipeline, &mut source, &mut sink, None, stage, rx)
-                .await
-                .map_err(|e| BenchError::Pipeline(e.to_string()))?;
+            let summary =
+                crate::live::run_live(&mut pipeline, &mut source, &mut sink, None, stage, rx)
+                    .await
+                    .map_err(|e| BenchError::Pipeline(e.to_string()))?;
             let _ = client.drain().await;
-            Ok(())
+            Ok(summary)
         });
         Ok(Live {
             stop,
@@ -657,7 +681,7 @@ impl Live {
         Watch { stop, task }
     }
 
-    async fn stop(self) -> Result<(), BenchError> {
+    async fn stop(self) -> Result<crate::live::LiveSummary, BenchError> {
         let _ = self.stop.send(true);
         self.task
             .await

@@ -698,6 +698,78 @@ impl FlowsBuilder {
     }
 }
 
+fn text<'e>(cfg: &InputConfig, env: &'e Envelope) -> Result<&'e str, DecodeError> {
+    if env.payload.len() > cfg.max_payload_bytes {
+        return Err(DecodeError::new(
+            Reason::TooLarge,
+            format!(
+                "payload of {} bytes exceeds input.max_payload_bytes = {}",
+                env.payload.len(),
+                cfg.max_payload_bytes
+            ),
+        ));
+    }
+    let text = std::str::from_utf8(&env.payload)
+        .map_err(|e| DecodeError::new(Reason::InvalidUtf8, format!("payload is not UTF-8: {e}")))?;
+    if nests_deeper_than(text.as_bytes(), MAX_DEPTH) {
+        return Err(DecodeError::new(
+            Reason::TooDeep,
+            format!("objects and arrays nested deeper than {MAX_DEPTH}"),
+        ));
+    }
+    Ok(text)
+}
+
+/// A telemetry payload parsed (not yet validated nor interned).
+type Parsed<'e> = Result<Vec<RawTelemetry<'e>>, DecodeError>;
+
+/// Batches carrying at least this many bytes of telemetry are parsed on two
+/// threads: parsing is most of decoding, and is the same for any order.
+const PARALLEL_PARSE_BYTES: usize = 256 * 1024;
+
+fn parse_telemetry<'e>(cfg: &InputConfig, env: &'e Envelope) -> Parsed<'e> {
+    let text = text(cfg, env)?;
+    let mut out = Vec::new();
+    parse_payload(text, &mut out, cfg.max_messages_per_payload)?;
+    Ok(out)
+}
+
+/// Parses the telemetry payloads of a big batch ahead, half of the bytes on
+/// a second thread; `None` (parse as you go) for small batches, or when no
+/// thread can be had.
+fn parse_ahead<'e>(
+    cfg: &InputConfig,
+    envelopes: &'e [Envelope],
+) -> Option<Vec<Option<Parsed<'e>>>> {
+    let size = |e: &Envelope| match e.stream() {
+        Stream::Telemetry => e.payload.len(),
+        Stream::Flows => 0,
+    };
+    let total: usize = envelopes.iter().map(size).sum();
+    if total < PARALLEL_PARSE_BYTES {
+        return None;
+    }
+    let mut mid = 0;
+    let mut bytes = 0;
+    while mid < envelopes.len() && bytes < total / 2 {
+        bytes += size(&envelopes[mid]);
+        mid += 1;
+    }
+    let parse = |part: &'e [Envelope]| -> Vec<Option<Parsed<'e>>> {
+        part.iter()
+            .map(|e| (e.stream() == Stream::Telemetry).then(|| parse_telemetry(cfg, e)))
+            .collect()
+    };
+    std::thread::scope(|s| {
+        let second = std::thread::Builder::new()
+            .spawn_scoped(s, || parse(&envelopes[mid..]))
+            .ok()?;
+        let mut all = parse(&envelopes[..mid]);
+        all.extend(second.join().ok()?);
+        Some(all)
+    })
+}
+
 // ---------------------------------------------------------------- decoder
 
 /// Turns envelopes into Arrow tables. Holds the interners, so ids are stable
@@ -765,9 +837,13 @@ impl Decoder {
         let mut rejected = Vec::new();
         let mut telemetry: Vec<RawTelemetry> = Vec::new();
         let mut flows: Vec<RawFlow> = Vec::new();
+        let mut ahead = parse_ahead(&self.cfg, envelopes);
         for (index, env) in envelopes.iter().enumerate() {
             let result = match env.stream() {
-                Stream::Telemetry => self.decode_telemetry(env, index as u32, &mut telemetry),
+                Stream::Telemetry => {
+                    let parsed = ahead.as_mut().and_then(|a| a[index].take());
+                    self.decode_telemetry(env, index as u32, parsed, &mut telemetry)
+                }
                 Stream::Flows => self.decode_flows(env, index as u32, &mut flows),
             };
             if let Err(error) = result {
@@ -787,38 +863,21 @@ impl Decoder {
         }
     }
 
-    fn text<'e>(&self, env: &'e Envelope) -> Result<&'e str, DecodeError> {
-        if env.payload.len() > self.cfg.max_payload_bytes {
-            return Err(DecodeError::new(
-                Reason::TooLarge,
-                format!(
-                    "payload of {} bytes exceeds input.max_payload_bytes = {}",
-                    env.payload.len(),
-                    self.cfg.max_payload_bytes
-                ),
-            ));
-        }
-        let text = std::str::from_utf8(&env.payload).map_err(|e| {
-            DecodeError::new(Reason::InvalidUtf8, format!("payload is not UTF-8: {e}"))
-        })?;
-        if nests_deeper_than(text.as_bytes(), MAX_DEPTH) {
-            return Err(DecodeError::new(
-                Reason::TooDeep,
-                format!("objects and arrays nested deeper than {MAX_DEPTH}"),
-            ));
-        }
-        Ok(text)
-    }
-
     fn decode_telemetry<'e>(
         &mut self,
         env: &'e Envelope,
         index: u32,
+        parsed: Option<Parsed<'e>>,
         scratch: &mut Vec<RawTelemetry<'e>>,
     ) -> Result<(), DecodeError> {
-        let text = self.text(env)?;
-        scratch.clear();
-        parse_payload(text, scratch, self.cfg.max_messages_per_payload)?;
+        match parsed {
+            Some(p) => *scratch = p?,
+            None => {
+                let text = text(&self.cfg, env)?;
+                scratch.clear();
+                parse_payload(text, scratch, self.cfg.max_messages_per_payload)?;
+            }
+        }
         let default_machine = last_token(&env.subject);
         // Validate and intern everything before appending any row, so a bad
         // object rejects its whole payload without leaving rows behind.
@@ -914,7 +973,7 @@ impl Decoder {
         index: u32,
         scratch: &mut Vec<RawFlow<'e>>,
     ) -> Result<(), DecodeError> {
-        let text = self.text(env)?;
+        let text = text(&self.cfg, env)?;
         scratch.clear();
         parse_payload(text, scratch, self.cfg.max_messages_per_payload)?;
         let default_machine = last_token(&env.subject);

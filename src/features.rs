@@ -97,7 +97,8 @@ pub struct RuleRow {
     pub ts: Millis,
 }
 
-/// What one run produced.
+/// What one run produced: feature rows sorted by (ts, machine, feature), rule
+/// rows by (ts, machine, file) — the order [`crate::pipeline::Pipeline::observe_features`] expects.
 #[derive(Debug, Default)]
 pub struct RunOutput {
     pub features: Vec<FeatureRow>,
@@ -379,7 +380,7 @@ impl Queries {
                 "messages" => &closed.messages,
                 _ => &closed.flows,
             };
-            *table.batches[0].write().await = vec![batch.clone()];
+            *table.batches[0].write().await = batch.parts.clone();
         }
         let newest = newest_window_end(closed);
         let state = self.ctx.state();
@@ -410,6 +411,12 @@ impl Queries {
         for (file, why) in &out.failures {
             warn!(file = %file, "query failed on this window: {why}");
         }
+        // Query engines return rows in no particular order: sorted here (on
+        // the query stage's thread), the pipeline takes them as they come.
+        out.features
+            .sort_by(|a, b| (a.ts, &a.machine, &a.feature).cmp(&(b.ts, &b.machine, &b.feature)));
+        out.rules
+            .sort_by(|a, b| (a.ts, &a.machine, &a.file).cmp(&(b.ts, &b.machine, &b.file)));
         out
     }
 
@@ -477,6 +484,7 @@ impl Queries {
 fn window_span(closed: &ClosedWindows) -> (Millis, Millis) {
     let oldest = [&closed.readings, &closed.messages, &closed.flows]
         .iter()
+        .flat_map(|t| t.parts.iter())
         .filter_map(|b| {
             b.column_by_name("window_start")
                 .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
@@ -490,6 +498,7 @@ fn window_span(closed: &ClosedWindows) -> (Millis, Millis) {
 fn newest_window_end(closed: &ClosedWindows) -> Millis {
     [&closed.readings, &closed.messages, &closed.flows]
         .iter()
+        .flat_map(|t| t.parts.iter())
         .filter_map(|b| {
             b.column_by_name("window_end")
                 .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
@@ -772,8 +781,10 @@ impl FeatureStage {
         out
     }
 
-    /// Moves the query runs to a task of their own on the current runtime;
-    /// gathering stays with the caller.
+    /// Moves the query runs to a thread of their own (with its own
+    /// single-threaded runtime: a query engine that computes for a while
+    /// without yielding must not hold a worker of the caller's runtime, where
+    /// the NATS connection is read); gathering stays with the caller.
     pub fn spawn(self) -> BackgroundStage {
         let FeatureStage {
             gather,
@@ -785,29 +796,47 @@ impl FeatureStage {
         let (jobs, mut inbox) = tokio::sync::mpsc::channel::<ClosedWindows>(1);
         // Unbounded, but never holds more than the runs in flight (at most two).
         let (done, results) = tokio::sync::mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            while let Some(closed) = inbox.recv().await {
-                let started = Instant::now();
-                queries.reload().await;
-                let out = queries.run(&closed).await;
-                if done.send((out, started.elapsed())).is_err() {
-                    break;
-                }
-            }
-        });
+        let task = std::thread::Builder::new()
+            .name("twinwatch-queries".into())
+            .spawn(move || {
+                let rt = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        warn!(error = %e, "cannot start the query stage; query features are off");
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    while let Some(closed) = inbox.recv().await {
+                        let started = Instant::now();
+                        queries.reload().await;
+                        let out = queries.run(&closed).await;
+                        if done.send((out, started.elapsed())).is_err() {
+                            break;
+                        }
+                    }
+                });
+            });
+        if let Err(e) = &task {
+            warn!(error = %e, "cannot start the query stage's thread; query features are off");
+        }
         BackgroundStage {
             gather,
             jobs,
             results,
             in_flight: 0,
-            task,
+            deferred: 0,
+            _task: task,
             runs: 0,
             busy: Duration::ZERO,
         }
     }
 }
 
-/// The feature stage on a task of its own (`run`): the ingest loop hands it
+/// The feature stage on a thread of its own (`run`): the ingest loop hands it
 /// the windows a batch closed and goes on decoding and scoring while the
 /// queries run on another core; their results come back in the order the
 /// windows were handed over. Only when the stage is one run behind does the
@@ -817,7 +846,9 @@ pub struct BackgroundStage {
     jobs: tokio::sync::mpsc::Sender<ClosedWindows>,
     results: tokio::sync::mpsc::UnboundedReceiver<(RunOutput, Duration)>,
     in_flight: usize,
-    task: tokio::task::JoinHandle<()>,
+    deferred: u64,
+    /// Ends on its own once `jobs` is dropped (after the run in hand).
+    _task: std::io::Result<std::thread::JoinHandle<()>>,
     /// Runs answered so far, and their total time.
     pub runs: u64,
     pub busy: Duration,
@@ -825,15 +856,31 @@ pub struct BackgroundStage {
 
 impl BackgroundStage {
     /// Gathers the windows a batch closed and hands them over when a run is
-    /// due (or whatever is gathered, when `force`).
+    /// due (or whatever is gathered, when `force`). While the task is busy
+    /// with one run and has the next queued, windows keep gathering into a
+    /// bigger run instead of holding up the loop (the fast path's alerts do
+    /// not wait for the queries); only past four times `queries.max_rows`
+    /// gathered does the loop wait, so memory stays bounded.
     pub async fn offer(&mut self, closed: Option<ClosedWindows>, force: bool) {
         self.gather.offer(closed);
-        if (force || self.gather.due())
-            && let Some(c) = self.gather.take()
+        if !(force || self.gather.due()) {
+            return;
+        }
+        let busy = self.jobs.capacity() == 0;
+        if busy && !force && self.gather.rows < 4 * self.gather.max_rows {
+            self.deferred += 1;
+            return;
+        }
+        if let Some(c) = self.gather.take()
             && self.jobs.send(c).await.is_ok()
         {
             self.in_flight += 1;
         }
+    }
+
+    /// Times a due run was folded into the next because the task was busy.
+    pub fn deferred(&self) -> u64 {
+        self.deferred
     }
 
     /// Runs handed over and not yet answered.
@@ -872,28 +919,17 @@ impl BackgroundStage {
     }
 }
 
-impl Drop for BackgroundStage {
-    fn drop(&mut self) {
-        self.task.abort();
+/// One set of window tables out of several (their parts, not copied).
+fn merge(parts: Vec<ClosedWindows>) -> ClosedWindows {
+    let mut parts = parts.into_iter();
+    let mut all = parts.next().expect("merge is called with windows gathered");
+    for c in parts {
+        all.readings.extend(c.readings);
+        all.messages.extend(c.messages);
+        all.flows.extend(c.flows);
+        all.machine_windows += c.machine_windows;
     }
-}
-
-/// One set of window tables out of several.
-fn merge(mut parts: Vec<ClosedWindows>) -> ClosedWindows {
-    if parts.len() == 1 {
-        return parts.pop().expect("one part");
-    }
-    let cat = |pick: fn(&ClosedWindows) -> &RecordBatch| {
-        let schema = pick(&parts[0]).schema();
-        let batches: Vec<&RecordBatch> = parts.iter().map(pick).collect();
-        arrow::compute::concat_batches(&schema, batches).expect("window tables share their schema")
-    };
-    ClosedWindows {
-        readings: cat(|c| &c.readings),
-        messages: cat(|c| &c.messages),
-        flows: cat(|c| &c.flows),
-        machine_windows: parts.iter().map(|c| c.machine_windows).sum(),
-    }
+    all
 }
 
 #[cfg(test)]

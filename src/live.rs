@@ -33,6 +33,11 @@ use crate::time::wall_now;
 pub struct LiveSummary {
     pub batches: u64,
     pub checkpoints: u64,
+    /// Query runs, their total time, and due runs folded into the next one
+    /// because the query stage was busy.
+    pub query_runs: u64,
+    pub query_busy: Duration,
+    pub query_deferred: u64,
 }
 
 /// Where and how often the state is saved.
@@ -136,6 +141,11 @@ pub async fn run_live<S: Source, K: Sink>(
     match &checkpoints {
         Some(c) => checkpoint(pipeline, source, sink, &mut features, c, &mut summary).await?,
         None => source.commit().await?,
+    }
+    if let Some(f) = &features {
+        summary.query_runs = f.runs;
+        summary.query_busy = f.busy;
+        summary.query_deferred = f.deferred();
     }
     Ok(summary)
 }

@@ -334,40 +334,36 @@ impl Pipeline {
             rules = run.rules.len()
         )
         .entered();
-        // In event-time order across machines, as the readings' alerts are.
-        let mut groups: std::collections::BTreeMap<(Millis, u32), Vec<(u32, f64)>> =
-            Default::default();
-        // Query engines return rows in no particular order: sort them, so the
-        // same input gives the same alerts in the same order (and the same ids).
-        let mut rows: Vec<&crate::features::FeatureRow> = run.features.iter().collect();
-        rows.sort_by(|a, b| (a.ts, &a.machine, &a.feature).cmp(&(b.ts, &b.machine, &b.feature)));
-        for row in rows {
-            let (Some(machine), Some(feature)) = (
-                self.decoder.machines.intern(&row.machine),
-                self.features.intern(&row.feature),
-            ) else {
-                continue;
-            };
-            groups
-                .entry((row.ts, machine))
-                .or_default()
-                .push((feature, row.value));
-        }
+        // Rows come sorted by (ts, machine, feature) from the query stage
+        // ([`crate::features::Queries::run`]), so the same input gives the
+        // same alerts in the same order (and the same ids); a machine's
+        // features of one window are consecutive rows.
         let mut findings = Vec::new();
-        for ((ts, machine), readings) in &groups {
-            self.feature_detectors.observe(
-                *machine,
-                crate::alerts::NO_DEVICE,
-                *ts,
-                true,
-                readings,
-                &mut findings,
-            );
+        let mut group: Vec<(u32, f64)> = Vec::new();
+        let mut rows = run.features.iter().peekable();
+        while let Some(first) = rows.next() {
+            group.clear();
+            let machine = self.decoder.machines.intern(&first.machine);
+            let mut row = Some(first);
+            while let Some(r) = row {
+                if let Some(feature) = self.features.intern(&r.feature) {
+                    group.push((feature, r.value));
+                }
+                row = rows.next_if(|n| n.ts == first.ts && n.machine == first.machine);
+            }
+            if let Some(machine) = machine {
+                self.feature_detectors.observe(
+                    machine,
+                    crate::alerts::NO_DEVICE,
+                    first.ts,
+                    true,
+                    &group,
+                    &mut findings,
+                );
+            }
         }
         self.feature_detectors.take_newly_protecting();
-        let mut rules: Vec<&crate::features::RuleRow> = run.rules.iter().collect();
-        rules.sort_by(|a, b| (a.ts, &a.machine, &a.file).cmp(&(b.ts, &b.machine, &b.file)));
-        for r in rules {
+        for r in &run.rules {
             let (Some(machine), Some(rule)) = (
                 self.decoder.machines.intern(&r.machine),
                 self.features.intern(&r.file),

@@ -363,3 +363,44 @@ fn random_bytes_never_panic() {
         assert!(b.rejected.len() + b.messages.num_rows() >= 1);
     }
 }
+
+#[test]
+fn name_columns_are_dictionaries_keyed_by_the_interned_ids() {
+    use arrow::array::DictionaryArray;
+    use arrow::datatypes::UInt32Type;
+    let mut d = decoder();
+    let b = d.decode(&[
+        env(
+            "twin.telemetry.s.a",
+            br#"{"ts": 1795766400000, "readings": {"x": 1, "y": 2}}"#,
+        ),
+        env(
+            "twin.telemetry.s.b",
+            br#"{"ts": 1795766400000, "readings": {"y": 3}}"#,
+        ),
+    ]);
+    let r = &b.readings;
+    let machine = col::<DictionaryArray<UInt32Type>>(r, "machine");
+    let metric = col::<DictionaryArray<UInt32Type>>(r, "metric");
+    assert_eq!(
+        machine.keys().values(),
+        col::<UInt32Array>(r, "machine_id").values(),
+        "the keys are the ids: no text per row"
+    );
+    assert_eq!(
+        metric.keys().values(),
+        col::<UInt32Array>(r, "metric_id").values()
+    );
+    assert_eq!(
+        text(r, "metric").iter().flatten().collect::<Vec<_>>(),
+        ["x", "y", "y"]
+    );
+    assert_eq!(text(&b.messages, "machine").value(1), "b");
+    // A later batch reuses the names array while no name was added.
+    let again = d.decode(&[env(
+        "twin.telemetry.s.a",
+        br#"{"ts": 1795766401000, "readings": {"x": 4}}"#,
+    )]);
+    let later = col::<DictionaryArray<UInt32Type>>(&again.readings, "machine");
+    assert!(std::sync::Arc::ptr_eq(machine.values(), later.values()));
+}

@@ -63,7 +63,7 @@ fn windows_close_when_the_watermark_passes_their_end() {
         .closed
         .expect("newest 15 s - lateness 5 s = 10 s closes [0, 10 s)");
     assert_eq!(c.machine_windows, 1);
-    let r = &c.readings;
+    let r = &c.readings.concat();
     assert_eq!(r.num_rows(), 10);
     let starts = r
         .column_by_name("window_start")
@@ -97,7 +97,7 @@ fn windows_close_when_the_watermark_passes_their_end() {
         .expect("the open windows close at the end");
     assert_eq!(end.readings.num_rows(), 7);
     let machines = arrow::compute::cast(
-        end.readings.column_by_name("machine").unwrap(),
+        end.readings.concat().column_by_name("machine").unwrap(),
         &arrow::datatypes::DataType::Utf8,
     )
     .unwrap();
@@ -181,5 +181,5 @@ fn flows_join_their_machine_windows_on_their_own_watermark() {
     );
     let c = p.process(&[later], 0).closed.unwrap();
     assert_eq!(c.flows.num_rows(), 1);
-    assert!(c.flows.column_by_name("window_start").is_some());
+    assert!(c.flows.concat().column_by_name("window_start").is_some());
 }

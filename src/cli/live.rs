@@ -125,6 +125,9 @@ pub fn run(a: RunArgs) -> Result<()> {
         info!(
             batches = summary.batches,
             checkpoints = summary.checkpoints,
+            query_runs = summary.query_runs,
+            query_seconds = format!("{:.2}", summary.query_busy.as_secs_f64()),
+            query_runs_folded = summary.query_deferred,
             dead_letters = sink.dead_letters,
             "stopped: {}",
             summary_line(&pipeline.stats(), started.elapsed().as_secs_f64())

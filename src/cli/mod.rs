@@ -995,6 +995,12 @@ fn bench(a: BenchArgs) -> Result<()> {
         "publish -> alert at {:.0} msgs/s: p50 {:.1} ms, p99 {:.1} ms ({} spikes)",
         r.latency_load_msgs_per_s, r.p50_ms, r.p99_ms, r.spikes
     );
+    if r.queries > 0 {
+        println!(
+            "query runs: {} taking {:.1} s in all on their own thread ({} due runs folded into the next while it was busy)",
+            r.query_runs, r.query_seconds, r.query_runs_folded
+        );
+    }
     println!("peak RSS {:.0} MB", r.peak_rss_mb);
     println!("{}", r.line());
     Ok(())
