@@ -138,6 +138,10 @@ pub struct SourceConfig {
     pub queue_group: String,
     /// Most messages in one pipeline batch.
     pub max_batch: usize,
+    /// Most payload bytes in one pipeline batch (array payloads carry many
+    /// readings per message: the batch, and the wait of its first message,
+    /// stay bounded in readings too).
+    pub max_batch_bytes: usize,
     /// The longest a message waits for its batch to fill.
     #[serde(with = "serde_duration")]
     pub max_latency: Millis,
@@ -150,7 +154,8 @@ impl Default for SourceConfig {
             subjects: vec!["twin.telemetry.>".into(), "twin.flows.>".into()],
             queue_group: String::new(),
             max_batch: 4096,
-            max_latency: 5,
+            max_batch_bytes: 1 << 20,
+            max_latency: 2,
             jetstream: JetStreamSourceConfig::default(),
         }
     }
@@ -650,9 +655,10 @@ subscription_capacity = 262144
 subjects = ["twin.telemetry.>", "twin.flows.>"]
 # Join a queue group so several twinwatch processes share the subjects (core NATS only).
 queue_group = ""
-# A pipeline batch closes at this many messages, or this long after its first message.
+# A pipeline batch closes at this many messages or payload bytes, or this long after its first message.
 max_batch = 4096
-max_latency = "5ms"
+max_batch_bytes = 1048576
+max_latency = "2ms"
 
 [source.jetstream]
 # Consume through a durable pull consumer instead of core subscriptions.
@@ -922,6 +928,9 @@ impl Config {
         }
         if self.source.max_batch == 0 {
             return bad("source.max_batch", "must be greater than zero");
+        }
+        if self.source.max_batch_bytes == 0 {
+            return bad("source.max_batch_bytes", "must be greater than zero");
         }
         if self.source.subjects.is_empty() {
             return bad("source.subjects", "needs at least one subject");

@@ -789,3 +789,39 @@ fn bench_measures_raw_delivery_then_the_pipeline() {
         "{stdout}"
     );
 }
+
+#[test]
+fn source_batches_are_bounded_in_payload_bytes() {
+    use twinwatch::source::Source;
+    let server = NatsServer::start("");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let cfg = twinwatch::config::SourceConfig {
+            max_batch_bytes: 1000,
+            max_latency: 200,
+            ..Default::default()
+        };
+        let mut source = twinwatch::source::nats::NatsSource::core(&client, &cfg)
+            .await
+            .unwrap();
+        for i in 0..10 {
+            client
+                .publish(format!("twin.telemetry.s.m{i}"), vec![b' '; 300].into())
+                .await
+                .unwrap();
+        }
+        client.flush().await.unwrap();
+        let mut sizes = Vec::new();
+        while sizes.iter().sum::<usize>() < 10 {
+            let batch = source.next_batch().await.unwrap().unwrap();
+            sizes.push(batch.len());
+        }
+        // 300-byte payloads: a batch closes once it holds 1000 bytes or more.
+        assert!(sizes.iter().all(|&n| n <= 4), "{sizes:?}");
+        assert!(sizes.len() >= 3, "{sizes:?}");
+    });
+}

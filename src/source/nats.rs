@@ -1,7 +1,7 @@
 //! NATS source: core subscriptions (optionally in a queue group) or a durable
 //! JetStream pull consumer, turned into batches of envelopes bounded in size
-//! (`source.max_batch`) and in latency (`source.max_latency` after the batch's
-//! first message).
+//! (`source.max_batch` messages, `source.max_batch_bytes` of payload) and in
+//! latency (`source.max_latency` after the batch's first message).
 //!
 //! JetStream: with `create = true` the stream (on `source.subjects`) and the
 //! consumer are created when missing; otherwise both are bound and a missing
@@ -63,6 +63,9 @@ enum Feed {
 pub struct NatsSource {
     feed: Feed,
     max_batch: usize,
+    max_batch_bytes: usize,
+    /// Payload bytes of `pending`.
+    pending_bytes: usize,
     max_latency: Duration,
     pending: Vec<Envelope>,
     /// Ackers of messages handed out but not yet acknowledged.
@@ -180,6 +183,8 @@ impl NatsSource {
         NatsSource {
             feed,
             max_batch: cfg.max_batch.max(1),
+            max_batch_bytes: cfg.max_batch_bytes.max(1),
+            pending_bytes: 0,
             max_latency: Duration::from_millis(cfg.max_latency.max(0) as u64),
             pending: Vec::new(),
             ackers: Vec::new(),
@@ -196,6 +201,7 @@ impl NatsSource {
         match &mut self.feed {
             Feed::Core(s) => {
                 let m = s.next().await?;
+                self.pending_bytes += m.payload.len();
                 self.pending.push(envelope(&m, now));
                 Some(())
             }
@@ -219,6 +225,7 @@ impl NatsSource {
                             // A redelivery of a message already processed; a later ack covers it.
                             continue;
                         }
+                        self.pending_bytes += msg.payload.len();
                         self.pending.push(envelope(&msg, stored));
                         if self.ack_all {
                             self.ackers.clear();
@@ -249,7 +256,10 @@ impl Source for NatsSource {
             }
         }
         let deadline = tokio::time::Instant::now() + self.max_latency;
-        while self.pending.len() < self.max_batch && !self.stopping {
+        while self.pending.len() < self.max_batch
+            && self.pending_bytes < self.max_batch_bytes
+            && !self.stopping
+        {
             // What has already arrived is taken without a timer; only an
             // empty buffer waits (until the batch's deadline).
             let next = match self.next_one().now_or_never() {
@@ -265,6 +275,7 @@ impl Source for NatsSource {
                 Err(_) => break,
             }
         }
+        self.pending_bytes = 0;
         Ok(Some(std::mem::take(&mut self.pending)))
     }
 
