@@ -28,6 +28,11 @@ pub struct NatsSink {
     /// Alerts published and dead letters republished.
     pub alerts: u64,
     pub dead_letters: u64,
+    /// Something was published since the last flush. A flush is a round trip
+    /// that queues behind every message the server is still sending this
+    /// connection: under load, flushing after batches that published nothing
+    /// would hold the loop for as long as the inbound backlog.
+    unflushed: bool,
 }
 
 impl NatsSink {
@@ -65,6 +70,7 @@ impl NatsSink {
             prefix: cfg.deadletter_prefix.clone(),
             alerts: 0,
             dead_letters: 0,
+            unflushed: false,
         })
     }
 }
@@ -92,6 +98,7 @@ impl Sink for NatsSink {
                     .map_err(io)?,
             }
             self.alerts += 1;
+            self.unflushed = true;
         }
         Ok(())
     }
@@ -110,6 +117,7 @@ impl Sink for NatsSink {
             .await
             .map_err(io)?;
         self.dead_letters += 1;
+        self.unflushed = true;
         Ok(())
     }
 
@@ -117,6 +125,9 @@ impl Sink for NatsSink {
         for ack in self.acks.drain(..) {
             ack.await
                 .map_err(|e| SinkError::Other(format!("alert stream did not confirm: {e}")))?;
+        }
+        if !std::mem::take(&mut self.unflushed) {
+            return Ok(());
         }
         self.client.flush().await.map_err(io)
     }
