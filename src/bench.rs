@@ -307,6 +307,8 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
     // alert of its own rather than folded into the last one.
     cfg.baseline.warmup = 60_000;
     cfg.alerts.cooldown = 1_000;
+    // The latency phase reads the alerts back in the contract's format.
+    cfg.alerts.format = crate::ocsf::AlertFormat::Json;
     let live = Live::start(&cfg).await?;
     report.queries = live.queries;
     let publisher = async_nats::connect(&url).await.map_err(nats)?;

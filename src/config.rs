@@ -604,6 +604,8 @@ pub struct AlertsConfig {
     /// it closes when no finding for it arrives for this long.
     #[serde(with = "serde_duration")]
     pub cooldown: Millis,
+    /// How alerts are written: the contract's JSON, or OCSF Detection Findings.
+    pub format: crate::ocsf::AlertFormat,
 }
 
 impl Default for AlertsConfig {
@@ -611,6 +613,7 @@ impl Default for AlertsConfig {
         AlertsConfig {
             min_score: 0.75,
             cooldown: 600_000,
+            format: crate::ocsf::AlertFormat::Json,
         }
     }
 }
@@ -836,6 +839,8 @@ min_score = 0.75
 # One open alert per (machine, kind, feature): raised again on escalation or this long after it
 # was last raised; closed when no finding for it arrives for this long.
 cooldown = "10m"
+# "json": the contract's alert format; "ocsf": OCSF Detection Finding (class 2004) events for a SIEM.
+format = "json"
 "#;
 
 /// A configuration problem: which file, where, and what is wrong.

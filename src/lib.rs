@@ -26,6 +26,7 @@ pub mod intern;
 pub mod learn;
 pub mod live;
 pub mod nats;
+pub mod ocsf;
 pub mod pipeline;
 pub mod registry;
 pub mod score;

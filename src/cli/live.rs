@@ -76,7 +76,10 @@ fn with_url(mut cfg: Config, url: Option<String>) -> Config {
 }
 
 pub fn run(a: RunArgs) -> Result<()> {
-    let cfg = with_url(load_config(a.config.as_deref())?, a.nats_url);
+    let mut cfg = with_url(load_config(a.config.as_deref())?, a.nats_url);
+    if let Some(f) = a.alert_format {
+        cfg.alerts.format = f;
+    }
     runtime()?.block_on(async move {
         let stop = shutdown_signal();
         let Some(client) = connect_until_stopped(&cfg, &stop).await? else {
@@ -97,7 +100,8 @@ pub fn run(a: RunArgs) -> Result<()> {
         ));
         let mut sink = NatsSink::new(client.clone(), &cfg.sink)
             .await
-            .map_err(nats_error)?;
+            .map_err(nats_error)?
+            .with_format(cfg.alerts.format);
         let checkpoints = store.as_ref().map(|store| Checkpoints {
             store,
             interval: Duration::from_millis(cfg.state.interval.max(1) as u64),

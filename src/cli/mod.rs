@@ -107,6 +107,9 @@ pub struct RunArgs {
     /// NATS server URL(s); overrides the configuration.
     #[arg(long, env = "NATS_URL")]
     pub nats_url: Option<String>,
+    /// Alert format on the wire; overrides `[alerts] format`.
+    #[arg(long, value_enum)]
+    pub alert_format: Option<crate::ocsf::AlertFormat>,
 }
 
 #[derive(Debug, Args)]
@@ -142,6 +145,9 @@ pub struct ReplayArgs {
     /// Where alerts go (NDJSON); standard output by default.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    /// Alert format of the lines; overrides `[alerts] format`.
+    #[arg(long, value_enum)]
+    pub alert_format: Option<crate::ocsf::AlertFormat>,
     /// Device registry (TOML); default: the configured `devices.registry`.
     #[arg(long)]
     pub devices: Option<PathBuf>,
@@ -586,7 +592,10 @@ fn summary_line(s: &Stats, secs: f64) -> String {
 }
 
 fn replay(a: ReplayArgs) -> Result<()> {
-    let cfg = load_config(a.config.as_deref())?;
+    let mut cfg = load_config(a.config.as_deref())?;
+    if let Some(f) = a.alert_format {
+        cfg.alerts.format = f;
+    }
     let mut source = CaptureSource::open(&a.input).map_err(|e| {
         anyhow::anyhow!(
             "{e}\nhint: --input takes a capture file written by `twinwatch simulate` or `record`"
@@ -595,7 +604,8 @@ fn replay(a: ReplayArgs) -> Result<()> {
     let mut sink = match &a.output {
         Some(p) => NdjsonSink::create(p).with_context(|| format!("creating {}", p.display()))?,
         None => NdjsonSink::stdout(),
-    };
+    }
+    .with_format(cfg.alerts.format);
     let mut pipeline = Pipeline::new(&cfg);
     pipeline.set_registry(load_registry(&cfg, a.devices.as_deref())?);
     let started = Instant::now();

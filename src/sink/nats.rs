@@ -17,6 +17,7 @@ use crate::alerts::Alert;
 use crate::config::SinkConfig;
 use crate::decode::DecodeError;
 use crate::nats::NatsError;
+use crate::ocsf::AlertFormat;
 use crate::source::Envelope;
 
 /// Publishes alerts and dead letters on NATS.
@@ -33,9 +34,16 @@ pub struct NatsSink {
     /// connection: under load, flushing after batches that published nothing
     /// would hold the loop for as long as the inbound backlog.
     unflushed: bool,
+    format: AlertFormat,
 }
 
 impl NatsSink {
+    /// Publishes alerts in `format` (the contract's JSON by default).
+    pub fn with_format(mut self, format: AlertFormat) -> Self {
+        self.format = format;
+        self
+    }
+
     pub async fn new(client: Client, cfg: &SinkConfig) -> Result<Self, NatsError> {
         let js = if cfg.jetstream {
             let js = jetstream::new(client.clone());
@@ -71,6 +79,7 @@ impl NatsSink {
             alerts: 0,
             dead_letters: 0,
             unflushed: false,
+            format: AlertFormat::Json,
         })
     }
 }
@@ -84,7 +93,7 @@ impl Sink for NatsSink {
         for a in alerts {
             let mut headers = HeaderMap::new();
             headers.insert("Nats-Msg-Id", a.id.as_str());
-            let payload = Bytes::from(serde_json::to_vec(a).map_err(io)?);
+            let payload = Bytes::from(crate::ocsf::encode(a, self.format).map_err(io)?);
             match &self.js {
                 Some(js) => self.acks.push(
                     js.publish_with_headers(a.subject(), headers, payload)

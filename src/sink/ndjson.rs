@@ -6,12 +6,14 @@ use std::path::Path;
 
 use super::{Sink, SinkError};
 use crate::alerts::Alert;
+use crate::ocsf::AlertFormat;
 
 /// Writes alerts as NDJSON.
 pub struct NdjsonSink {
     out: BufWriter<Box<dyn Write + Send>>,
     /// Alerts written.
     pub written: u64,
+    format: AlertFormat,
 }
 
 impl NdjsonSink {
@@ -32,14 +34,22 @@ impl NdjsonSink {
         NdjsonSink {
             out: BufWriter::with_capacity(64 * 1024, out),
             written: 0,
+            format: AlertFormat::Json,
         }
+    }
+
+    /// Writes alerts in `format` (the contract's JSON by default).
+    pub fn with_format(mut self, format: AlertFormat) -> Self {
+        self.format = format;
+        self
     }
 }
 
 impl Sink for NdjsonSink {
     async fn publish(&mut self, alerts: &[Alert]) -> Result<(), SinkError> {
         for a in alerts {
-            serde_json::to_writer(&mut self.out, a).map_err(std::io::Error::from)?;
+            let line = crate::ocsf::encode(a, self.format).map_err(std::io::Error::from)?;
+            self.out.write_all(&line)?;
             self.out.write_all(b"\n")?;
             self.written += 1;
         }
