@@ -341,13 +341,18 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
         // When the pipeline took its last message of the burst (not when the
         // probe answered: a probe lost with the dropped messages is resent
         // after seconds, which would count as work).
-        let end = live.envelopes().saturating_sub(probes);
+        let count = live.envelopes();
+        // Done when the counter (bumped after each whole batch) first stood
+        // one short of its final value: the answered probe is the last
+        // message counted, and a probe resent after a loss comes seconds
+        // later — that wait is not the pipeline's work.
         let last = watch
             .stop()
             .await
-            .busy_until(t + Duration::from_secs_f64(published));
+            .reached(count.saturating_sub(1))
+            .unwrap_or_else(Instant::now);
         let secs = last.duration_since(t).as_secs_f64().max(published);
-        let got = end.saturating_sub(before);
+        let got = count.saturating_sub(before).saturating_sub(probes);
         let rate = p.messages as f64 / published;
         let behind = secs - published;
         say(
@@ -591,21 +596,9 @@ impl Watch {
 struct Timeline(Vec<(Instant, u64)>);
 
 impl Timeline {
-    /// When the pipeline stopped taking messages once publishing had ended:
-    /// the last move of the counter before it stood still for half a second
-    /// (a probe resent after a loss moves it again much later).
-    fn busy_until(&self, publishing_ends: Instant) -> Instant {
-        let Some(&(first, _)) = self.0.first() else {
-            return publishing_ends;
-        };
-        let mut last = first;
-        for &(t, _) in &self.0 {
-            if t > publishing_ends && t.duration_since(last) > Duration::from_millis(500) {
-                break;
-            }
-            last = t;
-        }
-        last
+    /// When the counter first reached `count`.
+    fn reached(&self, count: u64) -> Option<Instant> {
+        self.0.iter().find(|(_, c)| *c >= count).map(|(t, _)| *t)
     }
 }
 
