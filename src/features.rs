@@ -736,7 +736,7 @@ impl Gather {
 
 /// The feature stage of a run, in line: the caller waits for each query run
 /// (`replay`, `demo`, `eval`: the alerts come out in input order, so a
-/// replay is deterministic). [`FeatureStage::spawn`] moves it to a task of its
+/// replay is deterministic). [`FeatureStage::spawn`] moves it to a thread of its
 /// own for `run`.
 pub struct FeatureStage {
     gather: Gather,
@@ -856,7 +856,7 @@ pub struct BackgroundStage {
 
 impl BackgroundStage {
     /// Gathers the windows a batch closed and hands them over when a run is
-    /// due (or whatever is gathered, when `force`). While the task is busy
+    /// due (or whatever is gathered, when `force`). While the thread is busy
     /// with one run and has the next queued, windows keep gathering into a
     /// bigger run instead of holding up the loop (the fast path's alerts do
     /// not wait for the queries); only past four times `queries.max_rows`
@@ -878,7 +878,7 @@ impl BackgroundStage {
         }
     }
 
-    /// Times a due run was folded into the next because the task was busy.
+    /// Times a due run was folded into the next because the thread was busy.
     pub fn deferred(&self) -> u64 {
         self.deferred
     }
@@ -895,7 +895,7 @@ impl BackgroundStage {
     }
 
     /// Waits for the next run's output; `None` when nothing is in flight (or
-    /// the task died: its panic is logged by the runtime, and the loop goes
+    /// the thread died — its panic is reported by the panic hook — and the loop goes
     /// on without query features rather than stopping detection).
     pub async fn next(&mut self) -> Option<RunOutput> {
         if self.in_flight == 0 {

@@ -2,11 +2,11 @@
 //! sink, with state snapshots and graceful shutdown.
 //!
 //! Per batch: decode → detect → dead letters and alerts published → sink
-//! flushed. The query files run on a task of their own
+//! flushed. The query files run on a thread of their own
 //! ([`BackgroundStage`]): the windows a batch closes are handed over, and the
 //! alerts of a run are published with the batch during which it answered (or
-//! as soon as it answers, when input is quiet). Without state snapshots the batch is then committed to the source
-//! (acknowledged). With snapshots, the pipeline's state is written every
+//! as soon as it answers, when input is quiet). Without state snapshots the
+//! batch is then committed to the source (acknowledged). With snapshots, the pipeline's state is written every
 //! `state.interval` (and whenever input pauses), and only then is everything
 //! up to it committed: the acknowledged stream position and the saved state
 //! always agree, so a process killed at any instant resumes exactly where its
