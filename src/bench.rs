@@ -634,7 +634,7 @@ impl Live {
         let envelopes = pipeline.progress();
         let task = tokio::spawn(async move {
             let summary =
-                crate::live::run_live(&mut pipeline, &mut source, &mut sink, None, stage, rx)
+                crate::live::run_live(&mut pipeline, &mut source, &mut sink, None, stage, None, rx)
                     .await
                     .map_err(|e| BenchError::Pipeline(e.to_string()))?;
             let _ = client.drain().await;

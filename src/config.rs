@@ -30,6 +30,24 @@ pub struct Config {
     pub flows: FlowsConfig,
     pub learn: LearnConfig,
     pub alerts: AlertsConfig,
+    pub http: HttpConfig,
+}
+
+/// The metrics and health endpoint of `run`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Where `/metrics` and `/healthz` are served; empty turns the endpoint
+    /// off. `TWINWATCH_HTTP_ADDR` overrides it.
+    pub addr: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            addr: "127.0.0.1:9464".into(),
+        }
+    }
 }
 
 /// The SQL feature and rule files.
@@ -757,6 +775,11 @@ hold = "30s"
 settle_max = "20m"
 # While a sensor settles its prediction is catching up: spikes are measured against this many sigmas.
 settling_sigma = 1.5
+
+[http]
+# `run` serves Prometheus metrics on /metrics and readiness on /healthz here; "" turns it off.
+# TWINWATCH_HTTP_ADDR overrides it.
+addr = "127.0.0.1:9464"
 
 [devices]
 # The device registry: declared devices per machine, their NATS nkey public keys and whether

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::features::BackgroundStage;
+use crate::http::Telemetry;
 use crate::pipeline::{Pipeline, RunError};
 use crate::sink::Sink;
 use crate::source::Source;
@@ -53,9 +54,15 @@ pub async fn run_live<S: Source, K: Sink>(
     sink: &mut K,
     checkpoints: Option<Checkpoints<'_>>,
     mut features: Option<BackgroundStage>,
+    telemetry: Option<&Telemetry>,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<LiveSummary, RunError> {
     let mut summary = LiveSummary::default();
+    // Counters for /metrics are refreshed at most every STATS_EVERY (they walk
+    // every machine); `stale` says a batch went by since.
+    const STATS_EVERY: Duration = Duration::from_millis(250);
+    let mut stats_at = Instant::now();
+    let mut stale = false;
     let mut uncommitted = false;
     let mut next_checkpoint = Instant::now()
         + checkpoints
@@ -85,15 +92,27 @@ pub async fn run_live<S: Source, K: Sink>(
                 run = next_run(&mut features), if in_flight(&features) => {
                     if let Some(run) = run {
                         let alerts = pipeline.observe_features(&run, wall_now());
+                        if let Some(t) = telemetry {
+                            t.query_run(&run.timings);
+                            t.alerts(&alerts);
+                        }
                         sink.publish(&alerts).await?;
                         sink.flush().await?;
                     }
                     continue;
                 }
+                _ = tokio::time::sleep_until(stats_at + STATS_EVERY), if stale => {
+                    if let Some(t) = telemetry {
+                        t.batch(Some(pipeline.stats()), 0, &[], wall_now());
+                    }
+                    stats_at = Instant::now();
+                    stale = false;
+                    continue;
+                }
                 _ = tokio::time::sleep_until(next_checkpoint), if uncommitted => {
                     // Input paused with work not yet acknowledged: checkpoint now.
                     if let Some(c) = &checkpoints {
-                        checkpoint(pipeline, source, sink, &mut features, c, &mut summary).await?;
+                        checkpoint(pipeline, source, sink, &mut features, telemetry, c, &mut summary).await?;
                         uncommitted = false;
                         next_checkpoint = Instant::now() + c.interval;
                     }
@@ -113,9 +132,21 @@ pub async fn run_live<S: Source, K: Sink>(
         if let Some(f) = features.as_mut() {
             f.offer(out.closed.take(), false).await;
             while let Some(run) = f.ready() {
+                if let Some(t) = telemetry {
+                    t.query_run(&run.timings);
+                }
                 out.alerts
                     .extend(pipeline.observe_features(&run, wall_now()));
             }
+        }
+        if let Some(t) = telemetry {
+            let due = stats_at.elapsed() >= STATS_EVERY;
+            let stats = due.then(|| pipeline.stats());
+            if due {
+                stats_at = Instant::now();
+            }
+            stale = !due;
+            t.batch(stats, out.rejected.len(), &out.alerts, wall_now());
         }
         sink.publish(&out.alerts).await?;
         sink.flush().await?;
@@ -125,7 +156,16 @@ pub async fn run_live<S: Source, K: Sink>(
             Some(c) => {
                 uncommitted = true;
                 if Instant::now() >= next_checkpoint {
-                    checkpoint(pipeline, source, sink, &mut features, c, &mut summary).await?;
+                    checkpoint(
+                        pipeline,
+                        source,
+                        sink,
+                        &mut features,
+                        telemetry,
+                        c,
+                        &mut summary,
+                    )
+                    .await?;
                     uncommitted = false;
                     next_checkpoint = Instant::now() + c.interval;
                 }
@@ -137,9 +177,23 @@ pub async fn run_live<S: Source, K: Sink>(
         f.offer(out.closed.take(), true).await;
     }
     sink.publish(&out.alerts).await?;
-    answer_runs(pipeline, sink, &mut features).await?;
+    answer_runs(pipeline, sink, &mut features, telemetry).await?;
+    if let Some(t) = telemetry {
+        t.batch(Some(pipeline.stats()), 0, &out.alerts, wall_now());
+    }
     match &checkpoints {
-        Some(c) => checkpoint(pipeline, source, sink, &mut features, c, &mut summary).await?,
+        Some(c) => {
+            checkpoint(
+                pipeline,
+                source,
+                sink,
+                &mut features,
+                telemetry,
+                c,
+                &mut summary,
+            )
+            .await?
+        }
         None => source.commit().await?,
     }
     if let Some(f) = &features {
@@ -164,10 +218,15 @@ async fn answer_runs<K: Sink>(
     pipeline: &mut Pipeline,
     sink: &mut K,
     features: &mut Option<BackgroundStage>,
+    telemetry: Option<&Telemetry>,
 ) -> Result<(), RunError> {
     if let Some(f) = features.as_mut() {
         while let Some(run) = f.next().await {
             let alerts = pipeline.observe_features(&run, wall_now());
+            if let Some(t) = telemetry {
+                t.query_run(&run.timings);
+                t.alerts(&alerts);
+            }
             sink.publish(&alerts).await?;
         }
     }
@@ -180,10 +239,11 @@ async fn checkpoint<S: Source, K: Sink>(
     source: &mut S,
     sink: &mut K,
     features: &mut Option<BackgroundStage>,
+    telemetry: Option<&Telemetry>,
     c: &Checkpoints<'_>,
     summary: &mut LiveSummary,
 ) -> Result<(), RunError> {
-    answer_runs(pipeline, sink, features).await?;
+    answer_runs(pipeline, sink, features, telemetry).await?;
     match c.store.save(pipeline.snapshot(), source.position()) {
         Ok(()) => {
             summary.checkpoints += 1;

@@ -825,3 +825,123 @@ fn source_batches_are_bounded_in_payload_bytes() {
         assert!(sizes.len() >= 3, "{sizes:?}");
     });
 }
+
+/// One HTTP GET over a plain socket: (status line, body).
+fn http_get(port: u16, path: &str) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
+fn wait_http(port: u16, path: &str, want: &str, tw: &Twinwatch) -> String {
+    let t = Instant::now();
+    loop {
+        if let Some((status, body)) = http_get(port, path)
+            && status.contains(want)
+        {
+            return body;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{path} never answered {want}: {}",
+            tw.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn metrics_and_readiness_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_port();
+    let cfg = base_config(
+        dir.path(),
+        &format!("[http]\naddr = \"127.0.0.1:{port}\"\n"),
+    );
+    // No server yet: served, but not ready.
+    let nats_port = common::free_port();
+    let waiting = Twinwatch::spawn(&[
+        "run",
+        "--config",
+        &cfg,
+        "--nats-url",
+        &format!("nats://127.0.0.1:{nats_port}"),
+    ]);
+    let body = wait_http(port, "/healthz", "503", &waiting);
+    assert!(body.contains("not ready"), "{body}");
+    drop(waiting);
+
+    let server = NatsServer::start("");
+    let tw = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", &server.url()]);
+    wait_http(port, "/healthz", "200", &tw);
+    rt().block_on(async {
+        let c = connect(&server.url(), ConnectOptions::new()).await;
+        // A bad message comes back as a dead letter once the loop took it.
+        probe(&c, "press-9", Duration::from_secs(20))
+            .await
+            .unwrap_or_else(|| panic!("no dead letter: {}", tw.stderr()));
+        let t0 = t0();
+        for s in 0..120 {
+            c.publish(
+                "twin.telemetry.plant.press-9",
+                telemetry(t0, "press-9", s, 70.0).into(),
+            )
+            .await
+            .unwrap();
+        }
+        c.publish(
+            "twin.telemetry.plant.press-9",
+            telemetry(t0, "press-9", 120, 95.0).into(),
+        )
+        .await
+        .unwrap();
+        c.flush().await.unwrap();
+    });
+    // The counters are refreshed a few times a second.
+    let t = Instant::now();
+    let metrics = loop {
+        let body = wait_http(port, "/metrics", "200", &tw);
+        if body.contains("twinwatch_messages_total 121\n")
+            && body.contains("twinwatch_alerts_total{")
+        {
+            break body;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{body}\n{}",
+            tw.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        metrics.contains("twinwatch_readings_total 242\n"),
+        "{metrics}"
+    );
+    // The probe is resent until answered: as many dead letters as bad messages.
+    let value = |prefix: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{prefix}: {metrics}"))
+    };
+    let bad = value("twinwatch_decode_errors_total{reason=\"invalid_json\"}");
+    assert!(bad >= 1.0, "{metrics}");
+    assert_eq!(value("twinwatch_dead_letters_total"), bad, "{metrics}");
+    assert!(
+        metrics.contains("twinwatch_alerts_total{kind=\"sensor_spike\",severity="),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("twinwatch_machines{phase=\"protecting\"} 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("# TYPE twinwatch_envelopes_total counter"));
+    let (status, _) = http_get(port, "/nope").unwrap();
+    assert!(status.contains("404"), "{status}");
+}

@@ -82,6 +82,21 @@ pub fn run(a: RunArgs) -> Result<()> {
     }
     runtime()?.block_on(async move {
         let stop = shutdown_signal();
+        // Served from the start, so /healthz says "not ready" while connecting.
+        let telemetry = std::sync::Arc::new(crate::http::Telemetry::default());
+        if let Some(addr) = crate::http::address(&cfg.http) {
+            match tokio::net::TcpListener::bind(&addr).await {
+                Ok(l) => {
+                    info!(addr = %addr, "metrics on http://{addr}/metrics, readiness on /healthz");
+                    tokio::spawn(crate::http::serve(l, telemetry.clone(), stop.clone()));
+                }
+                Err(e) => warn!(
+                    error = %e,
+                    addr = %addr,
+                    "cannot serve /metrics and /healthz here; set [http] addr or TWINWATCH_HTTP_ADDR (\"\" turns it off)"
+                ),
+            }
+        }
         let Some(client) = connect_until_stopped(&cfg, &stop).await? else {
             return Ok(());
         };
@@ -114,12 +129,14 @@ pub fn run(a: RunArgs) -> Result<()> {
             NatsSource::core(&client, &cfg.source).await
         }
         .map_err(nats_error)?;
+        telemetry.set_subscribed(&client);
         let summary = run_live(
             &mut pipeline,
             &mut source,
             &mut sink,
             checkpoints,
             stage,
+            Some(&telemetry),
             stop,
         )
         .await?;
