@@ -28,6 +28,7 @@ use crate::pipeline::Stats;
 #[derive(Default)]
 pub struct Telemetry {
     subscribed: AtomicBool,
+    lateness: std::sync::atomic::AtomicI64,
     client: Mutex<Option<async_nats::Client>>,
     counts: Mutex<Counts>,
 }
@@ -41,8 +42,10 @@ struct Counts {
     alerts: BTreeMap<(&'static str, &'static str), u64>,
     /// Query time and runs, per file.
     queries: BTreeMap<String, (f64, u64)>,
-    /// Wall clock minus the newest event time, when last seen (ms).
+    /// Wall clock minus the newest watermark, when last seen (ms).
     watermark_lag_ms: Option<i64>,
+    /// The JetStream consumer's pending messages.
+    pending: Option<u64>,
 }
 
 impl Telemetry {
@@ -73,7 +76,8 @@ impl Telemetry {
             return;
         };
         if let Some(stats) = stats {
-            c.watermark_lag_ms = stats.newest_ts.map(|t| now - t);
+            let lateness = self.lateness.load(Ordering::Relaxed);
+            c.watermark_lag_ms = stats.newest_ts.map(|t| now - (t - lateness));
             c.stats = stats;
         }
         c.dead_letters += dead_letters as u64;
@@ -82,6 +86,18 @@ impl Telemetry {
                 .entry((a.kind.as_str(), a.severity.as_str()))
                 .or_default() += 1;
         }
+    }
+
+    /// The JetStream consumer's pending count, when the source knows it.
+    pub fn pending(&self, pending: Option<u64>) {
+        if let Ok(mut c) = self.counts.lock() {
+            c.pending = pending;
+        }
+    }
+
+    /// The window's allowed lateness: the watermark trails the newest event by it.
+    pub fn set_lateness(&self, ms: i64) {
+        self.lateness.store(ms, Ordering::Relaxed);
     }
 
     /// Alerts published outside a batch (a query run answering while input is quiet).
@@ -199,12 +215,26 @@ impl Telemetry {
                 ),
             ],
         );
+        metric(
+            "twinwatch_baselines",
+            "gauge",
+            "Baselines held: (machine, sensor) and (machine, query feature).",
+            &one(s.baselines as f64),
+        );
         if let Some(lag) = c.watermark_lag_ms {
             metric(
-                "twinwatch_event_time_lag_seconds",
+                "twinwatch_watermark_lag_seconds",
                 "gauge",
-                "Wall clock minus the newest event time seen.",
+                "Wall clock minus the newest watermark (newest event time - window.allowed_lateness).",
                 &one(lag as f64 / 1000.0),
+            );
+        }
+        if let Some(p) = c.pending {
+            metric(
+                "twinwatch_jetstream_pending",
+                "gauge",
+                "Messages the JetStream consumer has not delivered yet.",
+                &one(p as f64),
             );
         }
         let (secs, runs): (Vec<_>, Vec<_>) = c
@@ -329,10 +359,14 @@ mod tests {
         let t = Telemetry::default();
         let mut s = Stats {
             readings: 12,
+            baselines: 8,
+            newest_ts: Some(10_000),
             ..Stats::default()
         };
         s.rejected_by_reason.insert("invalid_json", 2);
-        t.batch(Some(s), 2, &[], 0);
+        t.set_lateness(5_000);
+        t.batch(Some(s), 2, &[], 20_000);
+        t.pending(Some(42));
         t.query_run(&[(
             "reading_stats.sql".into(),
             std::time::Duration::from_millis(1500),
@@ -342,6 +376,13 @@ mod tests {
         assert!(text.contains("twinwatch_decode_errors_total{reason=\"invalid_json\"} 2\n"));
         assert!(text.contains("twinwatch_decode_errors_total{reason=\"too_large\"} 0\n"));
         assert!(text.contains("twinwatch_dead_letters_total 2\n"));
+        assert!(text.contains("twinwatch_baselines 8\n"));
+        // Watermark = newest 10 s - lateness 5 s; wall clock at 20 s.
+        assert!(
+            text.contains("twinwatch_watermark_lag_seconds 15\n"),
+            "{text}"
+        );
+        assert!(text.contains("twinwatch_jetstream_pending 42\n"));
         assert!(text.contains("twinwatch_query_seconds_total{file=\"reading_stats.sql\"} 1.5\n"));
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let name = line.split_whitespace().nth(2).unwrap();

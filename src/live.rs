@@ -147,6 +147,7 @@ pub async fn run_live<S: Source, K: Sink>(
             }
             stale = !due;
             t.batch(stats, out.rejected.len(), &out.alerts, wall_now());
+            t.pending(source.pending());
         }
         sink.publish(&out.alerts).await?;
         sink.flush().await?;

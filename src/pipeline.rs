@@ -70,6 +70,8 @@ pub struct Stats {
     pub machine_windows: u64,
     pub machines_learning: usize,
     pub machines_protecting: usize,
+    /// Baselines held: (machine, sensor) and (machine, query feature).
+    pub baselines: usize,
     /// Event time of the oldest and newest message seen.
     pub oldest_ts: Option<Millis>,
     pub newest_ts: Option<Millis>,
@@ -277,6 +279,7 @@ impl Pipeline {
         s.signatures_failed = c.signatures_failed;
         s.over_cap += c.over_device_cap;
         (s.machines_learning, s.machines_protecting) = self.detectors.phase_counts();
+        s.baselines = self.detectors.baselines() + self.feature_detectors.baselines();
         s
     }
 

@@ -942,6 +942,9 @@ fn metrics_and_readiness_over_http() {
         "{metrics}"
     );
     assert!(metrics.contains("# TYPE twinwatch_envelopes_total counter"));
+    // Two sensors of one machine, and the query features' baselines.
+    assert!(value("twinwatch_baselines") >= 2.0, "{metrics}");
+    assert!(value("twinwatch_watermark_lag_seconds") > 0.0, "{metrics}");
     let (status, _) = http_get(port, "/nope").unwrap();
     assert!(status.contains("404"), "{status}");
 }

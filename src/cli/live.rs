@@ -84,6 +84,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         let stop = shutdown_signal();
         // Served from the start, so /healthz says "not ready" while connecting.
         let telemetry = std::sync::Arc::new(crate::http::Telemetry::default());
+        telemetry.set_lateness(cfg.window.allowed_lateness);
         if let Some(addr) = crate::http::address(&cfg.http) {
             match tokio::net::TcpListener::bind(&addr).await {
                 Ok(l) => {

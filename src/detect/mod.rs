@@ -331,6 +331,15 @@ impl Detectors {
         counts
     }
 
+    /// How many (machine, metric) baselines are held.
+    pub fn baselines(&self) -> usize {
+        self.machines
+            .iter()
+            .flatten()
+            .map(|m| m.metrics.len())
+            .sum()
+    }
+
     /// Machines that started protecting since the last call.
     pub fn take_newly_protecting(&mut self) -> Vec<u32> {
         std::mem::take(&mut self.newly_protecting)

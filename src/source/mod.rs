@@ -96,6 +96,12 @@ pub trait Source: Send {
         async { Ok(()) }
     }
 
+    /// Messages waiting behind the last one handed out, when the source knows
+    /// (a JetStream consumer's pending count).
+    fn pending(&self) -> Option<u64> {
+        None
+    }
+
     /// Where in a replayable log the last message handed out sits (JetStream stream sequence).
     fn position(&self) -> Option<u64> {
         None

@@ -74,6 +74,8 @@ pub struct NatsSource {
     /// Messages at or below this stream sequence are already in the restored state.
     skip_through: u64,
     position: Option<u64>,
+    /// The consumer's pending count, as the last JetStream message said.
+    js_pending: Option<u64>,
     stopping: bool,
 }
 
@@ -191,6 +193,7 @@ impl NatsSource {
             ack_all,
             skip_through,
             position: None,
+            js_pending: None,
             stopping: false,
         }
     }
@@ -210,6 +213,9 @@ impl NatsSource {
                     Ok(m) => {
                         let info = m.info().ok();
                         let seq = info.as_ref().map_or(0, |i| i.stream_sequence);
+                        if let Some(i) = &info {
+                            self.js_pending = Some(i.pending);
+                        }
                         // Arrival is when the stream stored it, not when a
                         // backlog is read: clock checks stay meaningful after downtime.
                         let stored = info.map_or(now, |i| {
@@ -290,6 +296,10 @@ impl Source for NatsSource {
 
     fn position(&self) -> Option<u64> {
         self.position
+    }
+
+    fn pending(&self) -> Option<u64> {
+        self.js_pending
     }
 
     fn stop(&mut self) {
