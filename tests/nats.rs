@@ -948,3 +948,78 @@ fn metrics_and_readiness_over_http() {
     let (status, _) = http_get(port, "/nope").unwrap();
     assert!(status.contains("404"), "{status}");
 }
+
+#[test]
+fn alerts_view_prints_the_filtered_alerts_as_ndjson() {
+    let server = NatsServer::start("");
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+        .args([
+            "alerts",
+            "--nats-url",
+            &server.url(),
+            "--json",
+            "--min-severity",
+            "high",
+            "--count",
+            "2",
+        ])
+        .env("TWINWATCH_LOG", "info")
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !std::fs::read_to_string(&err)
+        .unwrap_or_default()
+        .contains("watching alerts")
+    {
+        assert!(t.elapsed() < Duration::from_secs(20));
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let alert = |machine: &str, severity: &str, ts: &str| {
+        format!(
+            r#"{{"id":"{machine}-{ts}","ts":"{ts}","emitted_at":"{ts}","machine":"{machine}","kind":"sensor_spike","score":0.9,"severity":"{severity}","detector":"holt_z","explanation":"x","incident":"i"}}"#
+        )
+    };
+    rt().block_on(async {
+        let c = connect(&server.url(), ConnectOptions::new()).await;
+        for (m, s, ts) in [
+            ("press-1", "low", "2026-11-27T08:00:01.000Z"),
+            ("press-1", "high", "2026-11-27T08:00:02.000Z"),
+            ("press-2", "medium", "2026-11-27T08:00:03.000Z"),
+            ("press-2", "critical", "2026-11-27T08:00:04.000Z"),
+        ] {
+            c.publish(format!("twin.alerts.{s}.{m}"), alert(m, s, ts).into())
+                .await
+                .unwrap();
+        }
+        c.publish("twin.alerts.high.x", "not an alert".into())
+            .await
+            .unwrap();
+        c.flush().await.unwrap();
+    });
+    let t = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the view did not stop after 2 alerts"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success());
+    let text = std::fs::read_to_string(&out).unwrap();
+    let got: Vec<Alert> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen: Vec<(&str, &str)> = got
+        .iter()
+        .map(|a| (a.machine.as_str(), a.severity.as_str()))
+        .collect();
+    assert_eq!(seen, [("press-1", "high"), ("press-2", "critical")]);
+}

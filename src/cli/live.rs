@@ -1,4 +1,4 @@
-//! The commands that talk to NATS: `run`, `record`, and `simulate --nats-url`.
+//! The commands that talk to NATS: `run`, `record`, `alerts`, and `simulate --nats-url`.
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +8,8 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::{
-    RecordArgs, RunArgs, SimulateArgs, UsageError, load_config, runtime, summary_line, write_labels,
+    AlertsArgs, RecordArgs, RunArgs, SimulateArgs, UsageError, load_config, runtime, summary_line,
+    write_labels,
 };
 use crate::config::Config;
 use crate::live::{Checkpoints, run_live};
@@ -200,6 +201,73 @@ pub fn record(a: RecordArgs) -> Result<()> {
         }
         w.flush()?;
         info!(messages = n, output = %a.output.display(), "recording written");
+        Ok(())
+    })
+}
+
+pub fn alerts(a: AlertsArgs) -> Result<()> {
+    use std::io::{IsTerminal, Write};
+    let cfg = with_url(load_config(a.config.as_deref())?, a.nats_url);
+    let filter = super::view::Filter {
+        min_severity: a.min_severity,
+        machine: a.machine.clone(),
+    };
+    // A machine's alerts are on `twin.alerts.*.<machine token>`: the server filters.
+    let subject = match &a.machine {
+        Some(m) => format!("twin.alerts.*.{}", crate::alerts::subject_token(m)),
+        None => "twin.alerts.>".to_string(),
+    };
+    let ansi = std::io::stdout().is_terminal();
+    runtime()?.block_on(async move {
+        let mut stop = shutdown_signal();
+        let Some(client) = connect_until_stopped(&cfg, &stop).await? else {
+            return Ok(());
+        };
+        let mut sub = client
+            .subscribe(subject.clone())
+            .await
+            .with_context(|| format!("subscribing to {subject}"))?;
+        client.flush().await.context("confirming the subscription")?;
+        info!(subject = %subject, "watching alerts");
+        let mut table = super::view::Table::default();
+        let mut out = std::io::stdout().lock();
+        if !a.json {
+            write!(out, "{}", table.render(ansi, &subject))?;
+            out.flush()?;
+        }
+        let (mut shown, mut foreign) = (0u64, 0u64);
+        loop {
+            let m = tokio::select! {
+                _ = stop.changed() => break,
+                m = sub.next() => match m { Some(m) => m, None => break },
+            };
+            let alert: crate::alerts::Alert = match serde_json::from_slice(&m.payload) {
+                Ok(al) => al,
+                Err(e) => {
+                    // OCSF or foreign payloads: said once, not per message.
+                    foreign += 1;
+                    if foreign == 1 {
+                        warn!(error = %e, subject = %m.subject, "an alert not in the contract's format (is the processor set to format = \"ocsf\"?); skipping such payloads");
+                    }
+                    continue;
+                }
+            };
+            if !filter.keeps(&alert) {
+                continue;
+            }
+            if a.json {
+                out.write_all(&m.payload)?;
+                out.write_all(b"\n")?;
+            } else {
+                table.add(alert);
+                write!(out, "{}", table.render(ansi, &subject))?;
+            }
+            out.flush()?;
+            shown += 1;
+            if a.count.is_some_and(|c| shown >= c) {
+                break;
+            }
+        }
         Ok(())
     })
 }

@@ -20,6 +20,7 @@ use crate::source::sim::SimSource;
 use crate::time::{Millis, parse_duration, parse_rfc3339};
 
 mod live;
+mod view;
 
 /// twinwatch: security monitoring for manufacturing digital-twin telemetry.
 #[derive(Debug, Parser)]
@@ -41,6 +42,8 @@ pub enum Command {
     Demo(DemoArgs),
     /// Write what flows on the bus as a capture file, for later `replay`.
     Record(RecordArgs),
+    /// Watch the alerts on the bus: a table redrawn in place, or NDJSON with --json.
+    Alerts(AlertsArgs),
     /// Throughput and latency on NATS: raw delivery to a counting subscriber, then the whole pipeline.
     Bench(BenchArgs),
     /// Configuration helpers.
@@ -110,6 +113,28 @@ pub struct RunArgs {
     /// Alert format on the wire; overrides `[alerts] format`.
     #[arg(long, value_enum)]
     pub alert_format: Option<crate::ocsf::AlertFormat>,
+}
+
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    /// NATS server URL(s); overrides the configuration.
+    #[arg(long, env = "NATS_URL")]
+    pub nats_url: Option<String>,
+    /// Configuration file (TOML) for the [nats] connection settings.
+    #[arg(long, short)]
+    pub config: Option<PathBuf>,
+    /// Only alerts of this severity or worse (info, low, medium, high, critical).
+    #[arg(long)]
+    pub min_severity: Option<crate::score::Severity>,
+    /// Only this machine's alerts.
+    #[arg(long)]
+    pub machine: Option<String>,
+    /// One alert per line as it arrives (NDJSON, the payload as published), for piping.
+    #[arg(long)]
+    pub json: bool,
+    /// Stop after this many alerts (after the filters).
+    #[arg(long)]
+    pub count: Option<u64>,
 }
 
 #[derive(Debug, Args)]
@@ -383,6 +408,7 @@ pub fn dispatch(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Run(a) => live::run(a),
         Command::Record(a) => live::record(a),
+        Command::Alerts(a) => live::alerts(a),
         Command::Replay(a) => replay(a),
         Command::Simulate(a) => simulate(a),
         Command::Demo(a) => demo(a),
