@@ -394,4 +394,43 @@ mod tests {
         }
         assert!(!t.ready(), "not subscribed yet");
     }
+
+    #[test]
+    fn the_grafana_dashboard_asks_only_for_metrics_that_exist() {
+        let dashboard: serde_json::Value =
+            serde_json::from_str(include_str!("../deploy/grafana/twinwatch.json")).unwrap();
+        let t = Telemetry::default();
+        t.batch(
+            Some(Stats {
+                newest_ts: Some(0),
+                ..Stats::default()
+            }),
+            0,
+            &[],
+            0,
+        );
+        t.pending(Some(0));
+        let families: Vec<String> = t
+            .render()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_string)
+            .collect();
+        let mut asked = 0;
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().unwrap() {
+                let expr = target["expr"].as_str().unwrap();
+                for (i, _) in expr.match_indices("twinwatch_") {
+                    let name: String = expr[i..]
+                        .chars()
+                        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                        .collect();
+                    assert!(families.contains(&name), "{name} in `{expr}`");
+                    asked += 1;
+                }
+            }
+        }
+        assert!(asked >= 10);
+    }
 }
