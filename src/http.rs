@@ -136,30 +136,27 @@ impl Telemetry {
             }
         };
         let one = |v: f64| vec![(String::new(), v)];
-        metric(
-            "twinwatch_envelopes_total",
-            "counter",
-            "NATS messages taken in.",
-            &one(s.envelopes as f64),
-        );
-        metric(
-            "twinwatch_messages_total",
-            "counter",
-            "Telemetry objects decoded.",
-            &one(s.messages as f64),
-        );
-        metric(
-            "twinwatch_readings_total",
-            "counter",
-            "Readings decoded.",
-            &one(s.readings as f64),
-        );
-        metric(
-            "twinwatch_flow_records_total",
-            "counter",
-            "Flow records decoded.",
-            &one(s.flows as f64),
-        );
+        // Plain counters without labels.
+        for (name, help, v) in [
+            (
+                "twinwatch_envelopes_total",
+                "NATS messages taken in.",
+                s.envelopes,
+            ),
+            (
+                "twinwatch_messages_total",
+                "Telemetry objects decoded.",
+                s.messages,
+            ),
+            ("twinwatch_readings_total", "Readings decoded.", s.readings),
+            (
+                "twinwatch_flow_records_total",
+                "Flow records decoded.",
+                s.flows,
+            ),
+        ] {
+            metric(name, "counter", help, &one(v as f64));
+        }
         let mut reasons: Vec<(String, f64)> = crate::decode::Reason::ALL
             .iter()
             .map(|r| {

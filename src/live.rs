@@ -91,12 +91,7 @@ pub async fn run_live<S: Source, K: Sink>(
                 // A query run answered while input is quiet: its alerts go out now.
                 run = next_run(&mut features), if in_flight(&features) => {
                     if let Some(run) = run {
-                        let alerts = pipeline.observe_features(&run, wall_now());
-                        if let Some(t) = telemetry {
-                            t.query_run(&run.timings);
-                            t.alerts(&alerts);
-                        }
-                        sink.publish(&alerts).await?;
+                        publish_run(pipeline, sink, telemetry, &run).await?;
                         sink.flush().await?;
                     }
                     continue;
@@ -223,15 +218,26 @@ async fn answer_runs<K: Sink>(
 ) -> Result<(), RunError> {
     if let Some(f) = features.as_mut() {
         while let Some(run) = f.next().await {
-            let alerts = pipeline.observe_features(&run, wall_now());
-            if let Some(t) = telemetry {
-                t.query_run(&run.timings);
-                t.alerts(&alerts);
-            }
-            sink.publish(&alerts).await?;
+            publish_run(pipeline, sink, telemetry, &run).await?;
         }
     }
     sink.flush().await?;
+    Ok(())
+}
+
+/// A query run's rows through the feature baselines, its alerts published (not flushed).
+async fn publish_run<K: Sink>(
+    pipeline: &mut Pipeline,
+    sink: &mut K,
+    telemetry: Option<&Telemetry>,
+    run: &crate::features::RunOutput,
+) -> Result<(), RunError> {
+    let alerts = pipeline.observe_features(run, wall_now());
+    if let Some(t) = telemetry {
+        t.query_run(&run.timings);
+        t.alerts(&alerts);
+    }
+    sink.publish(&alerts).await?;
     Ok(())
 }
 

@@ -65,6 +65,22 @@ fn base_config(dir: &std::path::Path, extra: &str) -> String {
     )
 }
 
+/// `steady` seconds of a machine at 70 °C, then one reading at 95 °C (a spike
+/// once the 1-minute warm-up of `base_config` is over), flushed; returns the
+/// event time of the first reading.
+async fn steady_then_spike(c: &Client, machine: &str, steady: i64) -> i64 {
+    let t0 = t0();
+    let subject = format!("twin.telemetry.plant.{machine}");
+    for s in 0..=steady {
+        let value = if s == steady { 95.0 } else { 70.0 };
+        c.publish(subject.clone(), telemetry(t0, machine, s, value).into())
+            .await
+            .unwrap();
+    }
+    c.flush().await.unwrap();
+    t0
+}
+
 fn telemetry(t0: i64, machine: &str, s: i64, value: f64) -> String {
     let noise = ((s * 7919) % 17) as f64 * 0.01;
     format!(
@@ -99,22 +115,7 @@ fn alerts_and_dead_letters_on_their_subjects_with_headers() {
 
         let mut alerts = c.subscribe("twin.alerts.>").await.unwrap();
         c.flush().await.unwrap();
-        let t0 = t0();
-        for s in 0..300 {
-            c.publish(
-                "twin.telemetry.plant.press-9",
-                telemetry(t0, "press-9", s, 70.0).into(),
-            )
-            .await
-            .unwrap();
-        }
-        c.publish(
-            "twin.telemetry.plant.press-9",
-            telemetry(t0, "press-9", 300, 95.0).into(),
-        )
-        .await
-        .unwrap();
-        c.flush().await.unwrap();
+        let t0 = steady_then_spike(&c, "press-9", 300).await;
         let m = tokio::time::timeout(Duration::from_secs(10), alerts.next())
             .await
             .unwrap_or_else(|_| panic!("no alert: {}", tw.stderr()))
@@ -885,22 +886,7 @@ fn metrics_and_readiness_over_http() {
         probe(&c, "press-9", Duration::from_secs(20))
             .await
             .unwrap_or_else(|| panic!("no dead letter: {}", tw.stderr()));
-        let t0 = t0();
-        for s in 0..120 {
-            c.publish(
-                "twin.telemetry.plant.press-9",
-                telemetry(t0, "press-9", s, 70.0).into(),
-            )
-            .await
-            .unwrap();
-        }
-        c.publish(
-            "twin.telemetry.plant.press-9",
-            telemetry(t0, "press-9", 120, 95.0).into(),
-        )
-        .await
-        .unwrap();
-        c.flush().await.unwrap();
+        steady_then_spike(&c, "press-9", 120).await;
     });
     // The counters are refreshed a few times a second.
     let t = Instant::now();
