@@ -232,6 +232,50 @@ impl Registry {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+
+    /// The `users.conf` that `deploy/nats/accounts.conf` includes: the
+    /// processor's and the SOC's public nkeys, and one DEVICES user per
+    /// device with a key, allowed to publish only its machines' telemetry
+    /// and flow subjects (`twin.telemetry.*.<machine>`, `twin.flows.*.<machine>`)
+    /// and to subscribe to nothing. Devices without a key are left out (they
+    /// could not log in with one); they are named in a comment.
+    pub fn nats_users(&self, processor_key: &str, soc_key: &str) -> String {
+        let mut out = format!(
+            "# Written by `twinwatch devices nats-users` from the device registry; included by accounts.conf.\n\
+             PROCESSOR_NKEY: \"{processor_key}\"\nSOC_NKEY: \"{soc_key}\"\nDEVICE_USERS: [\n"
+        );
+        let mut keyless = Vec::new();
+        for d in &self.entries {
+            let Some(key) = &d.public_key else {
+                keyless.push(d.name.as_str());
+                continue;
+            };
+            let subjects: Vec<String> = d
+                .machines
+                .iter()
+                .flat_map(|m| {
+                    let t = crate::alerts::subject_token(m);
+                    [
+                        format!("\"twin.telemetry.*.{t}\""),
+                        format!("\"twin.flows.*.{t}\""),
+                    ]
+                })
+                .collect();
+            out.push_str(&format!(
+                "  # {}\n  {{ nkey: \"{key}\", permissions: {{ publish: {{ allow: [{}] }}, subscribe: {{ deny: [\">\"] }} }} }}\n",
+                d.name,
+                subjects.join(", ")
+            ));
+        }
+        out.push_str("]\n");
+        if !keyless.is_empty() {
+            out.push_str(&format!(
+                "# Without a public key, so without a NATS user: {}\n",
+                keyless.join(", ")
+            ));
+        }
+        out
+    }
 }
 
 /// Watches the registry file and reloads it when it changes.

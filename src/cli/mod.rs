@@ -100,6 +100,23 @@ pub enum DevicesCommand {
         #[arg(long)]
         optional: bool,
     },
+    /// Print the NATS users of the segmented deployment (deploy/nats/users.conf):
+    /// one DEVICES user per registered device with a key, publishing only its
+    /// machines' subjects, and the processor's and SOC's public nkeys.
+    NatsUsers {
+        /// The device registry; default: the configured `devices.registry`.
+        #[arg(long)]
+        registry: Option<PathBuf>,
+        /// The PROCESSOR account user's public nkey (U...).
+        #[arg(long)]
+        processor_key: String,
+        /// The SOC account user's public nkey (U...).
+        #[arg(long)]
+        soc_key: String,
+        /// Configuration file (TOML), for `devices.registry`.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -457,6 +474,25 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             dir,
             optional,
         }) => keygen(&name, &machines, &dir, !optional),
+        Command::Devices(DevicesCommand::NatsUsers {
+            registry,
+            processor_key,
+            soc_key,
+            config,
+        }) => {
+            for (what, key) in [("--processor-key", &processor_key), ("--soc-key", &soc_key)] {
+                if nkeys::KeyPair::from_public_key(key).is_err() {
+                    return Err(UsageError(format!(
+                        "{what} `{key}` is not a user public nkey (U...); `nk -gen user -pubout` or `twinwatch devices keygen` make one"
+                    ))
+                    .into());
+                }
+            }
+            let cfg = load_config(config.as_deref())?;
+            let reg = load_registry(&cfg, registry.as_deref())?;
+            print!("{}", reg.nats_users(&processor_key, &soc_key));
+            Ok(())
+        }
         Command::Queries(QueriesCommand::Check { dir, config }) => {
             let dir = match dir {
                 Some(d) => d,
