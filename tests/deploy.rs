@@ -14,6 +14,7 @@ use futures_util::StreamExt;
 struct Server {
     child: Child,
     port: u16,
+    pki: common::Pki,
     _dir: tempfile::TempDir,
 }
 
@@ -35,11 +36,14 @@ fn user() -> (String, String) {
 fn start(devices: &[(&str, &str, &str)], processor: &str, soc: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();
-    std::fs::copy(
-        concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/nats/accounts.conf"),
-        dir.path().join("accounts.conf"),
-    )
-    .unwrap();
+    for file in ["nats.conf", "accounts.conf"] {
+        std::fs::copy(
+            format!("{}/deploy/nats/{file}", env!("CARGO_MANIFEST_DIR")),
+            dir.path().join(file),
+        )
+        .unwrap();
+    }
+    let pki = common::make_pki(dir.path());
     let registry: String = devices
         .iter()
         .map(|(name, key, machine)| {
@@ -61,19 +65,16 @@ fn start(devices: &[(&str, &str, &str)], processor: &str, soc: &str) -> Server {
         String::from_utf8_lossy(&out.stderr)
     );
     std::fs::write(dir.path().join("users.conf"), &out.stdout).unwrap();
-    let conf = dir.path().join("nats.conf");
-    std::fs::write(
-        &conf,
-        format!(
-            "listen: 127.0.0.1:{port}\njetstream {{ store_dir: \"{}\" }}\ninclude \"accounts.conf\"\n",
-            dir.path().join("js").display()
-        ),
-    )
-    .unwrap();
     let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+    // The shipped server configuration, on loopback (-a/-p override `listen`).
     let child = Command::new(common::nats_server_bin())
         .arg("-c")
-        .arg(&conf)
+        .arg(dir.path().join("nats.conf"))
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .env("TLS_CERT", &pki.server_cert)
+        .env("TLS_KEY", &pki.server_key)
+        .env("TLS_CA", &pki.ca)
+        .env("JS_DIR", dir.path().join("js"))
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
@@ -81,6 +82,7 @@ fn start(devices: &[(&str, &str, &str)], processor: &str, soc: &str) -> Server {
     let server = Server {
         child,
         port,
+        pki,
         _dir: dir,
     };
     assert!(
@@ -91,9 +93,17 @@ fn start(devices: &[(&str, &str, &str)], processor: &str, soc: &str) -> Server {
     server
 }
 
-async fn connect(port: u16, seed: &str) -> async_nats::Client {
+/// A client of `server` over mutual TLS, logged in with the nkey `seed`.
+async fn connect(server: &Server, seed: &str) -> async_nats::Client {
+    let pki = &server.pki;
     ConnectOptions::with_nkey(seed.to_string())
-        .connect(format!("nats://127.0.0.1:{port}"))
+        .add_root_certificates(pki.ca.clone().into())
+        .add_client_certificate(
+            pki.client_cert.clone().into(),
+            pki.client_key.clone().into(),
+        )
+        .require_tls(true)
+        .connect(format!("tls://127.0.0.1:{}", server.port))
         .await
         .unwrap()
 }
@@ -114,9 +124,9 @@ fn accounts_segment_devices_processor_and_soc() {
         .build()
         .unwrap();
     rt.block_on(async {
-        let device = connect(server.port, &d1_seed).await;
-        let processor = connect(server.port, &proc_seed).await;
-        let soc = connect(server.port, &soc_seed).await;
+        let device = connect(&server, &d1_seed).await;
+        let processor = connect(&server, &proc_seed).await;
+        let soc = connect(&server, &soc_seed).await;
         let mut telemetry = processor.subscribe("twin.telemetry.>").await.unwrap();
         let mut soc_alerts = soc.subscribe("twin.alerts.>").await.unwrap();
         // Not allowed for the SOC: the server refuses it (and it would see nothing anyway).
@@ -217,5 +227,104 @@ fn accounts_segment_devices_processor_and_soc() {
                 .map_or(true, |m| m.is_none()),
             "a device must not subscribe"
         );
+    });
+}
+
+#[test]
+fn a_client_without_a_certificate_is_refused() {
+    let (d1, d1_seed) = user();
+    let (p, _) = user();
+    let (soc, _) = user();
+    let server = start(&[("plc-01", &d1, "press-01")], &p, &soc);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // The right nkey and the plant's CA, but no client certificate.
+        let refused = ConnectOptions::with_nkey(d1_seed.clone())
+            .add_root_certificates(server.pki.ca.clone().into())
+            .require_tls(true)
+            .connection_timeout(Duration::from_secs(2))
+            .connect(format!("tls://127.0.0.1:{}", server.port));
+        let refused = tokio::time::timeout(Duration::from_secs(5), refused).await;
+        assert!(
+            !matches!(refused, Ok(Ok(_))),
+            "a client without a certificate got in"
+        );
+        // The same with its certificate: in.
+        connect(&server, &d1_seed).await;
+    });
+}
+
+#[test]
+fn twinwatch_runs_end_to_end_over_tls_with_the_processor_key() {
+    let (d1, d1_seed) = user();
+    let processor = nkeys::KeyPair::new_user();
+    let (soc_key, soc_seed) = user();
+    let server = start(
+        &[("plc-01", &d1, "press-01")],
+        &processor.public_key(),
+        &soc_key,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let seed_file = dir.path().join("processor.nk");
+    std::fs::write(&seed_file, processor.seed().unwrap()).unwrap();
+    let pki = &server.pki;
+    let cfg = common::write_config(
+        dir.path(),
+        "twinwatch.toml",
+        &format!(
+            "[nats]\nurl = \"tls://127.0.0.1:{}\"\nnkey_seed = \"{}\"\nca = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\
+             [baseline]\nwarmup = \"1m\"\n[state]\nenabled = false\n[http]\naddr = \"\"\n",
+            server.port,
+            seed_file.display(),
+            pki.ca,
+            pki.client_cert,
+            pki.client_key
+        ),
+    );
+    let tw = common::Twinwatch::spawn(&["run", "--config", &cfg]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let device = connect(&server, &d1_seed).await;
+        let soc = connect(&server, &soc_seed).await;
+        let mut alerts = soc.subscribe("twin.alerts.>").await.unwrap();
+        soc.flush().await.unwrap();
+        let t = std::time::Instant::now();
+        while !tw.stderr().contains("subscribed") {
+            assert!(t.elapsed() < Duration::from_secs(20), "{}", tw.stderr());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let t0 = (twinwatch::time::wall_now() - 600_000) / 60_000 * 60_000;
+        let reading = |s: i64, v: f64| {
+            format!(
+                r#"{{"ts": {}, "device": "plc-01", "seq": {s}, "readings": {{"temperature_c": {}}}}}"#,
+                t0 + s * 1000,
+                v + ((s * 7919) % 17) as f64 * 0.01
+            )
+        };
+        let m = loop {
+            // Resent from the start until the SOC has the alert: the
+            // accounts' imports are wired a moment after the subscriptions.
+            for s in 0..=120 {
+                let v = if s == 120 { 95.0 } else { 70.0 };
+                device
+                    .publish("twin.telemetry.plant.press-01", reading(s, v).into())
+                    .await
+                    .unwrap();
+            }
+            device.flush().await.unwrap();
+            if let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(3), alerts.next()).await {
+                break m;
+            }
+            assert!(t.elapsed() < Duration::from_secs(40), "no alert reached the SOC: {}", tw.stderr());
+        };
+        let a: twinwatch::alerts::Alert = serde_json::from_slice(&m.payload).unwrap();
+        assert_eq!(a.machine, "press-01");
+        assert_eq!(m.subject.as_str(), format!("twin.alerts.{}.press-01", a.severity.as_str()));
     });
 }
