@@ -70,8 +70,16 @@ impl Telemetry {
 
     /// One batch went through: the pipeline's counters, the dead letters it
     /// sent and the alerts it published.
-    /// `stats` may be `None` (the loop refreshes them a few times a second).
-    pub fn batch(&self, stats: Option<Stats>, dead_letters: usize, alerts: &[Alert], now: i64) {
+    /// `stats` may be `None` (the loop refreshes them a few times a second);
+    /// `pending` is the JetStream consumer's pending count, when the source knows it.
+    pub fn batch(
+        &self,
+        stats: Option<Stats>,
+        pending: Option<u64>,
+        dead_letters: usize,
+        alerts: &[Alert],
+        now: i64,
+    ) {
         let Ok(mut c) = self.counts.lock() else {
             return;
         };
@@ -80,18 +88,12 @@ impl Telemetry {
             c.watermark_lag_ms = stats.newest_ts.map(|t| now - (t - lateness));
             c.stats = stats;
         }
+        c.pending = pending.or(c.pending);
         c.dead_letters += dead_letters as u64;
         for a in alerts {
             *c.alerts
                 .entry((a.kind.as_str(), a.severity.as_str()))
                 .or_default() += 1;
-        }
-    }
-
-    /// The JetStream consumer's pending count, when the source knows it.
-    pub fn pending(&self, pending: Option<u64>) {
-        if let Ok(mut c) = self.counts.lock() {
-            c.pending = pending;
         }
     }
 
@@ -362,8 +364,7 @@ mod tests {
         };
         s.rejected_by_reason.insert("invalid_json", 2);
         t.set_lateness(5_000);
-        t.batch(Some(s), 2, &[], 20_000);
-        t.pending(Some(42));
+        t.batch(Some(s), Some(42), 2, &[], 20_000);
         t.query_run(&[(
             "reading_stats.sql".into(),
             std::time::Duration::from_millis(1500),
@@ -402,11 +403,11 @@ mod tests {
                 newest_ts: Some(0),
                 ..Stats::default()
             }),
+            Some(0),
             0,
             &[],
             0,
         );
-        t.pending(Some(0));
         let families: Vec<String> = t
             .render()
             .lines()

@@ -98,7 +98,7 @@ pub async fn run_live<S: Source, K: Sink>(
                 }
                 _ = tokio::time::sleep_until(stats_at + STATS_EVERY), if stale => {
                     if let Some(t) = telemetry {
-                        t.batch(Some(pipeline.stats()), 0, &[], wall_now());
+                        t.batch(Some(pipeline.stats()), None, 0, &[], wall_now());
                     }
                     stats_at = Instant::now();
                     stale = false;
@@ -141,8 +141,13 @@ pub async fn run_live<S: Source, K: Sink>(
                 stats_at = Instant::now();
             }
             stale = !due;
-            t.batch(stats, out.rejected.len(), &out.alerts, wall_now());
-            t.pending(source.pending());
+            t.batch(
+                stats,
+                source.pending(),
+                out.rejected.len(),
+                &out.alerts,
+                wall_now(),
+            );
         }
         sink.publish(&out.alerts).await?;
         sink.flush().await?;
@@ -175,7 +180,7 @@ pub async fn run_live<S: Source, K: Sink>(
     sink.publish(&out.alerts).await?;
     answer_runs(pipeline, sink, &mut features, telemetry).await?;
     if let Some(t) = telemetry {
-        t.batch(Some(pipeline.stats()), 0, &out.alerts, wall_now());
+        t.batch(Some(pipeline.stats()), None, 0, &out.alerts, wall_now());
     }
     match &checkpoints {
         Some(c) => {

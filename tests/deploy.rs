@@ -119,11 +119,7 @@ fn accounts_segment_devices_processor_and_soc() {
         &proc_key,
         &soc_key,
     );
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    common::rt().block_on(async {
         let device = connect(&server, &d1_seed).await;
         let processor = connect(&server, &proc_seed).await;
         let soc = connect(&server, &soc_seed).await;
@@ -236,11 +232,7 @@ fn a_client_without_a_certificate_is_refused() {
     let (p, _) = user();
     let (soc, _) = user();
     let server = start(&[("plc-01", &d1, "press-01")], &p, &soc);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    common::rt().block_on(async {
         // The right nkey and the plant's CA, but no client certificate.
         let refused = ConnectOptions::with_nkey(d1_seed.clone())
             .add_root_certificates(server.pki.ca.clone().into())
@@ -285,11 +277,7 @@ fn twinwatch_runs_end_to_end_over_tls_with_the_processor_key() {
         ),
     );
     let tw = common::Twinwatch::spawn(&["run", "--config", &cfg]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    common::rt().block_on(async {
         let device = connect(&server, &d1_seed).await;
         let soc = connect(&server, &soc_seed).await;
         let mut alerts = soc.subscribe("twin.alerts.>").await.unwrap();
@@ -299,7 +287,7 @@ fn twinwatch_runs_end_to_end_over_tls_with_the_processor_key() {
             assert!(t.elapsed() < Duration::from_secs(20), "{}", tw.stderr());
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let t0 = (twinwatch::time::wall_now() - 600_000) / 60_000 * 60_000;
+        let t0 = common::t0();
         let reading = |s: i64, v: f64| {
             format!(
                 r#"{{"ts": {}, "device": "plc-01", "seq": {s}, "readings": {{"temperature_c": {}}}}}"#,

@@ -10,23 +10,9 @@ use std::time::{Duration, Instant};
 
 use async_nats::{Client, ConnectOptions, HeaderMap};
 use base64::Engine;
-use common::{NatsServer, Twinwatch, make_pki, write_config};
+use common::{NatsServer, Twinwatch, make_pki, rt, t0, write_config};
 use futures_util::StreamExt;
 use twinwatch::alerts::Alert;
-
-/// Event time of the first test message: ten minutes ago, on a whole minute, so
-/// no message is dated in the future of its arrival.
-fn t0() -> i64 {
-    (twinwatch::time::wall_now() - 600_000) / 60_000 * 60_000
-}
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
 
 async fn connect(url: &str, opts: ConnectOptions) -> Client {
     opts.connect(url).await.expect("test client connects")

@@ -22,6 +22,21 @@ pub fn free_port() -> u16 {
 
 use twinwatch::bench::wait_for_port;
 
+/// Event time of the first test message: ten minutes ago, on a whole minute, so
+/// no message is dated in the future of its arrival.
+pub fn t0() -> i64 {
+    (twinwatch::time::wall_now() - 600_000) / 60_000 * 60_000
+}
+
+/// A runtime for a test's client side.
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
 /// A nats-server owned by one test; killed when dropped.
 pub struct NatsServer {
     child: Option<Child>,
