@@ -5,24 +5,28 @@
 
 mod common;
 
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use async_nats::ConnectOptions;
 use futures_util::StreamExt;
 
+/// A child process killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Server {
-    child: Child,
+    _process: Process,
     port: u16,
     pki: common::Pki,
     _dir: tempfile::TempDir,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// A user key pair: (public key for the server, seed for the client).
@@ -31,18 +35,51 @@ fn user() -> (String, String) {
     (k.public_key(), k.seed().unwrap())
 }
 
+/// Lays out `dir` as deploy/ is: `nats/` (the shipped server configuration)
+/// beside `secrets/` (where users.conf and the certificates go).
+fn lay_out(dir: &Path) {
+    for sub in ["nats", "secrets"] {
+        std::fs::create_dir_all(dir.join(sub)).unwrap();
+    }
+    for file in ["nats.conf", "accounts.conf"] {
+        std::fs::copy(
+            format!("{}/deploy/nats/{file}", env!("CARGO_MANIFEST_DIR")),
+            dir.join("nats").join(file),
+        )
+        .unwrap();
+    }
+}
+
+/// The shipped server configuration of `dir` (see [`lay_out`]) on a loopback
+/// port (-a/-p override `listen`), with the server certificate and CA given.
+fn serve(dir: &Path, cert: &str, key: &str, ca: &str) -> (Child, u16) {
+    let port = common::free_port();
+    let log = std::fs::File::create(dir.join("server.log")).unwrap();
+    let child = Command::new(common::nats_server_bin())
+        .arg("-c")
+        .arg(dir.join("nats/nats.conf"))
+        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        .env("TLS_CERT", cert)
+        .env("TLS_KEY", key)
+        .env("TLS_CA", ca)
+        .env("JS_DIR", dir.join("js"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    assert!(
+        twinwatch::bench::wait_for_port(port, Duration::from_secs(15)),
+        "nats-server did not start with the deploy accounts: {}",
+        std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+    );
+    (child, port)
+}
+
 /// The deploy accounts with the users `twinwatch devices nats-users` makes
 /// from a registry of `devices` (name, public key, machine), on a loopback port.
 fn start(devices: &[(&str, &str, &str)], processor: &str, soc: &str) -> Server {
     let dir = tempfile::tempdir().unwrap();
-    let port = common::free_port();
-    for file in ["nats.conf", "accounts.conf"] {
-        std::fs::copy(
-            format!("{}/deploy/nats/{file}", env!("CARGO_MANIFEST_DIR")),
-            dir.path().join(file),
-        )
-        .unwrap();
-    }
+    lay_out(dir.path());
     let pki = common::make_pki(dir.path());
     let registry: String = devices
         .iter()
@@ -64,33 +101,14 @@ fn start(devices: &[(&str, &str, &str)], processor: &str, soc: &str) -> Server {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::write(dir.path().join("users.conf"), &out.stdout).unwrap();
-    let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
-    // The shipped server configuration, on loopback (-a/-p override `listen`).
-    let child = Command::new(common::nats_server_bin())
-        .arg("-c")
-        .arg(dir.path().join("nats.conf"))
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .env("TLS_CERT", &pki.server_cert)
-        .env("TLS_KEY", &pki.server_key)
-        .env("TLS_CA", &pki.ca)
-        .env("JS_DIR", dir.path().join("js"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    let server = Server {
-        child,
+    std::fs::write(dir.path().join("secrets/users.conf"), &out.stdout).unwrap();
+    let (child, port) = serve(dir.path(), &pki.server_cert, &pki.server_key, &pki.ca);
+    Server {
+        _process: Process(child),
         port,
         pki,
         _dir: dir,
-    };
-    assert!(
-        twinwatch::bench::wait_for_port(port, Duration::from_secs(15)),
-        "nats-server did not start with the deploy accounts: {}",
-        std::fs::read_to_string(server._dir.path().join("server.log")).unwrap_or_default()
-    );
-    server
+    }
 }
 
 /// A client of `server` over mutual TLS, logged in with the nkey `seed`.
@@ -315,4 +333,206 @@ fn twinwatch_runs_end_to_end_over_tls_with_the_processor_key() {
         assert_eq!(a.machine, "press-01");
         assert_eq!(m.subject.as_str(), format!("twin.alerts.{}.press-01", a.severity.as_str()));
     });
+}
+
+/// Copies the files of the repository folder `from` into `to`.
+fn copy_dir(from: &str, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(format!("{}/{from}", env!("CARGO_MANIFEST_DIR"))).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+        }
+    }
+}
+
+/// The figure of a Prometheus line `name{labels} value` (summed over labels).
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| matches!(l.as_bytes().get(name.len()), Some(b' ' | b'{')))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// What docker-compose.yml runs, without Docker: scripts/gen-certs makes the
+/// secrets, the shipped nats.conf serves them, and twinwatch runs with the
+/// shipped processor, simulator and SOC configurations in a folder laid out
+/// as the containers' /deploy.
+#[test]
+fn gen_certs_and_the_shipped_configurations_run_the_stack() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    lay_out(root);
+    copy_dir("deploy/twinwatch", &root.join("twinwatch"));
+    copy_dir("queries", &root.join("queries"));
+    let gen_certs = || {
+        Command::new(format!("{}/scripts/gen-certs", env!("CARGO_MANIFEST_DIR")))
+            .args(["--machines", "2"])
+            .arg(root.join("secrets"))
+            .env("TWINWATCH", env!("CARGO_BIN_EXE_twinwatch"))
+            .output()
+            .unwrap()
+    };
+    let out = gen_certs();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let secrets = root.join("secrets");
+    let users = std::fs::read_to_string(secrets.join("users.conf")).unwrap();
+    assert_eq!(
+        users.matches("nkey:").count(),
+        2,
+        "one user per device: {users}"
+    );
+    // A second run keeps what is there: the keys the devices hold stay valid.
+    let seed = std::fs::read_to_string(secrets.join("devices/plc-01a.nk")).unwrap();
+    assert!(gen_certs().status.success());
+    assert_eq!(
+        std::fs::read_to_string(secrets.join("devices/plc-01a.nk")).unwrap(),
+        seed
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for private in [
+            "processor.nk",
+            "ca-key.pem",
+            "server-key.pem",
+            "devices/plc-02a.nk",
+        ] {
+            let mode = std::fs::metadata(secrets.join(private))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{private} is readable by others");
+        }
+    }
+    let s = |f: &str| secrets.join(f).display().to_string();
+    let (child, port) = serve(root, &s("server.pem"), &s("server-key.pem"), &s("ca.pem"));
+    let _server = Process(child);
+    let url = format!("tls://127.0.0.1:{port}");
+    let http = common::free_port();
+    let http_addr = format!("127.0.0.1:{http}");
+    let processor = common::Twinwatch::spawn_in(
+        root,
+        &[
+            "run",
+            "--config",
+            "twinwatch/processor.toml",
+            "--nats-url",
+            &url,
+        ],
+        &[("TWINWATCH_HTTP_ADDR", &http_addr)],
+    );
+    common::wait_http(http, "/healthz", "200", &processor);
+    let (soc_out, soc_err) = (root.join("soc.out"), root.join("soc.err"));
+    let mut soc = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+        .current_dir(root)
+        .args([
+            "alerts",
+            "--config",
+            "twinwatch/soc.toml",
+            "--nats-url",
+            &url,
+        ])
+        .args(["--json", "--count", "3"])
+        .env("TWINWATCH_LOG", "info")
+        .stdout(std::fs::File::create(&soc_out).unwrap())
+        .stderr(std::fs::File::create(&soc_err).unwrap())
+        .spawn()
+        .unwrap();
+    // Two hours of two machines as fast as the bus takes them, each machine
+    // through its own device's login.
+    let mut sim = common::Twinwatch::spawn_in(
+        root,
+        &[
+            "simulate",
+            "--config",
+            "twinwatch/simulator.toml",
+            "--nats-url",
+            &url,
+            "--machines",
+            "2",
+            "--keys",
+            "secrets/devices",
+            "--device-users",
+            "--rate",
+            "4000",
+            "--duration",
+            "2h",
+        ],
+        &[],
+    );
+    assert_eq!(
+        sim.wait_exit(Duration::from_secs(60)),
+        Some(0),
+        "{}",
+        sim.stderr()
+    );
+    let log = sim.stderr();
+    let sent: f64 = log
+        .lines()
+        .find(|l| l.contains("simulation published"))
+        .and_then(|l| {
+            l.split("messages=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or_else(|| panic!("no count in {log}"));
+    // Every device's messages reached the processor: the server dropped none
+    // of them for publishing on a subject its user may not.
+    let t = std::time::Instant::now();
+    let metrics = loop {
+        let m = common::wait_http(http, "/metrics", "200", &processor);
+        if metric(&m, "twinwatch_envelopes_total") >= sent * 0.98
+            || t.elapsed() > Duration::from_secs(60)
+        {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    assert!(
+        metric(&metrics, "twinwatch_envelopes_total") >= sent * 0.98,
+        "{sent} sent: {metrics}\n{}",
+        processor.stderr()
+    );
+    assert_eq!(metric(&metrics, "twinwatch_machines"), 2.0, "{metrics}");
+    // Its alerts reached the SOC user.
+    let t = std::time::Instant::now();
+    while soc.try_wait().unwrap().is_none() {
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the SOC got no 3 alerts: {}\n{}",
+            std::fs::read_to_string(&soc_err).unwrap_or_default(),
+            processor.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let lines = std::fs::read_to_string(&soc_out).unwrap();
+    let alerts: Vec<twinwatch::alerts::Alert> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(alerts.len(), 3, "{lines}");
+    let machines: Vec<String> = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+        .args(["devices", "sim-keys", "--machines", "2", "--dir"])
+        .arg(secrets.join("devices"))
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.strip_prefix("machines = [\""))
+        .map(|l| l.trim_end_matches("\"]").to_string())
+        .collect();
+    assert_eq!(machines.len(), 2);
+    assert!(
+        alerts.iter().all(|a| machines.contains(&a.machine)),
+        "{lines}"
+    );
 }

@@ -813,35 +813,6 @@ fn source_batches_are_bounded_in_payload_bytes() {
     });
 }
 
-/// One HTTP GET over a plain socket: (status line, body).
-fn http_get(port: u16, path: &str) -> Option<(String, String)> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    Some((head.lines().next()?.to_string(), body.to_string()))
-}
-
-fn wait_http(port: u16, path: &str, want: &str, tw: &Twinwatch) -> String {
-    let t = Instant::now();
-    loop {
-        if let Some((status, body)) = http_get(port, path)
-            && status.contains(want)
-        {
-            return body;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "{path} never answered {want}: {}",
-            tw.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn metrics_and_readiness_over_http() {
     let dir = tempfile::tempdir().unwrap();
@@ -859,13 +830,13 @@ fn metrics_and_readiness_over_http() {
         "--nats-url",
         &format!("nats://127.0.0.1:{nats_port}"),
     ]);
-    let body = wait_http(port, "/healthz", "503", &waiting);
+    let body = common::wait_http(port, "/healthz", "503", &waiting);
     assert!(body.contains("not ready"), "{body}");
     drop(waiting);
 
     let server = NatsServer::start("");
     let tw = Twinwatch::spawn(&["run", "--config", &cfg, "--nats-url", &server.url()]);
-    wait_http(port, "/healthz", "200", &tw);
+    common::wait_http(port, "/healthz", "200", &tw);
     rt().block_on(async {
         let c = connect(&server.url(), ConnectOptions::new()).await;
         // A bad message comes back as a dead letter once the loop took it.
@@ -877,7 +848,7 @@ fn metrics_and_readiness_over_http() {
     // The counters are refreshed a few times a second.
     let t = Instant::now();
     let metrics = loop {
-        let body = wait_http(port, "/metrics", "200", &tw);
+        let body = common::wait_http(port, "/metrics", "200", &tw);
         if body.contains("twinwatch_messages_total 121\n")
             && body.contains("twinwatch_alerts_total{")
         {
@@ -917,7 +888,7 @@ fn metrics_and_readiness_over_http() {
     // Two sensors of one machine, and the query features' baselines.
     assert!(value("twinwatch_baselines") >= 2.0, "{metrics}");
     assert!(value("twinwatch_watermark_lag_seconds") > 0.0, "{metrics}");
-    let (status, _) = http_get(port, "/nope").unwrap();
+    let (status, _) = common::http_get(port, "/nope").unwrap();
     assert!(status.contains("404"), "{status}");
 }
 

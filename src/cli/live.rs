@@ -303,11 +303,29 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
         std::fs::write(p, factory.registry_toml())
             .with_context(|| format!("writing {}", p.display()))?;
     }
+    let logins = if a.device_users {
+        device_logins(&cfg, &factory, a.factory.keys.as_deref())?
+    } else {
+        Vec::new()
+    };
     runtime()?.block_on(async move {
         let mut stop = shutdown_signal();
-        let Some(client) = connect_until_stopped(&cfg, &stop).await? else {
-            return Ok(());
-        };
+        // One connection, or one per device: `by_machine` says whose a subject is.
+        let mut clients = Vec::new();
+        let mut by_machine = std::collections::HashMap::new();
+        if logins.is_empty() {
+            let Some(client) = connect_until_stopped(&cfg, &stop).await? else {
+                return Ok(());
+            };
+            clients.push(client);
+        }
+        for (machine, device_cfg) in logins {
+            let Some(client) = connect_until_stopped(&device_cfg, &stop).await? else {
+                return Ok(());
+            };
+            by_machine.insert(machine, clients.len());
+            clients.push(client);
+        }
         let started = Instant::now();
         let t0 = factory.now();
         let mut sent = 0u64;
@@ -316,6 +334,8 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
                 break;
             }
             for e in tick {
+                let machine = e.subject.rsplit('.').next().unwrap_or_default();
+                let client = &clients[by_machine.get(machine).copied().unwrap_or(0)];
                 let published = if e.headers.is_empty() {
                     client.publish(e.subject, e.payload).await
                 } else {
@@ -343,7 +363,9 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
                 }
             }
         }
-        client.flush().await.context("flushing to NATS")?;
+        for client in &clients {
+            client.flush().await.context("flushing to NATS")?;
+        }
         let secs = started.elapsed().as_secs_f64();
         info!(
             messages = sent,
@@ -353,6 +375,40 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
         );
         Ok(())
     })
+}
+
+/// The connection settings of every simulated device logging in as itself:
+/// (machine, `cfg` with the device's seed from `keys`). TLS settings are shared.
+fn device_logins(
+    cfg: &Config,
+    factory: &Factory,
+    keys: Option<&std::path::Path>,
+) -> Result<Vec<(String, Config)>> {
+    let Some(dir) = keys else {
+        return Err(UsageError(
+            "--device-users needs --keys DIR, the folder of the devices' seeds (`twinwatch devices sim-keys` makes them)".into(),
+        )
+        .into());
+    };
+    factory
+        .devices()
+        .map(|(device, machine, _)| {
+            let seed = dir.join(format!("{device}.nk"));
+            if !seed.is_file() {
+                return Err(UsageError(format!(
+                    "{}: no seed for device {device}; `twinwatch devices sim-keys --machines N --dir {}` makes the missing ones",
+                    seed.display(),
+                    dir.display()
+                ))
+                .into());
+            }
+            let mut c = cfg.clone();
+            c.nats.nkey_seed = seed.display().to_string();
+            c.nats.creds.clear();
+            c.nats.name = format!("twinwatch-sim-{device}");
+            Ok((crate::alerts::subject_token(machine), c))
+        })
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy)]

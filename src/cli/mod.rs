@@ -100,7 +100,23 @@ pub enum DevicesCommand {
         #[arg(long)]
         optional: bool,
     },
-    /// Print the NATS users of the segmented deployment (deploy/nats/users.conf):
+    /// Print the public key (U...) of a seed file, as `nats-users` and the server want it.
+    Pubkey {
+        /// A file holding an nkey seed (`SU...`), as `keygen` writes.
+        seed: PathBuf,
+    },
+    /// Seeds for the devices of the simulated factory (`simulate --machines N`)
+    /// that have none in DIR, and their registry printed: every device gets a
+    /// key (its NATS user in the segmented deployment); those that sign require it.
+    SimKeys {
+        /// Number of simulated machines (as `simulate --machines`).
+        #[arg(long, default_value_t = 6)]
+        machines: usize,
+        /// Folder of the seed files (`<device>.nk`); `simulate --keys DIR` reads them.
+        #[arg(long, default_value = "keys")]
+        dir: PathBuf,
+    },
+    /// Print the NATS users of the segmented deployment (deploy/secrets/users.conf):
     /// one DEVICES user per registered device with a key, publishing only its
     /// machines' subjects, and the processor's and SOC's public nkeys.
     NatsUsers {
@@ -270,6 +286,11 @@ pub struct SimulateArgs {
     /// Publish live to this NATS server instead of writing a capture file.
     #[arg(long)]
     pub nats_url: Option<String>,
+    /// With --nats-url: log in as each device, with its seed in --keys DIR
+    /// (`<device>.nk`), one connection per device, each publishing only its
+    /// machine's messages (the segmented deployment's device users).
+    #[arg(long, requires = "nats_url")]
+    pub device_users: bool,
     /// Publishing pace on NATS: messages per second, or `max`; default: real time.
     #[arg(long)]
     pub rate: Option<String>,
@@ -474,6 +495,11 @@ pub fn dispatch(cli: Cli) -> Result<()> {
             dir,
             optional,
         }) => keygen(&name, &machines, &dir, !optional),
+        Command::Devices(DevicesCommand::Pubkey { seed }) => {
+            println!("{}", read_seed(&seed)?.public_key());
+            Ok(())
+        }
+        Command::Devices(DevicesCommand::SimKeys { machines, dir }) => sim_keys(machines, &dir),
         Command::Devices(DevicesCommand::NatsUsers {
             registry,
             processor_key,
@@ -555,6 +581,59 @@ fn keygen(name: &str, machines: &[String], dir: &Path, require: bool) -> Result<
         "{}",
         crate::registry::entry_toml(name, machines, &key.public_key(), require)
     );
+    Ok(())
+}
+
+/// The key pair of a seed file; a missing or malformed file is bad usage.
+pub(crate) fn read_seed(path: &Path) -> Result<nkeys::KeyPair> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| UsageError(format!("{}: {e}", path.display())))?;
+    nkeys::KeyPair::from_seed(text.trim()).map_err(|_| {
+        UsageError(format!(
+            "{}: does not hold an nkey seed (a line starting with SU); `twinwatch devices keygen` makes one",
+            path.display()
+        ))
+        .into()
+    })
+}
+
+fn sim_keys(machines: usize, dir: &Path) -> Result<()> {
+    if machines == 0 || machines > 100_000 {
+        return Err(UsageError("--machines must be between 1 and 100000".into()).into());
+    }
+    let factory = Factory::new(SimConfig {
+        machines,
+        incidents: false,
+        ..SimConfig::default()
+    });
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut out = String::from(
+        "# Device registry of the simulated factory (twinwatch devices sim-keys).\n\n",
+    );
+    let mut made = 0;
+    for (device, machine, signs) in factory.devices() {
+        let path = dir.join(format!("{device}.nk"));
+        let key = if path.exists() {
+            read_seed(&path)?
+        } else {
+            let key = nkeys::KeyPair::new_user();
+            let seed = key
+                .seed()
+                .map_err(|e| anyhow::anyhow!("making a seed: {e}"))?;
+            write_secret(&path, &(seed + "\n"))?;
+            made += 1;
+            key
+        };
+        out.push_str(&crate::registry::entry_toml(
+            device,
+            &[machine.to_string()],
+            &key.public_key(),
+            signs,
+        ));
+        out.push('\n');
+    }
+    eprintln!("{made} new seeds in {}", dir.display());
+    print!("{out}");
     Ok(())
 }
 

@@ -346,6 +346,14 @@ impl Factory {
         out
     }
 
+    /// Every machine's own device, in machine order: (device, machine, whether it signs).
+    /// The segmented deployment makes a NATS user of each (`devices sim-keys`).
+    pub fn devices(&self) -> impl Iterator<Item = (&str, &str, bool)> {
+        self.machines
+            .iter()
+            .map(|m| (m.device.as_str(), m.name.as_str(), m.key.is_some()))
+    }
+
     /// The current simulated time.
     pub fn now(&self) -> Millis {
         self.now

@@ -137,13 +137,27 @@ impl Twinwatch {
 
     /// Spawns with `NATS_URL` set to `nats_url` (or removed).
     pub fn spawn_env(args: &[&str], nats_url: Option<&str>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let stderr = dir.path().join("stderr.log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_twinwatch"));
         match nats_url {
             Some(u) => cmd.env("NATS_URL", u),
             None => cmd.env_remove("NATS_URL"),
         };
+        Self::launch(cmd, args)
+    }
+
+    /// Spawns in the working directory `cwd` (relative paths of a configuration
+    /// resolve there), with the variables `env` set.
+    pub fn spawn_in(cwd: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_twinwatch"));
+        cmd.current_dir(cwd)
+            .env_remove("NATS_URL")
+            .envs(env.iter().copied());
+        Self::launch(cmd, args)
+    }
+
+    fn launch(mut cmd: Command, args: &[&str]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let stderr = dir.path().join("stderr.log");
         let child = cmd
             .args(args)
             .env("TWINWATCH_LOG", "info")
@@ -267,5 +281,34 @@ pub async fn publish_backlog(
     }
     for a in acks {
         a.await.unwrap();
+    }
+}
+
+/// One HTTP GET over a plain socket: (status line, body).
+pub fn http_get(port: u16, path: &str) -> Option<(String, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    Some((head.lines().next()?.to_string(), body.to_string()))
+}
+
+pub fn wait_http(port: u16, path: &str, want: &str, tw: &Twinwatch) -> String {
+    let t = Instant::now();
+    loop {
+        if let Some((status, body)) = http_get(port, path)
+            && status.contains(want)
+        {
+            return body;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{path} never answered {want}: {}",
+            tw.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
