@@ -584,3 +584,48 @@ fn eval_nab_scores_a_nab_shaped_folder() {
         Some(2)
     );
 }
+
+#[test]
+fn sim_keys_gives_every_simulated_device_a_key_and_keeps_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys");
+    let keys = keys.to_str().unwrap();
+    let first = ok(&["devices", "sim-keys", "--machines", "3", "--dir", keys]);
+    let text = String::from_utf8(first.stdout).unwrap();
+    let reg = twinwatch::registry::Registry::parse(&text, Path::new("sim")).unwrap();
+    assert_eq!(reg.len(), 3, "{text}");
+    // The simulator's signing devices (machines 01, 03, ...) must sign; the others may.
+    for (device, signs) in [("plc-01a", true), ("plc-02a", false), ("plc-03a", true)] {
+        let e = reg
+            .get(device)
+            .unwrap_or_else(|| panic!("{device} in {text}"));
+        assert_eq!(e.require_signature, signs, "{device}");
+        let seed = format!("{keys}/{device}.nk");
+        let pubkey = ok(&["devices", "pubkey", &seed]);
+        assert_eq!(
+            String::from_utf8(pubkey.stdout).unwrap().trim(),
+            e.public_key.as_deref().unwrap()
+        );
+    }
+    // Run again: the seeds the devices hold stay, so does the registry.
+    let second = ok(&["devices", "sim-keys", "--machines", "3", "--dir", keys]);
+    assert_eq!(String::from_utf8(second.stdout).unwrap(), text);
+    assert!(String::from_utf8_lossy(&second.stderr).contains("0 new seeds"));
+    // A file that holds no seed is bad usage, named.
+    let junk = dir.path().join("junk.nk");
+    std::fs::write(&junk, "not a seed\n").unwrap();
+    let bad = twinwatch(&["devices", "pubkey", junk.to_str().unwrap()]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("junk.nk"));
+    // Logging in as the devices needs their seeds.
+    let no_keys = twinwatch(&[
+        "simulate",
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        "--device-users",
+        "--machines",
+        "2",
+    ]);
+    assert_eq!(no_keys.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&no_keys.stderr).contains("--keys"));
+}

@@ -520,19 +520,104 @@ fn gen_certs_and_the_shipped_configurations_run_the_stack() {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     assert_eq!(alerts.len(), 3, "{lines}");
-    let machines: Vec<String> = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
-        .args(["devices", "sim-keys", "--machines", "2", "--dir"])
-        .arg(secrets.join("devices"))
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-        .unwrap()
+    let registry = std::fs::read_to_string(secrets.join("devices.toml")).unwrap();
+    let machines: Vec<&str> = registry
         .lines()
         .filter_map(|l| l.strip_prefix("machines = [\""))
-        .map(|l| l.trim_end_matches("\"]").to_string())
+        .map(|l| l.trim_end_matches("\"]"))
         .collect();
     assert_eq!(machines.len(), 2);
     assert!(
-        alerts.iter().all(|a| machines.contains(&a.machine)),
+        alerts
+            .iter()
+            .all(|a| machines.contains(&a.machine.as_str())),
         "{lines}"
     );
+
+    // Adding a device as the README says: keygen into the registry, its
+    // certificate, users.conf again, the server reloads; then it publishes.
+    let out = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+        .args([
+            "devices",
+            "keygen",
+            "plc-09a",
+            "--machine",
+            "press-09",
+            "--dir",
+        ])
+        .arg(secrets.join("devices"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    std::fs::write(
+        secrets.join("devices.toml"),
+        registry + "\n" + &String::from_utf8(out.stdout).unwrap(),
+    )
+    .unwrap();
+    for step in [&["--client", "plc-09a"][..], &["--users"]] {
+        let out = Command::new(format!("{}/scripts/gen-certs", env!("CARGO_MANIFEST_DIR")))
+            .args(step)
+            .arg(&secrets)
+            .env("TWINWATCH", env!("CARGO_BIN_EXE_twinwatch"))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{step:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let hup = Command::new("kill")
+        .args(["-HUP", &_server.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(hup.success());
+    let before = metric(
+        &common::wait_http(http, "/metrics", "200", &processor),
+        "twinwatch_envelopes_total",
+    );
+    let seed = std::fs::read_to_string(secrets.join("devices/plc-09a.nk")).unwrap();
+    common::rt().block_on(async {
+        // The reload takes a moment: the new user is refused until then.
+        let t = std::time::Instant::now();
+        let device = loop {
+            let c = ConnectOptions::with_nkey(seed.trim().to_string())
+                .add_root_certificates(secrets.join("ca.pem"))
+                .add_client_certificate(
+                    secrets.join("plc-09a.pem"),
+                    secrets.join("plc-09a-key.pem"),
+                )
+                .require_tls(true)
+                .connect(&url)
+                .await;
+            match c {
+                Ok(c) => break c,
+                Err(e) => assert!(
+                    t.elapsed() < Duration::from_secs(10),
+                    "plc-09a refused: {e}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        loop {
+            let body = format!(
+                r#"{{"ts": {}, "device": "plc-09a", "readings": {{"temperature_c": 40.0}}}}"#,
+                twinwatch::time::wall_now()
+            );
+            device
+                .publish("twin.telemetry.plant1.press-09", body.into())
+                .await
+                .unwrap();
+            device.flush().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let m = common::wait_http(http, "/metrics", "200", &processor);
+            if metric(&m, "twinwatch_envelopes_total") > before {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(20),
+                "press-09 never reached twinwatch"
+            );
+        }
+    });
 }
