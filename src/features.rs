@@ -75,14 +75,60 @@ pub struct QueryError {
     pub message: String,
 }
 
-/// One feature value of one machine.
-#[derive(Debug, Clone, PartialEq)]
+/// One feature value of one machine. The names are indices into the run's
+/// [`RunNames`]: a run of 10,000 machines returns millions of rows, and two
+/// strings per row were most of its memory and allocations.
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FeatureRow {
-    pub machine: String,
-    /// `<file>:<feature>`.
-    pub feature: String,
+    /// Index into [`RunNames::machines`].
+    pub machine: u32,
+    /// Index into [`RunNames::features`] (`<file>:<feature>`).
+    pub feature: u32,
     pub value: f64,
     pub ts: Millis,
+}
+
+/// The names a run's feature rows point to. After a run both lists are
+/// sorted, so comparing indices orders rows as comparing names would.
+#[derive(Debug, Default)]
+pub struct RunNames {
+    pub machines: Vec<String>,
+    pub features: Vec<String>,
+}
+
+/// Strings to small indices, one allocation per distinct name.
+#[derive(Default)]
+struct NameTable {
+    index: std::collections::HashMap<String, u32>,
+    names: Vec<String>,
+}
+
+impl NameTable {
+    fn id(&mut self, name: &str) -> u32 {
+        if let Some(&i) = self.index.get(name) {
+            return i;
+        }
+        let i = self.names.len() as u32;
+        self.index.insert(name.to_string(), i);
+        self.names.push(name.to_string());
+        i
+    }
+
+    /// The names sorted, and for each old index its new one.
+    fn sorted(self) -> (Vec<String>, Vec<u32>) {
+        let mut order: Vec<u32> = (0..self.names.len() as u32).collect();
+        order.sort_unstable_by(|&a, &b| self.names[a as usize].cmp(&self.names[b as usize]));
+        let mut rank = vec![0u32; order.len()];
+        for (new, &old) in order.iter().enumerate() {
+            rank[old as usize] = new as u32;
+        }
+        let mut names: Vec<Option<String>> = self.names.into_iter().map(Some).collect();
+        let sorted = order
+            .iter()
+            .map(|&old| names[old as usize].take().unwrap_or_default())
+            .collect();
+        (sorted, rank)
+    }
 }
 
 /// One row of a rule file.
@@ -102,11 +148,25 @@ pub struct RuleRow {
 #[derive(Debug, Default)]
 pub struct RunOutput {
     pub features: Vec<FeatureRow>,
+    /// What the feature rows' indices name.
+    pub names: RunNames,
     pub rules: Vec<RuleRow>,
     /// Files that failed at run time, with why.
     pub failures: Vec<(String, String)>,
     /// Time spent per file.
     pub timings: Vec<(String, Duration)>,
+}
+
+impl RunOutput {
+    /// The machine a feature row is about.
+    pub fn machine(&self, row: &FeatureRow) -> &str {
+        &self.names.machines[row.machine as usize]
+    }
+
+    /// A feature row's name, `<file>:<feature>`.
+    pub fn feature(&self, row: &FeatureRow) -> &str {
+        &self.names.features[row.feature as usize]
+    }
 }
 
 struct QueryFile {
@@ -383,6 +443,7 @@ impl Queries {
             *table.batches[0].write().await = batch.parts.clone();
         }
         let newest = newest_window_end(closed);
+        let mut names = Names::default();
         let state = self.ctx.state();
         let task = self.ctx.task_ctx();
         for (name, file) in &self.files {
@@ -398,7 +459,7 @@ impl Queries {
             out.timings.push((name.clone(), started.elapsed()));
             match result {
                 Ok(batches) => {
-                    if let Err(e) = extract(name, file, &batches, newest, &mut out) {
+                    if let Err(e) = extract(name, file, &batches, newest, &mut names, &mut out) {
                         out.failures.push((name.clone(), e));
                     }
                 }
@@ -413,8 +474,16 @@ impl Queries {
         }
         // Query engines return rows in no particular order: sorted here (on
         // the query stage's thread), the pipeline takes them as they come.
-        out.features
-            .sort_by(|a, b| (a.ts, &a.machine, &a.feature).cmp(&(b.ts, &b.machine, &b.feature)));
+        // Names are renumbered in sorted order first, so sorting the indices
+        // sorts by (ts, machine name, feature name).
+        let (machines, machine_rank) = std::mem::take(&mut names.machines).sorted();
+        let (features, feature_rank) = std::mem::take(&mut names.features).sorted();
+        for r in &mut out.features {
+            r.machine = machine_rank[r.machine as usize];
+            r.feature = feature_rank[r.feature as usize];
+        }
+        out.names = RunNames { machines, features };
+        out.features.sort_by_key(|r| (r.ts, r.machine, r.feature));
         out.rules
             .sort_by(|a, b| (a.ts, &a.machine, &a.file).cmp(&(b.ts, &b.machine, &b.file)));
         out
@@ -585,12 +654,31 @@ fn value_at(a: &Option<Float64Array>, i: usize) -> Option<f64> {
         .filter(|v| v.is_finite())
 }
 
+/// The names of one run's rows while they are extracted.
+#[derive(Default)]
+struct Names {
+    machines: NameTable,
+    features: NameTable,
+    /// Scratch for `<file>:<feature>`, so a row costs no allocation.
+    key: String,
+}
+
+impl Names {
+    fn feature(&mut self, stem: &str, feature: &str) -> u32 {
+        use std::fmt::Write;
+        self.key.clear();
+        let _ = write!(self.key, "{stem}:{feature}");
+        self.features.id(&self.key)
+    }
+}
+
 /// Turns a file's result batches into feature or rule rows.
 fn extract(
     name: &str,
     file: &QueryFile,
     batches: &[RecordBatch],
     newest: Millis,
+    names: &mut Names,
     out: &mut RunOutput,
 ) -> Result<(), String> {
     let stem = name.strip_suffix(".sql").unwrap_or(name);
@@ -622,29 +710,30 @@ fn extract(
                         }
                         if let Some(v) = value_at(value, i) {
                             out.features.push(FeatureRow {
-                                machine: machine.value(i).to_string(),
-                                feature: format!("{stem}:{}", feature.value(i)),
+                                machine: names.machines.id(machine.value(i)),
+                                feature: names.feature(stem, feature.value(i)),
                                 value: v,
                                 ts: ts_at(i),
                             });
                         }
                     }
                 } else {
-                    let cols: Vec<(String, Option<Float64Array>)> = file
+                    let cols: Vec<(u32, Option<Float64Array>)> = file
                         .columns
                         .iter()
                         .filter(|c| feature_columns(batch.schema().as_ref()).contains(c))
-                        .map(|c| Ok((format!("{stem}:{c}"), floats(batch, c)?)))
+                        .map(|c| Ok((names.feature(stem, c), floats(batch, c)?)))
                         .collect::<Result<_, String>>()?;
                     for i in 0..take {
                         if machine.is_null(i) {
                             continue;
                         }
-                        for (fname, values) in &cols {
+                        let m = names.machines.id(machine.value(i));
+                        for (feature, values) in &cols {
                             if let Some(v) = value_at(values, i) {
                                 out.features.push(FeatureRow {
-                                    machine: machine.value(i).to_string(),
-                                    feature: fname.clone(),
+                                    machine: m,
+                                    feature: *feature,
                                     value: v,
                                     ts: ts_at(i),
                                 });

@@ -343,13 +343,20 @@ impl Pipeline {
         // features of one window are consecutive rows.
         let mut findings = Vec::new();
         let mut group: Vec<(u32, f64)> = Vec::new();
+        // The run's name indices to the pipeline's interned ids, each name
+        // interned when first met (in row order, as the rows name them).
+        let mut machine_ids: Vec<Option<Option<u32>>> = vec![None; run.names.machines.len()];
+        let mut feature_ids: Vec<Option<Option<u32>>> = vec![None; run.names.features.len()];
         let mut rows = run.features.iter().peekable();
         while let Some(first) = rows.next() {
             group.clear();
-            let machine = self.decoder.machines.intern(&first.machine);
+            let machine = *machine_ids[first.machine as usize]
+                .get_or_insert_with(|| self.decoder.machines.intern(run.machine(first)));
             let mut row = Some(first);
             while let Some(r) = row {
-                if let Some(feature) = self.features.intern(&r.feature) {
+                let feature = *feature_ids[r.feature as usize]
+                    .get_or_insert_with(|| self.features.intern(run.feature(r)));
+                if let Some(feature) = feature {
                     group.push((feature, r.value));
                 }
                 row = rows.next_if(|n| n.ts == first.ts && n.machine == first.machine);

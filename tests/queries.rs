@@ -59,14 +59,21 @@ fn window() -> ClosedWindows {
 }
 
 fn feature(out: &RunOutput, name: &str) -> f64 {
-    let rows: Vec<&FeatureRow> = out.features.iter().filter(|f| f.feature == name).collect();
+    let rows: Vec<&FeatureRow> = out
+        .features
+        .iter()
+        .filter(|f| out.feature(f) == name)
+        .collect();
     assert_eq!(
         rows.len(),
         1,
         "{name}: {:?}",
-        out.features.iter().map(|f| &f.feature).collect::<Vec<_>>()
+        out.features
+            .iter()
+            .map(|f| out.feature(f))
+            .collect::<Vec<_>>()
     );
-    assert_eq!(rows[0].machine, "press-1");
+    assert_eq!(out.machine(rows[0]), "press-1");
     assert_eq!(rows[0].ts, T0, "features carry their window's start");
     rows[0].value
 }
@@ -91,13 +98,17 @@ fn default_queries_give_known_answers() {
     assert!(
         !out.features
             .iter()
-            .any(|f| f.feature.starts_with("reading_stats:y"))
+            .any(|f| out.feature(f).starts_with("reading_stats:y"))
     );
     // messages.sql
     assert_eq!(feature(&out, "messages:messages"), 4.0);
     assert_eq!(feature(&out, "messages:devices"), 2.0);
     assert_eq!(feature(&out, "messages:seq_gaps"), 2.0, "d1 sent 1, 2, 5");
-    assert!(out.features.iter().all(|f| f.feature != "messages:bytes"));
+    assert!(
+        out.features
+            .iter()
+            .all(|f| out.feature(f) != "messages:bytes")
+    );
     // flows.sql
     assert_eq!(feature(&out, "flows:bytes"), 570.0);
     assert_eq!(
@@ -141,7 +152,7 @@ fn hot_reload_good_edit_bad_edit_and_removal() {
         write(dir.path(), "f.sql", "-- twinwatch: features\nSELECT machine, window_start, count(*) AS n, max(value) AS top FROM readings GROUP BY machine, window_start\n");
         q.reload().await;
         let out = q.run(&w).await;
-        assert!(out.features.iter().any(|f| f.feature == "f:top" && f.value == 6.0));
+        assert!(out.features.iter().any(|f| out.feature(f) == "f:top" && f.value == 6.0));
 
         // A bad edit is refused with file, line and column; the previous version stays.
         write(dir.path(), "f.sql", "-- twinwatch: features\nSELECT machine,\n       window_start,\n       count(*) AS n FROM readingz GROUP BY machine\n");
@@ -154,7 +165,8 @@ fn hot_reload_good_edit_bad_edit_and_removal() {
         assert!(e.message.contains("readingz"), "{e}");
         assert_eq!(q.refusals, 1);
         assert!(q.reload().await.is_empty(), "a refused version is reported once");
-        assert!(q.run(&w).await.features.iter().any(|f| f.feature == "f:top"), "old version still active");
+        let out = q.run(&w).await;
+        assert!(out.features.iter().any(|f| out.feature(f) == "f:top"), "old version still active");
 
         // Removal.
         std::fs::remove_file(dir.path().join("f.sql")).unwrap();
@@ -196,12 +208,12 @@ fn runtime_failures_do_not_stop_the_other_files() {
     let failed: Vec<&str> = out.failures.iter().map(|(f, _)| f.as_str()).collect();
     assert!(failed.contains(&"bad.sql"), "{:?}", out.failures);
     assert!(
-        out.features.iter().any(|f| f.feature == "nulls:n"),
+        out.features.iter().any(|f| out.feature(f) == "nulls:n"),
         "NULL features are skipped, others kept"
     );
-    assert!(!out.features.iter().any(|f| f.feature == "nulls:none"));
+    assert!(!out.features.iter().any(|f| out.feature(f) == "nulls:none"));
     assert!(
-        !out.features.iter().any(|f| f.feature == "div:inf"),
+        !out.features.iter().any(|f| out.feature(f) == "div:inf"),
         "non-finite values are skipped"
     );
     assert_eq!(out.rules.len(), 1);
@@ -382,7 +394,7 @@ fn run_output_comes_sorted_for_the_pipeline() {
     let keys: Vec<(i64, &str, &str)> = out
         .features
         .iter()
-        .map(|f| (f.ts, f.machine.as_str(), f.feature.as_str()))
+        .map(|f| (f.ts, out.machine(f), out.feature(f)))
         .collect();
     let mut sorted = keys.clone();
     sorted.sort();
