@@ -208,7 +208,10 @@ pub struct MetricState {
     pub metric: u32,
     pub predictor: Predictor,
     pub drift: Drift,
-    pub freeze: Freeze,
+    /// Only where the stuck detector runs (sensors; not query features by
+    /// default): boxed, it costs a feature baseline 8 bytes instead of 80.
+    #[serde(default)]
+    pub freeze: Option<Box<Freeze>>,
     pub envelope: Envelope,
     /// Settled since the machine's last mode change (drift is judged only when settled).
     pub settled: bool,
@@ -429,6 +432,7 @@ impl Detectors {
             if p.stuck {
                 let frozen = s
                     .freeze
+                    .get_or_insert_with(Box::default)
                     .observe(ts, x, learning, p.stuck_min, p.stuck_factor)
                     .filter(|f| f.surprise >= p.min_surprise);
                 if let Some(f) = frozen {
