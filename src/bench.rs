@@ -52,6 +52,10 @@ pub struct BenchParams {
     pub config: Config,
     /// Print progress to standard error.
     pub progress: bool,
+    /// The twinwatch executable, to measure raw delivery in a process of its
+    /// own (`bench --raw-only`): the counting subscriber's backlog then stays
+    /// out of the pipeline's peak RSS. `None`: in this process.
+    pub raw_exe: Option<PathBuf>,
 }
 
 /// What a bench run measured.
@@ -296,7 +300,10 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
         .unwrap_or_default();
     let mut report = BenchReport::default();
     say(&p, &format!("raw NATS delivery, {} messages", p.messages));
-    report.raw_msgs_per_s = raw(&url, &p).await?;
+    report.raw_msgs_per_s = match &p.raw_exe {
+        Some(exe) => raw_in_child(exe, &url, &p).await?,
+        None => raw(&url, &p).await?,
+    };
     say(&p, &format!("raw: {:.0} msgs/s", report.raw_msgs_per_s));
 
     let mut cfg = p.config.clone();
@@ -417,8 +424,28 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
 
+/// Raw delivery measured by `exe bench --raw-only` against the same server.
+async fn raw_in_child(exe: &Path, url: &str, p: &BenchParams) -> Result<f64, BenchError> {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.args(["bench", "--raw-only", "--nats-url", url])
+        .args(["--machines", &p.machines.to_string()])
+        .args(["--sensors", &p.sensors.to_string()])
+        .args(["--messages", &p.messages.to_string()])
+        .args(["--batch", &p.batch.to_string()])
+        .args(["--interval", &format!("{}ms", p.interval)])
+        .stderr(std::process::Stdio::inherit());
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .map_err(|e| BenchError::Stalled(e.to_string()))?
+        .map_err(|e| BenchError::Stalled(format!("running {}: {e}", exe.display())))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .map_err(|_| BenchError::Stalled(format!("raw delivery measured nothing: {text}")))
+}
+
 /// Raw delivery: one subscriber that only counts.
-async fn raw(url: &str, p: &BenchParams) -> Result<f64, BenchError> {
+pub async fn raw(url: &str, p: &BenchParams) -> Result<f64, BenchError> {
     let sub_client = async_nats::ConnectOptions::new()
         .subscription_capacity(1 << 20)
         .connect(url)

@@ -150,6 +150,9 @@ pub struct RunOutput {
     pub features: Vec<FeatureRow>,
     /// What the feature rows' indices name.
     pub names: RunNames,
+    /// The columns of each window table that the active files read, for the
+    /// windows to keep ([`crate::window::Windows::read_only`]).
+    pub columns_read: BTreeMap<String, std::collections::BTreeSet<String>>,
     pub rules: Vec<RuleRow>,
     /// Files that failed at run time, with why.
     pub failures: Vec<(String, String)>,
@@ -308,6 +311,36 @@ impl Queries {
             refused: BTreeMap::new(),
             refusals: 0,
         }
+    }
+
+    /// The columns of each window table that the active files read (what the
+    /// optimizer's projections and pushed-down filters name; a table scanned
+    /// without a projection counts as read whole). Tables no file reads map to
+    /// no columns.
+    pub fn columns_read(&self) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+        use datafusion::common::tree_node::TreeNodeRecursion;
+        let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = self
+            .tables
+            .iter()
+            .map(|(name, _)| (name.to_string(), Default::default()))
+            .collect();
+        for file in self.files.values() {
+            let _ = file.plan.apply_with_subqueries(|node| {
+                if let LogicalPlan::TableScan(scan) = node {
+                    let schema = scan.source.schema();
+                    let set = out.entry(scan.table_name.table().to_string()).or_default();
+                    match &scan.projection {
+                        Some(p) => set.extend(p.iter().map(|&i| schema.field(i).name().clone())),
+                        None => set.extend(schema.fields().iter().map(|f| f.name().clone())),
+                    }
+                    for e in &scan.filters {
+                        set.extend(e.column_refs().into_iter().map(|c| c.name.clone()));
+                    }
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+        }
+        out
     }
 
     /// Names and kinds of the active files.
@@ -483,6 +516,7 @@ impl Queries {
             r.feature = feature_rank[r.feature as usize];
         }
         out.names = RunNames { machines, features };
+        out.columns_read = self.columns_read();
         out.features.sort_by_key(|r| (r.ts, r.machine, r.feature));
         out.rules
             .sort_by(|a, b| (a.ts, &a.machine, &a.file).cmp(&(b.ts, &b.machine, &b.file)));

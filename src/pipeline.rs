@@ -341,6 +341,8 @@ impl Pipeline {
         // ([`crate::features::Queries::run`]), so the same input gives the
         // same alerts in the same order (and the same ids); a machine's
         // features of one window are consecutive rows.
+        // Windows keep from now on only what the files read.
+        self.windows.read_only(&run.columns_read);
         let mut findings = Vec::new();
         let mut group: Vec<(u32, f64)> = Vec::new();
         // The run's name indices to the pipeline's interned ids, each name

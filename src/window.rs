@@ -107,13 +107,59 @@ struct TableBuffer {
     schema: SchemaRef,
     /// Columns of the decoded table kept in window tables (batch-local row links are dropped).
     keep: Vec<usize>,
+    /// Which window-table columns some query file reads (`None`: all). The
+    /// others are kept as zeros sliced from one shared buffer, so a row costs
+    /// only what the queries look at.
+    read: Option<Vec<bool>>,
+    zeros: Zeros,
     pending: Vec<Pending>,
+}
+
+/// Placeholder columns: zero values (no nulls, so non-nullable fields stay
+/// valid) sliced from one buffer shared by every batch.
+#[derive(Default)]
+struct Zeros(Option<arrow::buffer::Buffer>);
+
+impl Zeros {
+    /// `n` zeros of type `dt`; `None` for a type without a zero form here.
+    fn column(&mut self, dt: &DataType, n: usize) -> Option<ArrayRef> {
+        use arrow::array::{ArrayData, StringArray, make_array};
+        let need = (n + 1) * 8;
+        if self.0.as_ref().is_none_or(|b| b.len() < need) {
+            let len = need.next_power_of_two();
+            self.0 = Some(arrow::buffer::MutableBuffer::from_len_zeroed(len).into());
+        }
+        let zeros = self.0.as_ref()?;
+        let data = match dt {
+            DataType::Utf8 => ArrayData::builder(dt.clone())
+                .len(n)
+                .add_buffer(zeros.slice_with_length(0, (n + 1) * 4))
+                .add_buffer(arrow::buffer::Buffer::from_vec(Vec::<u8>::new())),
+            DataType::Dictionary(key, value)
+                if **key == DataType::UInt32 && **value == DataType::Utf8 =>
+            {
+                ArrayData::builder(dt.clone())
+                    .len(n)
+                    .add_buffer(zeros.slice_with_length(0, n * 4))
+                    .add_child_data(StringArray::from(vec![""]).into_data())
+            }
+            _ => {
+                let width = dt.primitive_width()?;
+                ArrayData::builder(dt.clone())
+                    .len(n)
+                    .add_buffer(zeros.slice_with_length(0, n * width))
+            }
+        };
+        data.build().ok().map(make_array)
+    }
 }
 
 struct Pending {
     batch: RecordBatch,
-    machine: Vec<u32>,
-    start: Vec<Millis>,
+    /// Each row's machine and window start (the arrays of the batch, shared:
+    /// kept apart because the batch's own columns may be placeholders).
+    machine: UInt32Array,
+    start: TimestampMillisecondArray,
     open: Vec<bool>,
     n_open: usize,
     /// The earliest window start among the open rows: no row can close
@@ -155,8 +201,26 @@ impl TableBuffer {
         TableBuffer {
             schema: Arc::new(Schema::new(fields)),
             keep,
+            read: None,
+            zeros: Zeros::default(),
             pending: Vec::new(),
         }
+    }
+
+    /// Keeps only the columns named (and zeros in the others) from the next
+    /// batch on; `None` keeps every column. `window_start` and `window_end`
+    /// are always kept: the query stage times its runs by them.
+    fn read_only(&mut self, columns: Option<&std::collections::BTreeSet<String>>) {
+        self.read = columns.map(|c| {
+            self.schema
+                .fields()
+                .iter()
+                .map(|f| {
+                    c.contains(f.name())
+                        || matches!(f.name().as_str(), "window_start" | "window_end")
+                })
+                .collect()
+        });
     }
 
     /// Keeps the admitted rows of `batch`; `admitted[i]` says whether row i joins its window.
@@ -171,20 +235,31 @@ impl TableBuffer {
         )
         .expect("mask has the batch's length");
         let ts = column::<TimestampMillisecondArray>(&batch, "ts");
-        let machine: Vec<u32> = column::<UInt32Array>(&batch, "machine_id")
-            .values()
-            .to_vec();
-        let start: Vec<Millis> = ts.values().iter().map(|&t| window_start(t, size)).collect();
-        let starts = TimestampMillisecondArray::from(start.clone()).with_timezone("UTC");
-        let ends =
-            TimestampMillisecondArray::from(start.iter().map(|s| s + size).collect::<Vec<_>>())
-                .with_timezone("UTC");
-        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
-        cols.push(Arc::new(starts));
-        cols.push(Arc::new(ends));
-        let batch = RecordBatch::try_new(self.schema.clone(), cols).expect("window columns match");
+        let machine = column::<UInt32Array>(&batch, "machine_id").clone();
+        let start = TimestampMillisecondArray::from(
+            ts.values()
+                .iter()
+                .map(|&t| window_start(t, size))
+                .collect::<Vec<_>>(),
+        )
+        .with_timezone("UTC");
         let n = batch.num_rows();
-        let min_start = start.iter().copied().min().unwrap_or(Millis::MAX);
+        let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
+        cols.push(Arc::new(start.clone()));
+        cols.push(Arc::new(
+            TimestampMillisecondArray::from_iter_values(start.values().iter().map(|s| s + size))
+                .with_timezone("UTC"),
+        ));
+        let read = |i: usize| self.read.as_ref().is_none_or(|r| r[i]);
+        for (i, c) in cols.iter_mut().enumerate() {
+            if !read(i)
+                && let Some(z) = self.zeros.column(self.schema.field(i).data_type(), n)
+            {
+                *c = z;
+            }
+        }
+        let batch = RecordBatch::try_new(self.schema.clone(), cols).expect("window columns match");
+        let min_start = start.values().iter().copied().min().unwrap_or(Millis::MAX);
         self.pending.push(Pending {
             batch,
             machine,
@@ -219,16 +294,17 @@ impl TableBuffer {
             let mut mask = Vec::with_capacity(p.open.len());
             let mut any = false;
             let mut min_start = Millis::MAX;
+            let (machine, start) = (p.machine.values(), p.start.values());
             for i in 0..p.open.len() {
                 let closed = p.open[i]
-                    && (all || p.start[i] + size <= clocks[p.machine[i] as usize].closed_upto);
+                    && (all || start[i] + size <= clocks[machine[i] as usize].closed_upto);
                 if closed {
                     p.open[i] = false;
                     p.n_open -= 1;
-                    windows.push((p.machine[i], p.start[i]));
+                    windows.push((machine[i], start[i]));
                     any = true;
                 } else if p.open[i] {
-                    min_start = min_start.min(p.start[i]);
+                    min_start = min_start.min(start[i]);
                 }
                 mask.push(closed);
             }
@@ -384,6 +460,18 @@ impl Windows {
     pub fn restore_clocks(&mut self, clocks: Vec<Clock>, flow_clocks: Vec<Clock>) {
         self.clocks = clocks;
         self.flow_clocks = flow_clocks;
+    }
+
+    /// Keeps only the columns the query files read, per table (`readings`,
+    /// `messages`, `flows`; a table missing from `columns` keeps everything),
+    /// from the next batch on.
+    pub fn read_only(
+        &mut self,
+        columns: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+    ) {
+        self.readings.read_only(columns.get("readings"));
+        self.messages.read_only(columns.get("messages"));
+        self.flows.read_only(columns.get("flows"));
     }
 
     /// Rows waiting in open windows (all tables).

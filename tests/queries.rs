@@ -467,3 +467,55 @@ fn without_query_files_no_rows_wait_in_windows() {
     assert!(p.finish().closed.is_none());
     assert_eq!(p.stats().readings, 30, "every reading was still judged");
 }
+
+#[test]
+fn the_columns_the_files_read_are_known() {
+    let dir = tempfile::tempdir().unwrap();
+    for f in ["reading_stats.sql", "messages.sql"] {
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("queries")
+                .join(f),
+            dir.path().join(f),
+        )
+        .unwrap();
+    }
+    let cols = rt().block_on(async {
+        let mut q = Queries::new(dir.path());
+        assert!(q.reload().await.is_empty());
+        let shipped = q.columns_read();
+        std::fs::write(
+            dir.path().join("all.sql"),
+            "-- twinwatch: features\nSELECT machine, window_start, count(*) AS n FROM (SELECT * FROM flows) GROUP BY machine, window_start\n",
+        )
+        .unwrap();
+        assert!(q.reload().await.is_empty());
+        (shipped, q.columns_read())
+    });
+    let (shipped, with_star) = cols;
+    let names = |t: &str| shipped[t].iter().map(String::as_str).collect::<Vec<_>>();
+    for c in ["machine", "metric", "value", "window_start"] {
+        assert!(
+            names("readings").contains(&c),
+            "{c}: {:?}",
+            names("readings")
+        );
+    }
+    assert!(
+        !names("readings").contains(&"subject"),
+        "{:?}",
+        names("readings")
+    );
+    assert!(!names("readings").contains(&"received_at"));
+    for c in ["machine", "device", "seq", "window_start"] {
+        assert!(
+            names("messages").contains(&c),
+            "{c}: {:?}",
+            names("messages")
+        );
+    }
+    assert!(names("flows").is_empty(), "no file reads flows");
+    // A file that reads what it does not name (a star) keeps what it reads.
+    assert!(with_star["flows"].contains("machine"));
+    assert!(with_star["flows"].contains("window_start"));
+}

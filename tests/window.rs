@@ -183,3 +183,84 @@ fn flows_join_their_machine_windows_on_their_own_watermark() {
     assert_eq!(c.flows.num_rows(), 1);
     assert!(c.flows.concat().column_by_name("window_start").is_some());
 }
+
+#[test]
+fn windows_keep_only_the_columns_the_queries_read() {
+    let mut p = Pipeline::new(&Config::default());
+    // What a run of files reading machine, metric and value of `readings` says.
+    let run = twinwatch::features::RunOutput {
+        columns_read: [(
+            "readings".to_string(),
+            ["machine", "metric", "value"].map(String::from).into(),
+        )]
+        .into(),
+        ..Default::default()
+    };
+    p.observe_features(&run, 0);
+    for s in 0..12 {
+        p.process(&[msg("a", T0 + s * 1000, s as f64)], 0);
+    }
+    let c = p.finish().closed.expect("the windows close at the end");
+    let parts = &c.readings.parts;
+    assert!(parts.len() >= 2, "one part per batch");
+    let r = c.readings.concat();
+    // What is read is there; window_start and window_end always are.
+    let values = r.column_by_name("value").unwrap();
+    let values = values.as_any().downcast_ref::<Float64Array>().unwrap();
+    assert_eq!(values.iter().flatten().sum::<f64>(), 66.0);
+    let starts = r.column_by_name("window_start").unwrap();
+    let starts = starts
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .unwrap();
+    assert_eq!(starts.value(11), T0 + 10_000);
+    let subject = arrow::compute::cast(
+        r.column_by_name("machine").unwrap(),
+        &arrow::datatypes::DataType::Utf8,
+    )
+    .unwrap();
+    assert_eq!(
+        subject
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+            .value(0),
+        "a"
+    );
+    // What no file reads is zeros (empty text), and every batch's zeros are
+    // one shared buffer: an unread column costs no memory per row.
+    let subject = arrow::compute::cast(
+        r.column_by_name("subject").unwrap(),
+        &arrow::datatypes::DataType::Utf8,
+    )
+    .unwrap();
+    let subject = subject.as_any().downcast_ref::<StringArray>().unwrap();
+    assert!(subject.iter().all(|s| s == Some("")), "{subject:?}");
+    let received = |i: usize| parts[i].column_by_name("received_at").unwrap().to_data();
+    assert!(received(0).buffers()[0].as_ptr() == received(1).buffers()[0].as_ptr());
+    assert!(
+        r.column_by_name("received_at")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .unwrap()
+            .values()
+            .iter()
+            .all(|&t| t == 0)
+    );
+    // Messages were not named: kept whole.
+    let m = c.messages.concat();
+    let subjects = arrow::compute::cast(
+        m.column_by_name("subject").unwrap(),
+        &arrow::datatypes::DataType::Utf8,
+    )
+    .unwrap();
+    assert_eq!(
+        subjects
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap()
+            .value(0),
+        "twin.telemetry.s.a"
+    );
+}

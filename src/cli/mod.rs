@@ -402,6 +402,10 @@ pub struct BenchArgs {
     /// Configuration file (TOML) for the pipeline; default: the defaults (queries from ./queries).
     #[arg(long, short)]
     pub config: Option<PathBuf>,
+    /// Only the raw delivery phase, its rate printed alone (bench runs it in a
+    /// process of its own).
+    #[arg(long, hide = true)]
+    pub raw_only: bool,
 }
 
 #[derive(Debug, Args)]
@@ -1119,7 +1123,18 @@ fn bench(a: BenchArgs) -> Result<()> {
         interval: a.interval,
         config: load_config(a.config.as_deref())?,
         progress: std::io::stderr().is_terminal(),
+        raw_exe: std::env::current_exe().ok(),
     };
+    if a.raw_only {
+        let Some(url) = params.nats_url.clone() else {
+            return Err(UsageError("--raw-only needs --nats-url".into()).into());
+        };
+        let rate = runtime()?
+            .block_on(crate::bench::raw(&url, &params))
+            .map_err(|e| anyhow::anyhow!(e))?;
+        println!("{rate:.0}");
+        return Ok(());
+    }
     let (machines, sensors, batch, interval) = (a.machines, a.sensors, a.batch, a.interval);
     let r = runtime()?
         .block_on(crate::bench::run(params))
