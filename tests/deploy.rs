@@ -346,6 +346,21 @@ fn copy_dir(from: &str, to: &Path) {
     }
 }
 
+/// Runs `scripts/gen-certs ARGS DIR` with this build's twinwatch; it must succeed.
+fn gen_certs(args: &[&str], dir: &Path) {
+    let out = Command::new(format!("{}/scripts/gen-certs", env!("CARGO_MANIFEST_DIR")))
+        .args(args)
+        .arg(dir)
+        .env("TWINWATCH", env!("CARGO_BIN_EXE_twinwatch"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "gen-certs {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The figure of a Prometheus line `name{labels} value` (summed over labels).
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()
@@ -366,21 +381,8 @@ fn gen_certs_and_the_shipped_configurations_run_the_stack() {
     lay_out(root);
     copy_dir("deploy/twinwatch", &root.join("twinwatch"));
     copy_dir("queries", &root.join("queries"));
-    let gen_certs = || {
-        Command::new(format!("{}/scripts/gen-certs", env!("CARGO_MANIFEST_DIR")))
-            .args(["--machines", "2"])
-            .arg(root.join("secrets"))
-            .env("TWINWATCH", env!("CARGO_BIN_EXE_twinwatch"))
-            .output()
-            .unwrap()
-    };
-    let out = gen_certs();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let secrets = root.join("secrets");
+    gen_certs(&["--machines", "2"], &secrets);
     let users = std::fs::read_to_string(secrets.join("users.conf")).unwrap();
     assert_eq!(
         users.matches("nkey:").count(),
@@ -389,7 +391,7 @@ fn gen_certs_and_the_shipped_configurations_run_the_stack() {
     );
     // A second run keeps what is there: the keys the devices hold stay valid.
     let seed = std::fs::read_to_string(secrets.join("devices/plc-01a.nk")).unwrap();
-    assert!(gen_certs().status.success());
+    gen_certs(&["--machines", "2"], &secrets);
     assert_eq!(
         std::fs::read_to_string(secrets.join("devices/plc-01a.nk")).unwrap(),
         seed
@@ -554,19 +556,8 @@ fn gen_certs_and_the_shipped_configurations_run_the_stack() {
         registry + "\n" + &String::from_utf8(out.stdout).unwrap(),
     )
     .unwrap();
-    for step in [&["--client", "plc-09a"][..], &["--users"]] {
-        let out = Command::new(format!("{}/scripts/gen-certs", env!("CARGO_MANIFEST_DIR")))
-            .args(step)
-            .arg(&secrets)
-            .env("TWINWATCH", env!("CARGO_BIN_EXE_twinwatch"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{step:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    gen_certs(&["--client", "plc-09a"], &secrets);
+    gen_certs(&["--users"], &secrets);
     let hup = Command::new("kill")
         .args(["-HUP", &_server.0.id().to_string()])
         .status()
