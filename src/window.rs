@@ -168,6 +168,27 @@ struct Pending {
     min_start: Millis,
 }
 
+impl Pending {
+    /// Keeps the rows `keep` marks (the open ones); `batch` is already those rows.
+    fn compact(&mut self, batch: RecordBatch, keep: &BooleanArray) {
+        let rows =
+            |a: &dyn Array| arrow::compute::filter(a, keep).expect("mask has the batch's length");
+        self.batch = batch;
+        self.machine = rows(&self.machine)
+            .as_any()
+            .downcast_ref::<UInt32Array>()
+            .expect("machine ids stay UInt32")
+            .clone();
+        self.start = rows(&self.start)
+            .as_any()
+            .downcast_ref::<TimestampMillisecondArray>()
+            .expect("window starts stay timestamps")
+            .clone();
+        self.open = vec![true; self.batch.num_rows()];
+        self.n_open = self.open.len();
+    }
+}
+
 /// Columns of each decoded table dropped from its window table (batch-local row links).
 const DROPPED: [(&str, &[&str]); 3] = [
     ("readings", &["message"]),
@@ -287,7 +308,32 @@ impl TableBuffer {
             .map(|c| c.closed_upto)
             .max()
             .unwrap_or(Millis::MIN);
-        for p in &mut self.pending {
+        let Self {
+            pending,
+            zeros,
+            read,
+            ..
+        } = self;
+        // Rows of a batch, its placeholder columns zeros again (filtering
+        // them would allocate real zeros per row).
+        let mut rows_of = |batch: &RecordBatch, mask: &BooleanArray| {
+            let n = mask.true_count();
+            let cols = batch
+                .columns()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    read.as_ref()
+                        .filter(|r| !r[i])
+                        .and_then(|_| zeros.column(c.data_type(), n))
+                        .unwrap_or_else(|| {
+                            arrow::compute::filter(c, mask).expect("mask has the batch's length")
+                        })
+                })
+                .collect();
+            RecordBatch::try_new(batch.schema(), cols).expect("filtered columns match")
+        };
+        for p in pending.iter_mut() {
             if !all && p.min_start.saturating_add(size) > horizon {
                 continue;
             }
@@ -313,13 +359,22 @@ impl TableBuffer {
                 continue;
             }
             let closed = mask.iter().filter(|&&c| c).count();
-            table.parts.push(if closed == p.batch.num_rows() {
+            if closed == p.batch.num_rows() {
                 // Every row closed at once (the usual case): the batch as it is.
-                p.batch.clone()
-            } else {
-                filter_record_batch(&p.batch, &BooleanArray::from(mask))
-                    .expect("mask has the batch's length")
-            });
+                table.parts.push(p.batch.clone());
+                continue;
+            }
+            table
+                .parts
+                .push(rows_of(&p.batch, &BooleanArray::from(mask)));
+            if p.n_open > 0 {
+                // The batch keeps only its open rows, so its closed ones are
+                // not held twice (here and in the closed table) until the
+                // last of its windows closes.
+                let open = BooleanArray::from(p.open.clone());
+                let batch = rows_of(&p.batch, &open);
+                p.compact(batch, &open);
+            }
         }
         self.pending.retain(|p| p.n_open > 0);
         table

@@ -248,3 +248,46 @@ fn windows_keep_only_the_columns_the_queries_read() {
     let m = c.messages.concat();
     assert_eq!(texts(&m, "subject")[0], "twin.telemetry.s.a");
 }
+
+#[test]
+fn a_batch_closing_in_parts_hands_over_every_row_once() {
+    let mut p = Pipeline::new(&Config::default());
+    let run = twinwatch::features::RunOutput {
+        columns_read: [("readings".to_string(), ["value"].map(String::from).into())].into(),
+        ..Default::default()
+    };
+    p.observe_features(&run, 0);
+    // One batch spanning two windows of machine a: [0, 10 s) and [10 s, 20 s).
+    let batch: Vec<Envelope> = (0..14).map(|s| msg("a", T0 + s * 1000, s as f64)).collect();
+    assert!(p.process(&batch, 0).closed.is_none(), "nothing closed yet");
+    // Machine a's watermark passes 10 s: the first window closes, the rest waits.
+    let first = p
+        .process(&[msg("a", T0 + 15_000, 100.0)], 0)
+        .closed
+        .expect("[0, 10 s) closes");
+    let rest = p.finish().closed.expect("the rest closes at the end");
+    let sum = |t: &twinwatch::window::Table| {
+        let r = t.concat();
+        let v = r.column_by_name("value").unwrap();
+        v.as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap()
+            .iter()
+            .flatten()
+            .sum::<f64>()
+    };
+    assert_eq!(first.readings.num_rows(), 10);
+    assert_eq!(sum(&first.readings), 45.0);
+    assert_eq!(rest.readings.num_rows(), 5, "rows 10..14 and 15, once each");
+    assert_eq!(sum(&rest.readings), (10..14).sum::<i64>() as f64 + 100.0);
+    // Unread columns of the parts cut from the batch are still the shared zeros.
+    let ptr = |t: &twinwatch::window::Table| {
+        t.parts[0]
+            .column_by_name("seq")
+            .unwrap()
+            .to_data()
+            .buffers()[0]
+            .as_ptr()
+    };
+    assert!(ptr(&first.readings) == ptr(&rest.readings));
+}

@@ -388,6 +388,11 @@ impl Detectors {
             let slot = match m.metrics.iter().position(|s| s.metric == metric) {
                 Some(slot) => slot,
                 None if m.metrics.len() < MAX_METRICS_PER_MACHINE => {
+                    // Eight slots at a time, not doubling: a machine's ~50
+                    // query features would otherwise hold room for 64.
+                    if m.metrics.len() == m.metrics.capacity() {
+                        m.metrics.reserve_exact(8);
+                    }
                     m.metrics.push(MetricState {
                         metric,
                         ..MetricState::default()
