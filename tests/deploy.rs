@@ -612,3 +612,50 @@ fn gen_certs_and_the_shipped_configurations_run_the_stack() {
         }
     });
 }
+
+/// The compose stack's pieces point at each other: Prometheus scrapes the
+/// port the processor's configuration serves, Grafana's data source is that
+/// Prometheus, and the dashboard it loads is the shipped one.
+#[test]
+fn the_dashboards_profile_is_wired_to_the_processor() {
+    let file =
+        |p: &str| std::fs::read_to_string(format!("{}/{p}", env!("CARGO_MANIFEST_DIR"))).unwrap();
+    let processor: toml::Value = toml::from_str(&file("deploy/twinwatch/processor.toml")).unwrap();
+    let addr = processor["http"]["addr"].as_str().unwrap();
+    let port = addr.rsplit(':').next().unwrap();
+    assert!(
+        file("deploy/prometheus/prometheus.yml").contains(&format!("\"twinwatch:{port}\"")),
+        "Prometheus must scrape twinwatch:{port}"
+    );
+    let compose = file("docker-compose.yml");
+    assert!(compose.contains(&format!("\"127.0.0.1:{port}:{port}\"")));
+    assert!(
+        file("deploy/grafana/provisioning/datasources/prometheus.yml")
+            .contains("url: http://prometheus:9090")
+    );
+    assert!(
+        compose.contains(
+            "./deploy/grafana/twinwatch.json:/var/lib/grafana/dashboards/twinwatch.json:ro"
+        )
+    );
+    assert!(
+        file("deploy/grafana/provisioning/dashboards/twinwatch.yml")
+            .contains("path: /var/lib/grafana/dashboards")
+    );
+    // The stack's configurations are ones twinwatch accepts.
+    for cfg in ["processor", "soc", "simulator"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+            .args(["config", "--check"])
+            .arg(format!(
+                "{}/deploy/twinwatch/{cfg}.toml",
+                env!("CARGO_MANIFEST_DIR")
+            ))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cfg}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
