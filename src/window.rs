@@ -20,7 +20,10 @@
 //! rather than once per machine. A table is handed over as the parts it
 //! waited in ([`Table`]), never concatenated here: a batch whose rows all
 //! closed goes as it is, so closing the windows of thousands of machines at
-//! once copies nothing on the ingest loop.
+//! once copies nothing on the ingest loop; a batch that closes in parts hands
+//! over its closed rows and keeps only its open ones. Only the columns the
+//! query files read are kept ([`Windows::read_only`]); the others are zeros
+//! sliced from one shared buffer, so a waiting row costs what the queries use.
 
 use std::sync::Arc;
 
