@@ -796,7 +796,7 @@ pub struct Decoder {
 }
 
 /// The last token of a subject: the default machine.
-fn last_token(subject: &str) -> Option<&str> {
+pub(crate) fn last_token(subject: &str) -> Option<&str> {
     subject.rsplit('.').next().filter(|t| !t.is_empty())
 }
 

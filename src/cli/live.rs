@@ -334,7 +334,7 @@ pub fn simulate(a: SimulateArgs) -> Result<()> {
                 break;
             }
             for e in tick {
-                let machine = e.subject.rsplit('.').next().unwrap_or_default();
+                let machine = crate::decode::last_token(&e.subject).unwrap_or_default();
                 let client = &clients[by_machine.get(machine).copied().unwrap_or(0)];
                 let published = if e.headers.is_empty() {
                     client.publish(e.subject, e.payload).await

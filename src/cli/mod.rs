@@ -563,10 +563,6 @@ fn keygen(name: &str, machines: &[String], dir: &Path, require: bool) -> Result<
     if name.is_empty() || name.contains(['/', '\\']) || name.starts_with('.') {
         return Err(UsageError(format!("`{name}` cannot be a device name and file name")).into());
     }
-    let key = nkeys::KeyPair::new_user();
-    let seed = key
-        .seed()
-        .map_err(|e| anyhow::anyhow!("making a seed: {e}"))?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join(format!("{name}.nk"));
     if path.exists() {
@@ -576,7 +572,7 @@ fn keygen(name: &str, machines: &[String], dir: &Path, require: bool) -> Result<
         ))
         .into());
     }
-    write_secret(&path, &(seed + "\n"))?;
+    let key = new_seed_file(&path)?;
     eprintln!(
         "seed written to {} (keep it on the device only)",
         path.display()
@@ -620,13 +616,8 @@ fn sim_keys(machines: usize, dir: &Path) -> Result<()> {
         let key = if path.exists() {
             read_seed(&path)?
         } else {
-            let key = nkeys::KeyPair::new_user();
-            let seed = key
-                .seed()
-                .map_err(|e| anyhow::anyhow!("making a seed: {e}"))?;
-            write_secret(&path, &(seed + "\n"))?;
             made += 1;
-            key
+            new_seed_file(&path)?
         };
         out.push_str(&crate::registry::entry_toml(
             device,
@@ -639,6 +630,16 @@ fn sim_keys(machines: usize, dir: &Path) -> Result<()> {
     eprintln!("{made} new seeds in {}", dir.display());
     print!("{out}");
     Ok(())
+}
+
+/// A new user key pair whose seed is written to `path` (readable by its owner only).
+fn new_seed_file(path: &Path) -> Result<nkeys::KeyPair> {
+    let key = nkeys::KeyPair::new_user();
+    let seed = key
+        .seed()
+        .map_err(|e| anyhow::anyhow!("making a seed: {e}"))?;
+    write_secret(path, &(seed + "\n"))?;
+    Ok(key)
 }
 
 /// Writes a file only its owner can read.
