@@ -92,43 +92,22 @@ pub struct FeatureRow {
 /// sorted, so comparing indices orders rows as comparing names would.
 #[derive(Debug, Default)]
 pub struct RunNames {
-    pub machines: Vec<String>,
-    pub features: Vec<String>,
+    pub machines: Vec<Arc<str>>,
+    pub features: Vec<Arc<str>>,
 }
 
-/// Strings to small indices, one allocation per distinct name.
-#[derive(Default)]
-struct NameTable {
-    index: std::collections::HashMap<String, u32>,
-    names: Vec<String>,
-}
-
-impl NameTable {
-    fn id(&mut self, name: &str) -> u32 {
-        if let Some(&i) = self.index.get(name) {
-            return i;
-        }
-        let i = self.names.len() as u32;
-        self.index.insert(name.to_string(), i);
-        self.names.push(name.to_string());
-        i
+/// A run's names, sorted, and for each id of `names` its index among them:
+/// renumbering rows by it orders them as comparing the names would.
+fn sorted_names(names: &crate::intern::Interner) -> (Vec<Arc<str>>, Vec<u32>) {
+    let all = names.names();
+    let mut order: Vec<u32> = (0..all.len() as u32).collect();
+    order.sort_unstable_by(|&a, &b| all[a as usize].cmp(&all[b as usize]));
+    let mut rank = vec![0u32; order.len()];
+    for (new, &old) in order.iter().enumerate() {
+        rank[old as usize] = new as u32;
     }
-
-    /// The names sorted, and for each old index its new one.
-    fn sorted(self) -> (Vec<String>, Vec<u32>) {
-        let mut order: Vec<u32> = (0..self.names.len() as u32).collect();
-        order.sort_unstable_by(|&a, &b| self.names[a as usize].cmp(&self.names[b as usize]));
-        let mut rank = vec![0u32; order.len()];
-        for (new, &old) in order.iter().enumerate() {
-            rank[old as usize] = new as u32;
-        }
-        let mut names: Vec<Option<String>> = self.names.into_iter().map(Some).collect();
-        let sorted = order
-            .iter()
-            .map(|&old| names[old as usize].take().unwrap_or_default())
-            .collect();
-        (sorted, rank)
-    }
+    let sorted = order.iter().map(|&old| all[old as usize].clone()).collect();
+    (sorted, rank)
 }
 
 /// One row of a rule file.
@@ -189,6 +168,8 @@ pub struct Queries {
     refused: BTreeMap<String, String>,
     /// Files refused so far (counter).
     pub refusals: u64,
+    /// What the active files read ([`Queries::columns_read`]), worked out when they change.
+    columns_read: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
 fn context() -> SessionContext {
@@ -310,6 +291,7 @@ impl Queries {
             files: BTreeMap::new(),
             refused: BTreeMap::new(),
             refusals: 0,
+            columns_read: BTreeMap::new(),
         }
     }
 
@@ -318,6 +300,10 @@ impl Queries {
     /// without a projection counts as read whole). Tables no file reads map to
     /// no columns.
     pub fn columns_read(&self) -> BTreeMap<String, std::collections::BTreeSet<String>> {
+        self.columns_read.clone()
+    }
+
+    fn find_columns_read(&self) -> BTreeMap<String, std::collections::BTreeSet<String>> {
         use datafusion::common::tree_node::TreeNodeRecursion;
         let mut out: BTreeMap<String, std::collections::BTreeSet<String>> = self
             .tables
@@ -392,6 +378,7 @@ impl Queries {
     pub async fn reload(&mut self) -> Vec<QueryError> {
         let mut seen = Vec::new();
         let mut errors = Vec::new();
+        let mut changed = false;
         let entries = match std::fs::read_dir(&self.dir) {
             Ok(e) => e.flatten().map(|e| e.path()).collect::<Vec<_>>(),
             Err(_) => Vec::new(),
@@ -436,6 +423,7 @@ impl Queries {
                         )
                         .is_some();
                     self.refused.remove(&name);
+                    changed = true;
                     info!(file = %name, %kind, "query {}", if replaced { "reloaded" } else { "loaded" });
                 }
                 Err(e) => {
@@ -453,11 +441,15 @@ impl Queries {
             .filter(|n| !seen.contains(n))
             .cloned()
             .collect();
+        changed |= !gone.is_empty();
         for name in gone {
             self.files.remove(&name);
             info!(file = %name, "query removed");
         }
         self.refused.retain(|n, _| seen.contains(n));
+        if changed {
+            self.columns_read = self.find_columns_read();
+        }
         errors
     }
 
@@ -509,14 +501,14 @@ impl Queries {
         // the query stage's thread), the pipeline takes them as they come.
         // Names are renumbered in sorted order first, so sorting the indices
         // sorts by (ts, machine name, feature name).
-        let (machines, machine_rank) = std::mem::take(&mut names.machines).sorted();
-        let (features, feature_rank) = std::mem::take(&mut names.features).sorted();
+        let (machines, machine_rank) = sorted_names(&names.machines);
+        let (features, feature_rank) = sorted_names(&names.features);
         for r in &mut out.features {
             r.machine = machine_rank[r.machine as usize];
             r.feature = feature_rank[r.feature as usize];
         }
         out.names = RunNames { machines, features };
-        out.columns_read = self.columns_read();
+        out.columns_read = self.columns_read.clone();
         out.features.sort_by_key(|r| (r.ts, r.machine, r.feature));
         out.rules
             .sort_by(|a, b| (a.ts, &a.machine, &a.file).cmp(&(b.ts, &b.machine, &b.file)));
@@ -688,21 +680,39 @@ fn value_at(a: &Option<Float64Array>, i: usize) -> Option<f64> {
         .filter(|v| v.is_finite())
 }
 
-/// The names of one run's rows while they are extracted.
-#[derive(Default)]
+/// The names of one run's rows while they are extracted (uncapped: a run is
+/// bounded by [`MAX_ROWS_PER_RUN`]).
 struct Names {
-    machines: NameTable,
-    features: NameTable,
+    machines: crate::intern::Interner,
+    features: crate::intern::Interner,
     /// Scratch for `<file>:<feature>`, so a row costs no allocation.
     key: String,
 }
 
+impl Default for Names {
+    fn default() -> Self {
+        Names {
+            machines: crate::intern::Interner::new(usize::MAX),
+            features: crate::intern::Interner::new(usize::MAX),
+            key: String::new(),
+        }
+    }
+}
+
 impl Names {
+    fn machine(&mut self, name: &str) -> u32 {
+        self.machines
+            .intern(name)
+            .expect("an uncapped interner takes every name")
+    }
+
     fn feature(&mut self, stem: &str, feature: &str) -> u32 {
         use std::fmt::Write;
         self.key.clear();
         let _ = write!(self.key, "{stem}:{feature}");
-        self.features.id(&self.key)
+        self.features
+            .intern(&self.key)
+            .expect("an uncapped interner takes every name")
     }
 }
 
@@ -744,7 +754,7 @@ fn extract(
                         }
                         if let Some(v) = value_at(value, i) {
                             out.features.push(FeatureRow {
-                                machine: names.machines.id(machine.value(i)),
+                                machine: names.machine(machine.value(i)),
                                 feature: names.feature(stem, feature.value(i)),
                                 value: v,
                                 ts: ts_at(i),
@@ -762,7 +772,7 @@ fn extract(
                         if machine.is_null(i) {
                             continue;
                         }
-                        let m = names.machines.id(machine.value(i));
+                        let m = names.machine(machine.value(i));
                         for (feature, values) in &cols {
                             if let Some(v) = value_at(values, i) {
                                 out.features.push(FeatureRow {
