@@ -110,12 +110,39 @@ struct TableBuffer {
     schema: SchemaRef,
     /// Columns of the decoded table kept in window tables (batch-local row links are dropped).
     keep: Vec<usize>,
-    /// Which window-table columns some query file reads (`None`: all). The
-    /// others are kept as zeros sliced from one shared buffer, so a row costs
-    /// only what the queries look at.
+    kept: Kept,
+    pending: Vec<Pending>,
+}
+
+/// Which window-table columns some query file reads (`read`, `None`: all).
+/// The others are kept as zeros sliced from one shared buffer, so a row costs
+/// only what the queries look at.
+#[derive(Default)]
+struct Kept {
     read: Option<Vec<bool>>,
     zeros: Zeros,
-    pending: Vec<Pending>,
+}
+
+impl Kept {
+    /// The columns of `n` rows: `cut(column)` where it is read, zeros elsewhere
+    /// (never cut: filtering zeros would allocate real ones).
+    fn columns(
+        &mut self,
+        cols: &[ArrayRef],
+        n: usize,
+        cut: impl Fn(&ArrayRef) -> ArrayRef,
+    ) -> Vec<ArrayRef> {
+        cols.iter()
+            .enumerate()
+            .map(|(i, c)| {
+                self.read
+                    .as_ref()
+                    .filter(|r| !r[i])
+                    .and_then(|_| self.zeros.column(c.data_type(), n))
+                    .unwrap_or_else(|| cut(c))
+            })
+            .collect()
+    }
 }
 
 /// Placeholder columns: zero values (no nulls, so non-nullable fields stay
@@ -225,8 +252,7 @@ impl TableBuffer {
         TableBuffer {
             schema: Arc::new(Schema::new(fields)),
             keep,
-            read: None,
-            zeros: Zeros::default(),
+            kept: Kept::default(),
             pending: Vec::new(),
         }
     }
@@ -235,7 +261,7 @@ impl TableBuffer {
     /// batch on; `None` keeps every column. `window_start` and `window_end`
     /// are always kept: the query stage times its runs by them.
     fn read_only(&mut self, columns: Option<&std::collections::BTreeSet<String>>) {
-        self.read = columns.map(|c| {
+        self.kept.read = columns.map(|c| {
             self.schema
                 .fields()
                 .iter()
@@ -274,14 +300,7 @@ impl TableBuffer {
             TimestampMillisecondArray::from_iter_values(start.values().iter().map(|s| s + size))
                 .with_timezone("UTC"),
         ));
-        let read = |i: usize| self.read.as_ref().is_none_or(|r| r[i]);
-        for (i, c) in cols.iter_mut().enumerate() {
-            if !read(i)
-                && let Some(z) = self.zeros.column(self.schema.field(i).data_type(), n)
-            {
-                *c = z;
-            }
-        }
+        let cols = self.kept.columns(&cols, n, Arc::clone);
         let batch = RecordBatch::try_new(self.schema.clone(), cols).expect("window columns match");
         let min_start = start.values().iter().copied().min().unwrap_or(Millis::MAX);
         self.pending.push(Pending {
@@ -311,29 +330,12 @@ impl TableBuffer {
             .map(|c| c.closed_upto)
             .max()
             .unwrap_or(Millis::MIN);
-        let Self {
-            pending,
-            zeros,
-            read,
-            ..
-        } = self;
-        // Rows of a batch, its placeholder columns zeros again (filtering
-        // them would allocate real zeros per row).
+        let Self { pending, kept, .. } = self;
+        // The rows of a batch that `mask` marks.
         let mut rows_of = |batch: &RecordBatch, mask: &BooleanArray| {
-            let n = mask.true_count();
-            let cols = batch
-                .columns()
-                .iter()
-                .enumerate()
-                .map(|(i, c)| {
-                    read.as_ref()
-                        .filter(|r| !r[i])
-                        .and_then(|_| zeros.column(c.data_type(), n))
-                        .unwrap_or_else(|| {
-                            arrow::compute::filter(c, mask).expect("mask has the batch's length")
-                        })
-                })
-                .collect();
+            let cols = kept.columns(batch.columns(), mask.true_count(), |c| {
+                arrow::compute::filter(c, mask).expect("mask has the batch's length")
+            });
             RecordBatch::try_new(batch.schema(), cols).expect("filtered columns match")
         };
         for p in pending.iter_mut() {

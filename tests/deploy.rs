@@ -90,18 +90,13 @@ fn start(devices: &[(&str, &str, &str)], processor: &str, soc: &str) -> Server {
         .join("\n");
     let reg = dir.path().join("devices.toml");
     std::fs::write(&reg, registry).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
-        .args(["devices", "nats-users", "--registry"])
-        .arg(&reg)
-        .args(["--processor-key", processor, "--soc-key", soc])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let users = succeed(
+        Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+            .args(["devices", "nats-users", "--registry"])
+            .arg(&reg)
+            .args(["--processor-key", processor, "--soc-key", soc]),
     );
-    std::fs::write(dir.path().join("secrets/users.conf"), &out.stdout).unwrap();
+    std::fs::write(dir.path().join("secrets/users.conf"), users).unwrap();
     let (child, port) = serve(dir.path(), &pki.server_cert, &pki.server_key, &pki.ca);
     Server {
         _process: Process(child),
@@ -346,18 +341,24 @@ fn copy_dir(from: &str, to: &Path) {
     }
 }
 
-/// Runs `scripts/gen-certs ARGS DIR` with this build's twinwatch; it must succeed.
-fn gen_certs(args: &[&str], dir: &Path) {
-    let out = Command::new(format!("{}/scripts/gen-certs", env!("CARGO_MANIFEST_DIR")))
-        .args(args)
-        .arg(dir)
-        .env("TWINWATCH", env!("CARGO_BIN_EXE_twinwatch"))
-        .output()
-        .unwrap();
+/// Runs `cmd`, which must succeed; its standard output.
+fn succeed(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
-        "gen-certs {args:?}: {}",
+        "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Runs `scripts/gen-certs ARGS DIR` with this build's twinwatch; it must succeed.
+fn gen_certs(args: &[&str], dir: &Path) {
+    succeed(
+        Command::new(format!("{}/scripts/gen-certs", env!("CARGO_MANIFEST_DIR")))
+            .args(args)
+            .arg(dir)
+            .env("TWINWATCH", env!("CARGO_BIN_EXE_twinwatch")),
     );
 }
 
@@ -538,22 +539,21 @@ fn gen_certs_and_the_shipped_configurations_run_the_stack() {
 
     // Adding a device as the README says: keygen into the registry, its
     // certificate, users.conf again, the server reloads; then it publishes.
-    let out = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
-        .args([
-            "devices",
-            "keygen",
-            "plc-09a",
-            "--machine",
-            "press-09",
-            "--dir",
-        ])
-        .arg(secrets.join("devices"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    let entry = succeed(
+        Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+            .args([
+                "devices",
+                "keygen",
+                "plc-09a",
+                "--machine",
+                "press-09",
+                "--dir",
+            ])
+            .arg(secrets.join("devices")),
+    );
     std::fs::write(
         secrets.join("devices.toml"),
-        registry + "\n" + &String::from_utf8(out.stdout).unwrap(),
+        registry + "\n" + &String::from_utf8(entry).unwrap(),
     )
     .unwrap();
     gen_certs(&["--client", "plc-09a"], &secrets);
@@ -644,18 +644,13 @@ fn the_dashboards_profile_is_wired_to_the_processor() {
     );
     // The stack's configurations are ones twinwatch accepts.
     for cfg in ["processor", "soc", "simulator"] {
-        let out = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
-            .args(["config", "--check"])
-            .arg(format!(
-                "{}/deploy/twinwatch/{cfg}.toml",
-                env!("CARGO_MANIFEST_DIR")
-            ))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{cfg}: {}",
-            String::from_utf8_lossy(&out.stderr)
+        succeed(
+            Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+                .args(["config", "--check"])
+                .arg(format!(
+                    "{}/deploy/twinwatch/{cfg}.toml",
+                    env!("CARGO_MANIFEST_DIR")
+                )),
         );
     }
 }
