@@ -163,6 +163,10 @@ pub struct SourceConfig {
     /// The longest a message waits for its batch to fill.
     #[serde(with = "serde_duration")]
     pub max_latency: Millis,
+    /// Most bytes of core-NATS messages held while the pipeline is behind
+    /// (payloads, subjects, headers and bookkeeping); past it new messages
+    /// are dropped and counted, so a burst cannot grow memory without bound.
+    pub max_buffered_bytes: usize,
     pub jetstream: JetStreamSourceConfig,
 }
 
@@ -174,6 +178,7 @@ impl Default for SourceConfig {
             max_batch: 4096,
             max_batch_bytes: 1 << 20,
             max_latency: 2,
+            max_buffered_bytes: 64 << 20,
             jetstream: JetStreamSourceConfig::default(),
         }
     }
@@ -680,6 +685,9 @@ queue_group = ""
 max_batch = 4096
 max_batch_bytes = 1048576
 max_latency = "2ms"
+# Most bytes of core-NATS messages held while the pipeline is behind; past it new ones are dropped
+# (counted: twinwatch_input_dropped_total). JetStream keeps a backlog on the server instead.
+max_buffered_bytes = 67108864
 
 [source.jetstream]
 # Consume through a durable pull consumer instead of core subscriptions.
@@ -956,6 +964,9 @@ impl Config {
         }
         if self.source.max_batch == 0 {
             return bad("source.max_batch", "must be greater than zero");
+        }
+        if self.source.max_buffered_bytes == 0 {
+            return bad("source.max_buffered_bytes", "must be greater than zero");
         }
         if self.source.max_batch_bytes == 0 {
             return bad("source.max_batch_bytes", "must be greater than zero");

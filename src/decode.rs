@@ -66,6 +66,13 @@ pub const MAX_DEPTH: usize = 32;
 /// Whether JSON text nests objects/arrays deeper than `max` (brackets inside
 /// strings do not count). One pass over the bytes, no allocation.
 fn nests_deeper_than(text: &[u8], max: usize) -> bool {
+    // Nesting deeper than `max` needs more than `max` opening brackets: a
+    // count (which the compiler vectorizes) settles every ordinary message
+    // without following strings byte by byte.
+    let opening = text.iter().filter(|&&b| b == b'{' || b == b'[').count();
+    if opening <= max {
+        return false;
+    }
     let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
     for &b in text {
         if in_string {
@@ -505,7 +512,8 @@ fn parse_payload<'a, T: Deserialize<'a>>(
 struct ReadingsBuilder {
     ts: TimestampMillisecondBuilder,
     received_at: TimestampMillisecondBuilder,
-    subject: SubjectBuilder,
+    /// Keys into the messages' subject dictionary (one lookup per envelope).
+    subject: UInt32Builder,
     seq: UInt64Builder,
     value: Float64Builder,
     payload_bytes: UInt32Builder,
@@ -553,7 +561,7 @@ fn ts_builder() -> TimestampMillisecondBuilder {
 }
 
 /// Subjects are not interned (they are not capped names), so each batch
-/// has a dictionary of its own.
+/// has a dictionary of its own, shared by its two tables.
 type SubjectBuilder = StringDictionaryBuilder<UInt32Type>;
 
 /// The names of interned ids, for the dictionary columns.
@@ -588,7 +596,7 @@ impl ReadingsBuilder {
         ReadingsBuilder {
             ts: ts_builder(),
             received_at: ts_builder(),
-            subject: SubjectBuilder::new(),
+            subject: UInt32Builder::new(),
             seq: UInt64Builder::new(),
             value: Float64Builder::new(),
             payload_bytes: UInt32Builder::new(),
@@ -600,15 +608,17 @@ impl ReadingsBuilder {
         }
     }
 
-    fn finish(&mut self, names: &Names) -> RecordBatch {
+    /// `subjects`: the values of the messages' subject column, finished first.
+    fn finish(&mut self, names: &Names, subjects: &ArrayRef) -> RecordBatch {
         self.rows = 0;
         let machine_id: ArrayRef = Arc::new(fit(self.machine_id.finish()));
         let device_id: ArrayRef = Arc::new(fit(self.device_id.finish()));
         let metric_id: ArrayRef = Arc::new(fit(self.metric_id.finish()));
+        let subject: ArrayRef = Arc::new(fit(self.subject.finish()));
         let cols: Vec<ArrayRef> = vec![
             Arc::new(fit(self.ts.finish())),
             Arc::new(fit(self.received_at.finish())),
-            Arc::new(fit(self.subject.finish())),
+            named(&subject, subjects),
             named(&machine_id, &names.machines),
             named(&device_id, &names.devices),
             Arc::new(fit(self.seq.finish())),
@@ -641,14 +651,17 @@ impl MessagesBuilder {
         }
     }
 
-    fn finish(&mut self, names: &Names) -> RecordBatch {
+    /// The table and its subjects (the values the readings' subject keys point into).
+    fn finish(&mut self, names: &Names) -> (RecordBatch, ArrayRef) {
         self.rows = 0;
         let machine_id: ArrayRef = Arc::new(fit(self.machine_id.finish()));
         let device_id: ArrayRef = Arc::new(fit(self.device_id.finish()));
+        let subject = fit(self.subject.finish());
+        let subjects = subject.values().clone();
         let cols: Vec<ArrayRef> = vec![
             Arc::new(fit(self.ts.finish())),
             Arc::new(fit(self.received_at.finish())),
-            Arc::new(fit(self.subject.finish())),
+            Arc::new(subject),
             named(&machine_id, &names.machines),
             named(&device_id, &names.devices),
             Arc::new(fit(self.seq.finish())),
@@ -659,7 +672,9 @@ impl MessagesBuilder {
             Arc::new(fit(self.first_reading.finish())),
             Arc::new(fit(self.envelope.finish())),
         ];
-        RecordBatch::try_new(messages_schema(), cols).expect("messages columns match their schema")
+        let table = RecordBatch::try_new(messages_schema(), cols)
+            .expect("messages columns match their schema");
+        (table, subjects)
     }
 }
 
@@ -793,7 +808,17 @@ pub struct Decoder {
     readings: ReadingsBuilder,
     messages: MessagesBuilder,
     flows: FlowsBuilder,
+    /// Per machine id, the device id of the machine's own name (`u32::MAX`: not yet known).
+    own_devices: Vec<u32>,
+    /// The metric names of the last object's readings, in order, with their ids.
+    last_keys: Vec<(Arc<str>, u32)>,
+    /// Scratch of one payload: (machine, device) per object and metric id per reading.
+    ids: Vec<(u32, u32)>,
+    metric_ids: Vec<u32>,
 }
+
+/// Most keys of one object remembered for the next (see [`Decoder::metric_id`]).
+const MAX_REMEMBERED_KEYS: usize = 64;
 
 /// The last token of a subject: the default machine.
 pub(crate) fn last_token(subject: &str) -> Option<&str> {
@@ -837,7 +862,21 @@ impl Decoder {
             readings: ReadingsBuilder::new(),
             messages: MessagesBuilder::new(),
             flows: FlowsBuilder::new(),
+            own_devices: Vec::new(),
+            last_keys: Vec::new(),
+            ids: Vec::new(),
+            metric_ids: Vec::new(),
         }
+    }
+
+    /// Takes the names of a snapshot (ids as they were), forgetting what
+    /// was remembered about the names before.
+    pub fn restore_names(&mut self, machines: Interner, devices: Interner, metrics: Interner) {
+        self.machines = machines;
+        self.devices = devices;
+        self.metrics = metrics;
+        self.own_devices.clear();
+        self.last_keys.clear();
     }
 
     /// Decodes a batch of envelopes.
@@ -863,9 +902,10 @@ impl Decoder {
             devices: self.devices.arrow_values(),
             metrics: self.metrics.arrow_values(),
         };
+        let (messages, subjects) = self.messages.finish(&names);
         DecodedBatch {
-            readings: self.readings.finish(&names),
-            messages: self.messages.finish(&names),
+            readings: self.readings.finish(&names, &subjects),
+            messages,
             flows: self.flows.finish(),
             rejected,
         }
@@ -889,8 +929,74 @@ impl Decoder {
         let default_machine = last_token(&env.subject);
         // Validate and intern everything before appending any row, so a bad
         // object rejects its whole payload without leaving rows behind.
-        let mut ids = Vec::with_capacity(scratch.len());
-        for m in scratch.iter() {
+        let mut ids = std::mem::take(&mut self.ids);
+        let mut metric_ids = std::mem::take(&mut self.metric_ids);
+        ids.clear();
+        metric_ids.clear();
+        let checked = self.check_and_intern(scratch, default_machine, &mut ids, &mut metric_ids);
+        if let Err(e) = checked {
+            self.ids = ids;
+            self.metric_ids = metric_ids;
+            return Err(e);
+        }
+        let payload_bytes = env.payload.len().min(u32::MAX as usize) as u32;
+        let subject = self
+            .messages
+            .subject
+            .append_n(&env.subject, scratch.len())
+            .map_err(|_| capacity("subjects", "input.max_batch"))?;
+        let mut first_metric = 0;
+        for (m, &(machine_id, device_id)) in scratch.iter().zip(&ids) {
+            let ts = m.ts.0;
+            let received_at = env.received_at.unwrap_or(ts);
+            let msg_row = self.messages.rows;
+            let b = &mut self.messages;
+            b.ts.append_value(ts);
+            b.received_at.append_value(received_at);
+            b.seq.append_option(m.seq);
+            b.payload_bytes.append_value(payload_bytes);
+            b.readings.append_value(m.readings.0.len() as u32);
+            b.machine_id.append_value(machine_id);
+            b.device_id.append_value(device_id);
+            b.first_reading.append_value(self.readings.rows);
+            b.envelope.append_value(index);
+            b.rows += 1;
+            let r = &mut self.readings;
+            let n = m.readings.0.len();
+            r.ts.append_value_n(ts, n);
+            r.received_at.append_value_n(received_at, n);
+            r.subject.append_value_n(subject, n);
+            match m.seq {
+                Some(seq) => r.seq.append_value_n(seq, n),
+                None => r.seq.append_nulls(n),
+            }
+            r.payload_bytes.append_value_n(payload_bytes, n);
+            r.machine_id.append_value_n(machine_id, n);
+            r.device_id.append_value_n(device_id, n);
+            r.message.append_value_n(msg_row, n);
+            for (_, v) in &m.readings.0 {
+                r.value.append_option(*v);
+            }
+            r.metric_id
+                .append_slice(&metric_ids[first_metric..first_metric + n]);
+            first_metric += n;
+            r.rows += n as u32;
+        }
+        self.ids = ids;
+        self.metric_ids = metric_ids;
+        Ok(())
+    }
+
+    /// Checks every object of a payload and interns its names: `ids` gets
+    /// (machine, device) per object, `metric_ids` one id per reading.
+    fn check_and_intern(
+        &mut self,
+        scratch: &[RawTelemetry<'_>],
+        default_machine: Option<&str>,
+        ids: &mut Vec<(u32, u32)>,
+        metric_ids: &mut Vec<u32>,
+    ) -> Result<(), DecodeError> {
+        for m in scratch {
             check_ts(m.ts.0)?;
             let machine = match m
                 .machine
@@ -906,15 +1012,14 @@ impl Decoder {
                     )
                 })?,
             };
-            let device = match m
+            let device = m
                 .device
                 .as_ref()
                 .map(|n| n.0.as_ref())
-                .filter(|s| !s.is_empty())
-            {
-                Some(name) => check_name("device", name)?,
-                None => machine,
-            };
+                .filter(|s| !s.is_empty());
+            if let Some(name) = device {
+                check_name("device", name)?;
+            }
             for (k, _) in &m.readings.0 {
                 check_name("readings key", k)?;
             }
@@ -922,57 +1027,59 @@ impl Decoder {
                 .machines
                 .intern(machine)
                 .ok_or_else(|| capacity("machines", "input.max_machines"))?;
-            let device_id = self
-                .devices
-                .intern(device)
-                .ok_or_else(|| capacity("devices", "input.max_devices"))?;
+            let device_id = match device {
+                Some(name) => self.devices.intern(name),
+                None => self.own_device(machine_id),
+            }
+            .ok_or_else(|| capacity("devices", "input.max_devices"))?;
             ids.push((machine_id, device_id));
         }
-        let mut metric_ids = Vec::new();
-        for m in scratch.iter() {
-            for (k, _) in &m.readings.0 {
-                metric_ids.push(
-                    self.metrics
-                        .intern(k)
-                        .ok_or_else(|| capacity("metrics", "input.max_metrics"))?,
-                );
-            }
-        }
-        let payload_bytes = env.payload.len().min(u32::MAX as usize) as u32;
-        let mut metric_ids = metric_ids.into_iter();
-        for (m, (machine_id, device_id)) in scratch.iter().zip(ids) {
-            let ts = m.ts.0;
-            let received_at = env.received_at.unwrap_or(ts);
-            let msg_row = self.messages.rows;
-            let b = &mut self.messages;
-            b.ts.append_value(ts);
-            b.received_at.append_value(received_at);
-            b.subject.append_value(&env.subject);
-            b.seq.append_option(m.seq);
-            b.payload_bytes.append_value(payload_bytes);
-            b.readings.append_value(m.readings.0.len() as u32);
-            b.machine_id.append_value(machine_id);
-            b.device_id.append_value(device_id);
-            b.first_reading.append_value(self.readings.rows);
-            b.envelope.append_value(index);
-            b.rows += 1;
-            let r = &mut self.readings;
-            for (_, v) in &m.readings.0 {
-                let metric_id = metric_ids.next().expect("one id per reading");
-                r.ts.append_value(ts);
-                r.received_at.append_value(received_at);
-                r.subject.append_value(&env.subject);
-                r.seq.append_option(m.seq);
-                r.value.append_option(*v);
-                r.payload_bytes.append_value(payload_bytes);
-                r.machine_id.append_value(machine_id);
-                r.device_id.append_value(device_id);
-                r.metric_id.append_value(metric_id);
-                r.message.append_value(msg_row);
-                r.rows += 1;
+        for m in scratch {
+            for (i, (k, _)) in m.readings.0.iter().enumerate() {
+                metric_ids.push(self.metric_id(i, k)?);
             }
         }
         Ok(())
+    }
+
+    /// The device id of the machine's own name: the device of messages that
+    /// name none, remembered per machine so they skip a lookup.
+    fn own_device(&mut self, machine: u32) -> Option<u32> {
+        let m = machine as usize;
+        if let Some(&d) = self.own_devices.get(m)
+            && d != u32::MAX
+        {
+            return Some(d);
+        }
+        let d = self.devices.intern(self.machines.name(machine))?;
+        if self.own_devices.len() <= m {
+            self.own_devices.resize(m + 1, u32::MAX);
+        }
+        self.own_devices[m] = d;
+        Some(d)
+    }
+
+    /// The id of the metric named `key`, the `i`th key of its object. A
+    /// plant's messages repeat their keys in the same order, so the key at
+    /// the same place in the last object is tried first: one compare instead
+    /// of a hash lookup.
+    fn metric_id(&mut self, i: usize, key: &str) -> Result<u32, DecodeError> {
+        if let Some((name, id)) = self.last_keys.get(i)
+            && **name == *key
+        {
+            return Ok(*id);
+        }
+        let id = self
+            .metrics
+            .intern(key)
+            .ok_or_else(|| capacity("metrics", "input.max_metrics"))?;
+        let entry = (self.metrics.name(id).clone(), id);
+        match self.last_keys.get_mut(i) {
+            Some(slot) => *slot = entry,
+            None if i < MAX_REMEMBERED_KEYS => self.last_keys.push(entry),
+            None => {}
+        }
+        Ok(id)
     }
 
     fn decode_flows<'e>(

@@ -46,6 +46,8 @@ struct Counts {
     watermark_lag_ms: Option<i64>,
     /// The JetStream consumer's pending messages.
     pending: Option<u64>,
+    /// Messages the source dropped because the pipeline was behind.
+    input_dropped: u64,
 }
 
 impl Telemetry {
@@ -94,6 +96,13 @@ impl Telemetry {
             *c.alerts
                 .entry((a.kind.as_str(), a.severity.as_str()))
                 .or_default() += 1;
+        }
+    }
+
+    /// The source's count of messages dropped while the pipeline was behind.
+    pub fn input_dropped(&self, total: u64) {
+        if let Ok(mut c) = self.counts.lock() {
+            c.input_dropped = total;
         }
     }
 
@@ -228,6 +237,12 @@ impl Telemetry {
                 &one(lag as f64 / 1000.0),
             );
         }
+        metric(
+            "twinwatch_input_dropped_total",
+            "counter",
+            "Core NATS messages dropped because the pipeline was behind and source.max_buffered_bytes was reached.",
+            &one(c.input_dropped as f64),
+        );
         if let Some(p) = c.pending {
             metric(
                 "twinwatch_jetstream_pending",
@@ -381,6 +396,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("twinwatch_jetstream_pending 42\n"));
+        assert!(text.contains("twinwatch_input_dropped_total 0\n"));
+        t.input_dropped(7);
+        assert!(t.render().contains("twinwatch_input_dropped_total 7\n"));
         assert!(text.contains("twinwatch_query_seconds_total{file=\"reading_stats.sql\"} 1.5\n"));
         for line in text.lines().filter(|l| l.starts_with("# TYPE")) {
             let name = line.split_whitespace().nth(2).unwrap();

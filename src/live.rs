@@ -39,6 +39,8 @@ pub struct LiveSummary {
     pub query_runs: u64,
     pub query_busy: Duration,
     pub query_deferred: u64,
+    /// Messages the source dropped because the pipeline was behind.
+    pub input_dropped: u64,
 }
 
 /// Where and how often the state is saved.
@@ -141,6 +143,7 @@ pub async fn run_live<S: Source, K: Sink>(
                 stats_at = Instant::now();
             }
             stale = !due;
+            t.input_dropped(source.dropped());
             t.batch(
                 stats,
                 source.pending(),
@@ -197,6 +200,7 @@ pub async fn run_live<S: Source, K: Sink>(
         }
         None => source.commit().await?,
     }
+    summary.input_dropped = source.dropped();
     if let Some(f) = &features {
         summary.query_runs = f.runs;
         summary.query_busy = f.busy;

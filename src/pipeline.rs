@@ -307,9 +307,11 @@ impl Pipeline {
     pub fn restore(cfg: &Config, state: PipelineState) -> Self {
         let mut p = Pipeline::new(cfg);
         let c = &p.cfg.input;
-        p.decoder.machines = crate::intern::Interner::from_names(&state.machines, c.max_machines);
-        p.decoder.devices = crate::intern::Interner::from_names(&state.devices, c.max_devices);
-        p.decoder.metrics = crate::intern::Interner::from_names(&state.metrics, c.max_metrics);
+        p.decoder.restore_names(
+            crate::intern::Interner::from_names(&state.machines, c.max_machines),
+            crate::intern::Interner::from_names(&state.devices, c.max_devices),
+            crate::intern::Interner::from_names(&state.metrics, c.max_metrics),
+        );
         p.windows.restore_clocks(state.clocks, state.flow_clocks);
         p.detectors.restore(state.detectors);
         p.book.restore(state.alerts);

@@ -28,6 +28,11 @@ fn text(b: &RecordBatch, name: &str) -> StringArray {
     c.as_any().downcast_ref::<StringArray>().unwrap().clone()
 }
 
+/// A name column's values in row order.
+fn strings(b: &RecordBatch, name: &str) -> Vec<String> {
+    text(b, name).iter().flatten().map(String::from).collect()
+}
+
 fn env(subject: &str, payload: &[u8]) -> Envelope {
     Envelope::new(subject, Some(1_795_766_400_500), payload.to_vec())
 }
@@ -403,4 +408,102 @@ fn name_columns_are_dictionaries_keyed_by_the_interned_ids() {
     )]);
     let later = col::<DictionaryArray<UInt32Type>>(&again.readings, "machine");
     assert!(std::sync::Arc::ptr_eq(machine.values(), later.values()));
+}
+
+#[test]
+fn remembered_keys_and_devices_never_give_a_wrong_name() {
+    // The decoder tries the last object's keys and each machine's own device
+    // first: keys that change order, appear or go away, and a machine that
+    // sometimes names a device, must still get their own names.
+    let mut d = decoder();
+    let b = d.decode(&[
+        env(
+            "twin.telemetry.s.a",
+            br#"{"ts": 1795766400000, "readings": {"x": 1, "y": 2, "z": 3}}"#,
+        ),
+        env(
+            "twin.telemetry.s.b",
+            br#"{"ts": 1795766400000, "device": "plc-b", "readings": {"z": 4, "y": 5}}"#,
+        ),
+        env(
+            "twin.telemetry.s.a",
+            br#"[{"ts": 1795766401000, "readings": {"w": 6, "x": 7}},
+                 {"ts": 1795766402000, "device": "plc-a2", "readings": {"w": 8, "x": 9, "y": 10, "z": 11}}]"#,
+        ),
+        env(
+            "twin.telemetry.s.b",
+            br#"{"ts": 1795766401000, "readings": {"y": 12}}"#,
+        ),
+    ]);
+    assert!(b.rejected.is_empty(), "{:?}", b.rejected);
+    let r = &b.readings;
+    let metrics = strings(r, "metric");
+    let values: Vec<f64> = col::<Float64Array>(r, "value").values().to_vec();
+    let by_value: Vec<(f64, &str)> = values
+        .into_iter()
+        .zip(metrics.iter().map(String::as_str))
+        .collect();
+    assert_eq!(
+        by_value,
+        [
+            (1.0, "x"),
+            (2.0, "y"),
+            (3.0, "z"),
+            (4.0, "z"),
+            (5.0, "y"),
+            (6.0, "w"),
+            (7.0, "x"),
+            (8.0, "w"),
+            (9.0, "x"),
+            (10.0, "y"),
+            (11.0, "z"),
+            (12.0, "y"),
+        ]
+    );
+    let m = &b.messages;
+    assert_eq!(strings(m, "device"), ["a", "plc-b", "a", "plc-a2", "b"]);
+    assert_eq!(
+        strings(r, "subject"),
+        [
+            ["twin.telemetry.s.a"; 3].as_slice(),
+            &["twin.telemetry.s.b"; 2],
+            &["twin.telemetry.s.a"; 6],
+            &["twin.telemetry.s.b"; 1]
+        ]
+        .concat()
+    );
+    assert_eq!(
+        strings(m, "subject"),
+        [
+            "twin.telemetry.s.a",
+            "twin.telemetry.s.b",
+            "twin.telemetry.s.a",
+            "twin.telemetry.s.a",
+            "twin.telemetry.s.b"
+        ]
+    );
+    // Restoring names from a snapshot forgets what was remembered: ids
+    // follow the restored names, not the ones before.
+    let snap = |names: &[&str]| twinwatch::intern::Interner::from_names(names, 100);
+    d.restore_names(
+        snap(&["b", "a"]),
+        snap(&["b", "a"]),
+        snap(&["z", "y", "x", "w"]),
+    );
+    let again = d.decode(&[env(
+        "twin.telemetry.s.a",
+        br#"{"ts": 1795766403000, "readings": {"w": 1, "x": 2}}"#,
+    )]);
+    assert_eq!(
+        col::<UInt32Array>(&again.readings, "machine_id").values(),
+        &[1, 1]
+    );
+    assert_eq!(
+        col::<UInt32Array>(&again.readings, "device_id").values(),
+        &[1, 1]
+    );
+    assert_eq!(
+        col::<UInt32Array>(&again.readings, "metric_id").values(),
+        &[3, 2]
+    );
 }

@@ -814,6 +814,68 @@ fn source_batches_are_bounded_in_payload_bytes() {
 }
 
 #[test]
+fn a_pipeline_behind_holds_at_most_max_buffered_bytes_and_counts_what_it_drops() {
+    use twinwatch::source::Source;
+    let server = NatsServer::start("");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let client = async_nats::connect(server.url()).await.unwrap();
+        let cfg = twinwatch::config::SourceConfig {
+            max_buffered_bytes: 20_000,
+            max_batch: 100_000,
+            max_batch_bytes: 1 << 30,
+            max_latency: 50,
+            ..Default::default()
+        };
+        let mut source = twinwatch::source::nats::NatsSource::core(&client, &cfg)
+            .await
+            .unwrap();
+        let publish = |n: usize| {
+            let client = client.clone();
+            async move {
+                for i in 0..n {
+                    client
+                        .publish(format!("twin.telemetry.s.m{i}"), vec![b' '; 300].into())
+                        .await
+                        .unwrap();
+                }
+                client.flush().await.unwrap();
+            }
+        };
+        // Everything arrives while nothing is taken out: the pipeline is behind.
+        publish(500).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let mut took = 0;
+        while let Ok(batch) =
+            tokio::time::timeout(Duration::from_secs(1), source.next_batch()).await
+        {
+            took += batch.unwrap().unwrap().len();
+        }
+        // 300 payload bytes, a subject and the envelope's bookkeeping: about
+        // 450 bytes a message, so 20,000 bytes hold some 40 of them.
+        assert!(took > 0 && took <= 20_000 / 300, "took {took}");
+        assert_eq!(took as u64 + source.dropped(), 500, "took {took}");
+        // Once taken out, the room is free again.
+        let dropped = source.dropped();
+        publish(10).await;
+        let batch = tokio::time::timeout(Duration::from_secs(5), source.next_batch())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let mut more = batch.len();
+        while more < 10 {
+            more += source.next_batch().await.unwrap().unwrap().len();
+        }
+        assert_eq!(more, 10);
+        assert_eq!(source.dropped(), dropped);
+    });
+}
+
+#[test]
 fn metrics_and_readiness_over_http() {
     let dir = tempfile::tempdir().unwrap();
     let port = common::free_port();

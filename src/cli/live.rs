@@ -151,6 +151,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             query_runs = summary.query_runs,
             query_seconds = format!("{:.2}", summary.query_busy.as_secs_f64()),
             query_runs_folded = summary.query_deferred,
+            input_dropped = summary.input_dropped,
             dead_letters = sink.dead_letters,
             "stopped: {}",
             summary_line(&pipeline.stats(), started.elapsed().as_secs_f64())

@@ -102,6 +102,12 @@ pub trait Source: Send {
         None
     }
 
+    /// Messages dropped so far because the pipeline was behind and the
+    /// source's buffer was full (core NATS: `source.max_buffered_bytes`).
+    fn dropped(&self) -> u64 {
+        0
+    }
+
     /// Where in a replayable log the last message handed out sits (JetStream stream sequence).
     fn position(&self) -> Option<u64> {
         None

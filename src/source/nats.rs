@@ -12,10 +12,20 @@
 //! stream sequence it holds, a created consumer restarts right after it; a bound
 //! consumer's older messages are acknowledged and skipped.
 //!
+//! Core messages are taken off the client as they arrive by a task of their
+//! own, which turns them into envelopes and holds them for the pipeline in an
+//! [`Inbox`] bounded in bytes (`source.max_buffered_bytes`): while the pipeline
+//! is behind, the backlog costs at most that much memory, whatever the size of
+//! the messages, and what arrives past it is dropped and counted
+//! ([`Source::dropped`]). The client's own buffer (`nats.subscription_capacity`,
+//! counted in messages) stays short behind it.
+//!
 //! `next_batch` is cancel-safe: a partial batch lives in the source, not in the
 //! future, so the runner may race it against a shutdown signal.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{
     self, AckKind, consumer::AckPolicy, consumer::DeliverPolicy, consumer::pull,
@@ -23,6 +33,7 @@ use async_nats::jetstream::{
 use async_nats::{Client, HeaderMap, Message};
 use futures_util::FutureExt;
 use futures_util::stream::{BoxStream, SelectAll, StreamExt};
+use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::{Envelope, Source, SourceError};
@@ -53,8 +64,100 @@ fn envelope(m: &Message, received_at: i64) -> Envelope {
     }
 }
 
+/// What one held envelope costs the inbox: its bytes and its bookkeeping.
+fn held_bytes(e: &Envelope) -> usize {
+    // The envelope itself, its slot in the channel and the allocations' headers.
+    const OVERHEAD: usize = std::mem::size_of::<Envelope>() + 64;
+    OVERHEAD
+        + e.payload.len()
+        + e.subject.len()
+        + e.headers
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 48)
+            .sum::<usize>()
+}
+
+/// Core messages waiting for the pipeline, at most `budget` bytes of them
+/// (see the module docs). Dropping it stops the task that fills it.
+struct Inbox {
+    rx: mpsc::UnboundedReceiver<Envelope>,
+    held: Arc<AtomicUsize>,
+    dropped: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Inbox {
+    fn new(subscriptions: SelectAll<BoxStream<'static, Message>>, budget: usize) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let held = Arc::new(AtomicUsize::new(0));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let task = tokio::spawn(take_in(
+            subscriptions,
+            tx,
+            held.clone(),
+            dropped.clone(),
+            budget,
+        ));
+        Inbox {
+            rx,
+            held,
+            dropped,
+            task,
+        }
+    }
+
+    /// The next envelope; `None` once the subscriptions ended.
+    async fn next(&mut self) -> Option<Envelope> {
+        let e = self.rx.recv().await?;
+        self.held.fetch_sub(held_bytes(&e), Ordering::AcqRel);
+        Some(e)
+    }
+}
+
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// How often the "dropped" warning may repeat.
+const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
+
+/// Takes messages off the subscriptions as they arrive and into the inbox,
+/// dropping (and counting) what would take it past `budget` bytes.
+async fn take_in(
+    mut subscriptions: SelectAll<BoxStream<'static, Message>>,
+    tx: mpsc::UnboundedSender<Envelope>,
+    held: Arc<AtomicUsize>,
+    dropped: Arc<AtomicU64>,
+    budget: usize,
+) {
+    let mut warned: Option<Instant> = None;
+    while let Some(m) = subscriptions.next().await {
+        let e = envelope(&m, wall_now());
+        let cost = held_bytes(&e);
+        if held.load(Ordering::Acquire) + cost > budget {
+            let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if warned.is_none_or(|at| at.elapsed() >= DROP_WARNING_EVERY) {
+                warned = Some(Instant::now());
+                warn!(
+                    dropped_total = n,
+                    max_buffered_bytes = budget,
+                    "the pipeline is behind and source.max_buffered_bytes is reached: new messages are dropped; \
+                     give twinwatch more CPU, split the subjects over a queue group, or consume through JetStream"
+                );
+            }
+            continue;
+        }
+        held.fetch_add(cost, Ordering::AcqRel);
+        if tx.send(e).is_err() {
+            return;
+        }
+    }
+}
+
 enum Feed {
-    Core(SelectAll<BoxStream<'static, Message>>),
+    Core(Inbox),
     JetStream(BoxStream<'static, Result<jetstream::Message, String>>),
     Ended,
 }
@@ -77,6 +180,8 @@ pub struct NatsSource {
     /// The consumer's pending count, as the last JetStream message said.
     js_pending: Option<u64>,
     stopping: bool,
+    /// Messages the inbox dropped before the feed ended.
+    dropped_before: u64,
 }
 
 impl NatsSource {
@@ -99,7 +204,8 @@ impl NatsSource {
             .await
             .map_err(|e| NatsError::Request(format!("confirming the subscriptions: {e}")))?;
         info!(subjects = ?cfg.subjects, queue_group = %cfg.queue_group, "subscribed");
-        Ok(Self::new(Feed::Core(all), cfg, true, 0))
+        let inbox = Inbox::new(all, cfg.max_buffered_bytes.max(1));
+        Ok(Self::new(Feed::Core(inbox), cfg, true, 0))
     }
 
     /// A durable pull consumer; `resume_after` is the stream sequence the restored state holds.
@@ -195,17 +301,26 @@ impl NatsSource {
             position: None,
             js_pending: None,
             stopping: false,
+            dropped_before: 0,
         }
+    }
+
+    /// The feed is over: keeps the inbox's drop count.
+    fn end(&mut self) {
+        if let Feed::Core(inbox) = &self.feed {
+            self.dropped_before += inbox.dropped.load(Ordering::Relaxed);
+        }
+        self.feed = Feed::Ended;
     }
 
     /// Waits for the next message; `None` when the feed has ended.
     async fn next_one(&mut self) -> Option<()> {
         let now = wall_now();
         match &mut self.feed {
-            Feed::Core(s) => {
-                let m = s.next().await?;
-                self.pending_bytes += m.payload.len();
-                self.pending.push(envelope(&m, now));
+            Feed::Core(inbox) => {
+                let e = inbox.next().await?;
+                self.pending_bytes += e.payload.len();
+                self.pending.push(e);
                 Some(())
             }
             Feed::JetStream(s) => loop {
@@ -257,7 +372,7 @@ impl Source for NatsSource {
                 return Ok(None);
             }
             if self.next_one().await.is_none() {
-                self.feed = Feed::Ended;
+                self.end();
                 return Ok(None);
             }
         }
@@ -275,7 +390,7 @@ impl Source for NatsSource {
             match next {
                 Ok(Some(())) => {}
                 Ok(None) => {
-                    self.feed = Feed::Ended;
+                    self.end();
                     break;
                 }
                 Err(_) => break,
@@ -302,9 +417,17 @@ impl Source for NatsSource {
         self.js_pending
     }
 
+    fn dropped(&self) -> u64 {
+        self.dropped_before
+            + match &self.feed {
+                Feed::Core(inbox) => inbox.dropped.load(Ordering::Relaxed),
+                _ => 0,
+            }
+    }
+
     fn stop(&mut self) {
         // Stop pulling new messages; what is already in hand still goes through.
         self.stopping = true;
-        self.feed = Feed::Ended;
+        self.end();
     }
 }
