@@ -917,8 +917,7 @@ impl FeatureStage {
     /// Moves the query runs to a thread of their own (with its own
     /// single-threaded runtime: a query engine that computes for a while
     /// without yielding must not hold a worker of the caller's runtime, where
-    /// the NATS connection is read), at a lower priority
-    /// ([`yield_to_the_ingest_loop`]); gathering stays with the caller.
+    /// the NATS connection is read); gathering stays with the caller.
     pub fn spawn(self) -> BackgroundStage {
         let FeatureStage {
             gather,
@@ -933,7 +932,6 @@ impl FeatureStage {
         let task = std::thread::Builder::new()
             .name("twinwatch-queries".into())
             .spawn(move || {
-                yield_to_the_ingest_loop();
                 let rt = match tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
@@ -1065,30 +1063,6 @@ fn merge(parts: Vec<ClosedWindows>) -> ClosedWindows {
         all.machine_windows += c.machine_windows;
     }
     all
-}
-
-/// Lowers the calling thread's scheduling priority (nice +10), on Linux.
-///
-/// The query thread computes windowed features every `queries.every` of
-/// event time and may answer a little later; the ingest loop's per-reading
-/// detectors and alerts may not. On a machine whose cores are all busy (the
-/// NATS server, the loop, the queries), the kernel then gives the loop the
-/// core first, and a query run no longer shows in the publish → alert latency.
-fn yield_to_the_ingest_loop() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        unsafe extern "C" {
-            fn gettid() -> i32;
-            fn setpriority(which: i32, who: u32, prio: i32) -> i32;
-        }
-        const PRIO_PROCESS: i32 = 0;
-        // SAFETY: both are plain system calls on the calling thread's own
-        // id; on Linux, PRIO_PROCESS with a thread id sets that thread only.
-        let done = unsafe { setpriority(PRIO_PROCESS, gettid() as u32, 10) };
-        if done != 0 {
-            tracing::debug!("could not lower the query thread's priority");
-        }
-    }
 }
 
 #[cfg(test)]

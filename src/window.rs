@@ -352,7 +352,13 @@ impl TableBuffer {
                 if closed {
                     p.open[i] = false;
                     p.n_open -= 1;
-                    windows.push((machine[i], start[i]));
+                    // Rows of one message, and of one machine's array
+                    // payload, come in runs of one window: one entry a run
+                    // (the caller sorts and dedups what is left).
+                    let w = (machine[i], start[i]);
+                    if windows.last() != Some(&w) {
+                        windows.push(w);
+                    }
                     any = true;
                 } else if p.open[i] {
                     min_start = min_start.min(start[i]);
