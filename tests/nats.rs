@@ -781,11 +781,7 @@ fn bench_measures_raw_delivery_then_the_pipeline() {
 fn source_batches_are_bounded_in_payload_bytes() {
     use twinwatch::source::Source;
     let server = NatsServer::start("");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    rt().block_on(async {
         let client = async_nats::connect(server.url()).await.unwrap();
         let cfg = twinwatch::config::SourceConfig {
             max_batch_bytes: 1000,
@@ -817,11 +813,7 @@ fn source_batches_are_bounded_in_payload_bytes() {
 fn a_pipeline_behind_holds_at_most_max_buffered_bytes_and_counts_what_it_drops() {
     use twinwatch::source::Source;
     let server = NatsServer::start("");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    rt().block_on(async {
         let client = async_nats::connect(server.url()).await.unwrap();
         let cfg = twinwatch::config::SourceConfig {
             max_buffered_bytes: 20_000,
