@@ -166,6 +166,7 @@ pub struct SourceConfig {
     /// Most bytes of core-NATS messages held while the pipeline is behind
     /// (payloads, subjects, headers and bookkeeping); past it new messages
     /// are dropped and counted, so a burst cannot grow memory without bound.
+    /// An empty inbox takes any message, however large.
     pub max_buffered_bytes: usize,
     pub jetstream: JetStreamSourceConfig,
 }

@@ -864,6 +864,20 @@ fn a_pipeline_behind_holds_at_most_max_buffered_bytes_and_counts_what_it_drops()
         }
         assert_eq!(more, 10);
         assert_eq!(source.dropped(), dropped);
+        // A message larger than the whole budget still gets through when
+        // nothing else is held.
+        client
+            .publish("twin.telemetry.s.big", vec![b' '; 30_000].into())
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        let batch = tokio::time::timeout(Duration::from_secs(5), source.next_batch())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(batch.len(), 1);
+        assert_eq!(batch[0].payload.len(), 30_000);
     });
 }
 

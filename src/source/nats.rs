@@ -136,7 +136,10 @@ async fn take_in(
     while let Some(m) = subscriptions.next().await {
         let e = envelope(&m, wall_now());
         let cost = held_bytes(&e);
-        if held.load(Ordering::Acquire) + cost > budget {
+        // An empty inbox takes any message, so one larger than the budget
+        // (up to input.max_payload_bytes) is still processed, alone.
+        let now = held.load(Ordering::Acquire);
+        if now > 0 && now + cost > budget {
             let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
             if warned.is_none_or(|at| at.elapsed() >= DROP_WARNING_EVERY) {
                 warned = Some(Instant::now());
