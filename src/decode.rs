@@ -929,24 +929,16 @@ impl Decoder {
         let default_machine = last_token(&env.subject);
         // Validate and intern everything before appending any row, so a bad
         // object rejects its whole payload without leaving rows behind.
-        let mut ids = std::mem::take(&mut self.ids);
-        let mut metric_ids = std::mem::take(&mut self.metric_ids);
-        ids.clear();
-        metric_ids.clear();
-        let checked = self.check_and_intern(scratch, default_machine, &mut ids, &mut metric_ids);
-        if let Err(e) = checked {
-            self.ids = ids;
-            self.metric_ids = metric_ids;
-            return Err(e);
-        }
+        self.check_and_intern(scratch, default_machine)?;
         let payload_bytes = env.payload.len().min(u32::MAX as usize) as u32;
         let subject = self
             .messages
             .subject
             .append_n(&env.subject, scratch.len())
-            .map_err(|_| capacity("subjects", "input.max_batch"))?;
+            .map_err(|_| capacity("subjects", "source.max_batch"))?;
         let mut first_metric = 0;
-        for (m, &(machine_id, device_id)) in scratch.iter().zip(&ids) {
+        let metric_ids = &self.metric_ids;
+        for (m, &(machine_id, device_id)) in scratch.iter().zip(&self.ids) {
             let ts = m.ts.0;
             let received_at = env.received_at.unwrap_or(ts);
             let msg_row = self.messages.rows;
@@ -982,20 +974,19 @@ impl Decoder {
             first_metric += n;
             r.rows += n as u32;
         }
-        self.ids = ids;
-        self.metric_ids = metric_ids;
         Ok(())
     }
 
-    /// Checks every object of a payload and interns its names: `ids` gets
-    /// (machine, device) per object, `metric_ids` one id per reading.
+    /// Checks every object of a payload and interns its names into
+    /// `self.ids` ((machine, device) per object) and `self.metric_ids` (one
+    /// id per reading).
     fn check_and_intern(
         &mut self,
         scratch: &[RawTelemetry<'_>],
         default_machine: Option<&str>,
-        ids: &mut Vec<(u32, u32)>,
-        metric_ids: &mut Vec<u32>,
     ) -> Result<(), DecodeError> {
+        self.ids.clear();
+        self.metric_ids.clear();
         for m in scratch {
             check_ts(m.ts.0)?;
             let machine = match m
@@ -1032,11 +1023,12 @@ impl Decoder {
                 None => self.own_device(machine_id),
             }
             .ok_or_else(|| capacity("devices", "input.max_devices"))?;
-            ids.push((machine_id, device_id));
+            self.ids.push((machine_id, device_id));
         }
         for m in scratch {
             for (i, (k, _)) in m.readings.0.iter().enumerate() {
-                metric_ids.push(self.metric_id(i, k)?);
+                let id = self.metric_id(i, k)?;
+                self.metric_ids.push(id);
             }
         }
         Ok(())

@@ -777,27 +777,41 @@ fn bench_measures_raw_delivery_then_the_pipeline() {
     );
 }
 
+/// A client and a core source on it, for the source's own tests.
+async fn core_source(
+    url: &str,
+    cfg: twinwatch::config::SourceConfig,
+) -> (Client, twinwatch::source::nats::NatsSource) {
+    let client = async_nats::connect(url).await.unwrap();
+    let source = twinwatch::source::nats::NatsSource::core(&client, &cfg)
+        .await
+        .unwrap();
+    (client, source)
+}
+
+/// `n` messages of `size` spaces, one machine each, flushed.
+async fn publish_blanks(client: &Client, n: usize, size: usize) {
+    for i in 0..n {
+        client
+            .publish(format!("twin.telemetry.s.m{i}"), vec![b' '; size].into())
+            .await
+            .unwrap();
+    }
+    client.flush().await.unwrap();
+}
+
 #[test]
 fn source_batches_are_bounded_in_payload_bytes() {
     use twinwatch::source::Source;
     let server = NatsServer::start("");
     rt().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
         let cfg = twinwatch::config::SourceConfig {
             max_batch_bytes: 1000,
             max_latency: 200,
             ..Default::default()
         };
-        let mut source = twinwatch::source::nats::NatsSource::core(&client, &cfg)
-            .await
-            .unwrap();
-        for i in 0..10 {
-            client
-                .publish(format!("twin.telemetry.s.m{i}"), vec![b' '; 300].into())
-                .await
-                .unwrap();
-        }
-        client.flush().await.unwrap();
+        let (client, mut source) = core_source(&server.url(), cfg).await;
+        publish_blanks(&client, 10, 300).await;
         let mut sizes = Vec::new();
         while sizes.iter().sum::<usize>() < 10 {
             let batch = source.next_batch().await.unwrap().unwrap();
@@ -814,7 +828,6 @@ fn a_pipeline_behind_holds_at_most_max_buffered_bytes_and_counts_what_it_drops()
     use twinwatch::source::Source;
     let server = NatsServer::start("");
     rt().block_on(async {
-        let client = async_nats::connect(server.url()).await.unwrap();
         let cfg = twinwatch::config::SourceConfig {
             max_buffered_bytes: 20_000,
             max_batch: 100_000,
@@ -822,23 +835,9 @@ fn a_pipeline_behind_holds_at_most_max_buffered_bytes_and_counts_what_it_drops()
             max_latency: 50,
             ..Default::default()
         };
-        let mut source = twinwatch::source::nats::NatsSource::core(&client, &cfg)
-            .await
-            .unwrap();
-        let publish = |n: usize| {
-            let client = client.clone();
-            async move {
-                for i in 0..n {
-                    client
-                        .publish(format!("twin.telemetry.s.m{i}"), vec![b' '; 300].into())
-                        .await
-                        .unwrap();
-                }
-                client.flush().await.unwrap();
-            }
-        };
+        let (client, mut source) = core_source(&server.url(), cfg).await;
         // Everything arrives while nothing is taken out: the pipeline is behind.
-        publish(500).await;
+        publish_blanks(&client, 500, 300).await;
         tokio::time::sleep(Duration::from_millis(500)).await;
         let mut took = 0;
         while let Ok(batch) =
@@ -852,7 +851,7 @@ fn a_pipeline_behind_holds_at_most_max_buffered_bytes_and_counts_what_it_drops()
         assert_eq!(took as u64 + source.dropped(), 500, "took {took}");
         // Once taken out, the room is free again.
         let dropped = source.dropped();
-        publish(10).await;
+        publish_blanks(&client, 10, 300).await;
         let batch = tokio::time::timeout(Duration::from_secs(5), source.next_batch())
             .await
             .unwrap()

@@ -291,3 +291,25 @@ fn a_batch_closing_in_parts_hands_over_every_row_once() {
     };
     assert!(ptr(&first.readings) == ptr(&rest.readings));
 }
+
+#[test]
+fn each_machine_window_that_closes_is_counted_once() {
+    // 30 s of one machine's telemetry in one batch, then of two machines
+    // interleaved: three 10-second windows each, every one counted once
+    // whether its rows come in one run or alternate with another machine's.
+    let closed_windows = |machines: &[&str]| {
+        let mut p = Pipeline::new(&Config::default());
+        let batch: Vec<Envelope> = (0..30)
+            .flat_map(|s| {
+                machines
+                    .iter()
+                    .map(move |m| msg(m, T0 + s * 1000, s as f64))
+            })
+            .collect();
+        let during = p.process(&batch, 0).closed.map_or(0, |c| c.machine_windows);
+        let end = p.finish().closed.map_or(0, |c| c.machine_windows);
+        (during, end)
+    };
+    assert_eq!(closed_windows(&["a"]), (2, 1));
+    assert_eq!(closed_windows(&["a", "b"]), (4, 2));
+}

@@ -82,28 +82,20 @@ fn held_bytes(e: &Envelope) -> usize {
 struct Inbox {
     rx: mpsc::UnboundedReceiver<Envelope>,
     held: Arc<AtomicUsize>,
-    dropped: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl Inbox {
-    fn new(subscriptions: SelectAll<BoxStream<'static, Message>>, budget: usize) -> Self {
+    /// Drops past `budget` are counted in `dropped`.
+    fn new(
+        subscriptions: SelectAll<BoxStream<'static, Message>>,
+        budget: usize,
+        dropped: Arc<AtomicU64>,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let held = Arc::new(AtomicUsize::new(0));
-        let dropped = Arc::new(AtomicU64::new(0));
-        let task = tokio::spawn(take_in(
-            subscriptions,
-            tx,
-            held.clone(),
-            dropped.clone(),
-            budget,
-        ));
-        Inbox {
-            rx,
-            held,
-            dropped,
-            task,
-        }
+        let task = tokio::spawn(take_in(subscriptions, tx, held.clone(), dropped, budget));
+        Inbox { rx, held, task }
     }
 
     /// The next envelope; `None` once the subscriptions ended.
@@ -183,8 +175,8 @@ pub struct NatsSource {
     /// The consumer's pending count, as the last JetStream message said.
     js_pending: Option<u64>,
     stopping: bool,
-    /// Messages the inbox dropped before the feed ended.
-    dropped_before: u64,
+    /// Messages the inbox dropped (it outlives the inbox: the count stays after the feed ends).
+    dropped: Arc<AtomicU64>,
 }
 
 impl NatsSource {
@@ -207,8 +199,12 @@ impl NatsSource {
             .await
             .map_err(|e| NatsError::Request(format!("confirming the subscriptions: {e}")))?;
         info!(subjects = ?cfg.subjects, queue_group = %cfg.queue_group, "subscribed");
-        let inbox = Inbox::new(all, cfg.max_buffered_bytes.max(1));
-        Ok(Self::new(Feed::Core(inbox), cfg, true, 0))
+        let dropped = Arc::new(AtomicU64::new(0));
+        let inbox = Inbox::new(all, cfg.max_buffered_bytes.max(1), dropped.clone());
+        Ok(Self {
+            dropped,
+            ..Self::new(Feed::Core(inbox), cfg, true, 0)
+        })
     }
 
     /// A durable pull consumer; `resume_after` is the stream sequence the restored state holds.
@@ -304,21 +300,12 @@ impl NatsSource {
             position: None,
             js_pending: None,
             stopping: false,
-            dropped_before: 0,
+            dropped: Arc::default(),
         }
-    }
-
-    /// The feed is over: keeps the inbox's drop count.
-    fn end(&mut self) {
-        if let Feed::Core(inbox) = &self.feed {
-            self.dropped_before += inbox.dropped.load(Ordering::Relaxed);
-        }
-        self.feed = Feed::Ended;
     }
 
     /// Waits for the next message; `None` when the feed has ended.
     async fn next_one(&mut self) -> Option<()> {
-        let now = wall_now();
         match &mut self.feed {
             Feed::Core(inbox) => {
                 let e = inbox.next().await?;
@@ -329,6 +316,7 @@ impl NatsSource {
             Feed::JetStream(s) => loop {
                 match s.next().await? {
                     Ok(m) => {
+                        let now = wall_now();
                         let info = m.info().ok();
                         let seq = info.as_ref().map_or(0, |i| i.stream_sequence);
                         if let Some(i) = &info {
@@ -375,7 +363,7 @@ impl Source for NatsSource {
                 return Ok(None);
             }
             if self.next_one().await.is_none() {
-                self.end();
+                self.feed = Feed::Ended;
                 return Ok(None);
             }
         }
@@ -393,7 +381,7 @@ impl Source for NatsSource {
             match next {
                 Ok(Some(())) => {}
                 Ok(None) => {
-                    self.end();
+                    self.feed = Feed::Ended;
                     break;
                 }
                 Err(_) => break,
@@ -421,16 +409,12 @@ impl Source for NatsSource {
     }
 
     fn dropped(&self) -> u64 {
-        self.dropped_before
-            + match &self.feed {
-                Feed::Core(inbox) => inbox.dropped.load(Ordering::Relaxed),
-                _ => 0,
-            }
+        self.dropped.load(Ordering::Relaxed)
     }
 
     fn stop(&mut self) {
         // Stop pulling new messages; what is already in hand still goes through.
         self.stopping = true;
-        self.end();
+        self.feed = Feed::Ended;
     }
 }
