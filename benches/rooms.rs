@@ -52,6 +52,24 @@ fn decode(c: &mut Criterion) {
     g.bench_function("batch of 1000 messages", |b| {
         b.iter(|| black_box(d.decode(black_box(&batch))))
     });
+    // Array payloads: 100 objects of 4 readings in each of 20 envelopes.
+    let arrays: Vec<Envelope> = (0..20)
+        .map(|m| {
+            let objects: Vec<String> = (0..100)
+                .map(|s| String::from_utf8(message(m, s).payload.to_vec()).expect("UTF-8"))
+                .collect();
+            Envelope::new(
+                format!("twin.telemetry.bench.m-{m:05}"),
+                Some(T0 + 100_000),
+                format!("[{}]", objects.join(",")),
+            )
+        })
+        .collect();
+    let mut d = Decoder::new(cfg.input.clone());
+    g.throughput(Throughput::Elements(20 * 100 * 4));
+    g.bench_function("20 array payloads of 100 objects (readings)", |b| {
+        b.iter(|| black_box(d.decode(black_box(&arrays))))
+    });
     g.finish();
 }
 

@@ -64,40 +64,167 @@ pub const MAX_NAME_BYTES: usize = 256;
 pub const MAX_DEPTH: usize = 32;
 
 /// Whether JSON text nests objects/arrays deeper than `max` (brackets inside
-/// strings do not count). One pass over the bytes, no allocation.
+/// strings do not count). No allocation; 64 bytes at a time.
 fn nests_deeper_than(text: &[u8], max: usize) -> bool {
     // Nesting deeper than `max` needs more than `max` opening brackets: a
-    // count (which the compiler vectorizes) settles every ordinary message
-    // without following strings byte by byte.
-    let opening = text.iter().filter(|&&b| b == b'{' || b == b'[').count();
-    if opening <= max {
+    // count settles every ordinary message without following strings.
+    if count_opening(text) <= max {
         return false;
     }
-    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-    for &b in text {
-        if in_string {
-            if escaped {
-                escaped = false;
-            } else if b == b'\\' {
-                escaped = true;
-            } else if b == b'"' {
-                in_string = false;
+    // An array payload has many brackets but is shallow. Each 64-byte block
+    // becomes bitmasks (quotes, backslashes, brackets); the bits inside
+    // strings are the prefix XOR of the quotes. A block whose brackets
+    // cannot pass the limit nor go below zero moves the depth by counts
+    // alone; the rest (escapes, blocks near the limit) is followed byte by byte.
+    let mut walk = Walk {
+        depth: 0,
+        in_string: false,
+        escaped: false,
+        max,
+    };
+    let mut blocks = text.chunks_exact(64);
+    for block in &mut blocks {
+        let m = masks(block);
+        if m.backslash != 0 || walk.escaped {
+            if walk.bytes(block) {
+                return true;
             }
             continue;
         }
-        match b {
-            b'"' => in_string = true,
-            b'{' | b'[' => {
-                depth += 1;
-                if depth > max {
+        let mut inside = m.quote;
+        for shift in [1, 2, 4, 8, 16, 32] {
+            inside ^= inside << shift;
+        }
+        if walk.in_string {
+            inside = !inside;
+        }
+        walk.in_string = inside >> 63 == 1;
+        let (open, close) = (m.open & !inside, m.close & !inside);
+        let (opens, closes) = (open.count_ones() as usize, close.count_ones() as usize);
+        if walk.depth + opens <= max && closes <= walk.depth {
+            walk.depth = walk.depth + opens - closes;
+            continue;
+        }
+        for i in 0..64 {
+            if open >> i & 1 == 1 {
+                walk.depth += 1;
+                if walk.depth > max {
                     return true;
                 }
+            } else if close >> i & 1 == 1 {
+                walk.depth = walk.depth.saturating_sub(1);
             }
-            b'}' | b']' => depth = depth.saturating_sub(1),
-            _ => {}
         }
     }
-    false
+    walk.bytes(blocks.remainder())
+}
+
+/// Opening brackets in `text`, counted in byte lanes (16 at a time).
+fn count_opening(text: &[u8]) -> usize {
+    let chunks = text.chunks_exact(128);
+    let tail = chunks.remainder();
+    let mut n = 0;
+    for chunk in chunks {
+        let k: u8 = chunk
+            .iter()
+            .map(|&b| u8::from(b == b'{') + u8::from(b == b'['))
+            .sum();
+        n += k as usize;
+    }
+    n + tail.iter().filter(|&&b| b == b'{' || b == b'[').count()
+}
+
+/// The depth check's state between blocks.
+struct Walk {
+    depth: usize,
+    in_string: bool,
+    escaped: bool,
+    max: usize,
+}
+
+impl Walk {
+    /// Follows `bytes` one at a time; true once deeper than `max`.
+    fn bytes(&mut self, bytes: &[u8]) -> bool {
+        for &b in bytes {
+            if self.in_string {
+                if self.escaped {
+                    self.escaped = false;
+                } else if b == b'\\' {
+                    self.escaped = true;
+                } else if b == b'"' {
+                    self.in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => {
+                    self.depth += 1;
+                    if self.depth > self.max {
+                        return true;
+                    }
+                }
+                b'}' | b']' => self.depth = self.depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        false
+    }
+}
+
+/// Bit i of each mask: whether byte i of a 64-byte block is that character.
+struct Masks {
+    quote: u64,
+    backslash: u64,
+    open: u64,
+    close: u64,
+}
+
+#[cfg(target_arch = "x86_64")]
+fn masks(block: &[u8]) -> Masks {
+    use std::arch::x86_64::{
+        __m128i, _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
+    };
+    assert_eq!(block.len(), 64);
+    let mut m = Masks {
+        quote: 0,
+        backslash: 0,
+        open: 0,
+        close: 0,
+    };
+    // SAFETY: SSE2 is part of every x86_64 target; each load reads 16 bytes
+    // at offsets 0, 16, 32, 48 of a block asserted to be 64 bytes long, and
+    // `loadu` needs no alignment.
+    unsafe {
+        let eq = |v: __m128i, c: u8| _mm_cmpeq_epi8(v, _mm_set1_epi8(c as i8));
+        let bits = |v: __m128i| _mm_movemask_epi8(v) as u16 as u64;
+        for k in 0..4 {
+            let v = _mm_loadu_si128(block.as_ptr().add(16 * k) as *const __m128i);
+            let at = 16 * k;
+            m.quote |= bits(eq(v, b'"')) << at;
+            m.backslash |= bits(eq(v, b'\\')) << at;
+            m.open |= bits(_mm_or_si128(eq(v, b'{'), eq(v, b'['))) << at;
+            m.close |= bits(_mm_or_si128(eq(v, b'}'), eq(v, b']'))) << at;
+        }
+    }
+    m
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn masks(block: &[u8]) -> Masks {
+    let mut m = Masks {
+        quote: 0,
+        backslash: 0,
+        open: 0,
+        close: 0,
+    };
+    for (i, &b) in block.iter().enumerate() {
+        m.quote |= u64::from(b == b'"') << i;
+        m.backslash |= u64::from(b == b'\\') << i;
+        m.open |= u64::from(b == b'{' || b == b'[') << i;
+        m.close |= u64::from(b == b'}' || b == b']') << i;
+    }
+    m
 }
 
 /// Why a message was rejected. The name is the `<reason>` of the dead-letter
@@ -392,41 +519,150 @@ impl<'de> Deserialize<'de> for ReadingValue {
     }
 }
 
-/// The `readings` object, kept in payload order.
-struct Readings<'a>(Vec<(Cow<'a, str>, Option<f64>)>);
+/// One reading as parsed: its name (borrowed from the payload when it has no
+/// escapes) and its value.
+type RawReading<'a> = (Cow<'a, str>, Option<f64>);
 
-impl<'de: 'a, 'a> Deserialize<'de> for Readings<'a> {
-    fn deserialize<D: de::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<'a>(std::marker::PhantomData<&'a ()>);
-        impl<'de: 'a, 'a> Visitor<'de> for V<'a> {
-            type Value = Readings<'a>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("wrong_type: `readings` must be an object of name -> number or null")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Readings<'a>, A::Error> {
-                let mut out = Vec::with_capacity(map.size_hint().unwrap_or(8));
-                while let Some(Name(k)) = map.next_key::<Name<'a>>()? {
-                    let ReadingValue(v) = map.next_value()?;
-                    out.push((k, v));
-                }
-                Ok(Readings(out))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
+/// The `readings` object, appended in payload order to the payload's one
+/// vector of readings (no allocation per object).
+struct ReadingsSeed<'p, 'a>(&'p mut Vec<RawReading<'a>>);
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for ReadingsSeed<'_, 'a> {
+    type Value = ();
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_map(self)
     }
 }
 
-#[derive(Deserialize)]
+impl<'de: 'a, 'a> Visitor<'de> for ReadingsSeed<'_, 'a> {
+    type Value = ();
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("wrong_type: `readings` must be an object of name -> number or null")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        while let Some(Name(k)) = map.next_key::<Name<'a>>()? {
+            let ReadingValue(v) = map.next_value()?;
+            self.0.push((k, v));
+        }
+        Ok(())
+    }
+}
+
+/// One telemetry object (contract §1). Its readings are
+/// `readings` of the [`Payload`] it was parsed into.
 struct RawTelemetry<'a> {
     ts: EventTs,
-    #[serde(borrow, default)]
     machine: Option<Name<'a>>,
-    #[serde(borrow, default)]
     device: Option<Name<'a>>,
-    #[serde(default)]
     seq: Option<u64>,
-    #[serde(borrow)]
-    readings: Readings<'a>,
+    readings: std::ops::Range<usize>,
+}
+
+/// A telemetry payload parsed: its objects, and all their readings in one
+/// vector. Unknown fields are skipped; `ts` and `readings` are required;
+/// `machine`, `device` and `seq` may be missing or null.
+struct ObjectSeed<'p, 'a>(&'p mut Vec<RawReading<'a>>);
+
+impl<'de: 'a, 'a> DeserializeSeed<'de> for ObjectSeed<'_, 'a> {
+    type Value = RawTelemetry<'a>;
+    fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de: 'a, 'a> Visitor<'de> for ObjectSeed<'_, 'a> {
+    type Value = RawTelemetry<'a>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a telemetry object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        fn once<T, E: de::Error>(slot: &mut Option<T>, field: &'static str, v: T) -> Result<(), E> {
+            match slot.replace(v) {
+                Some(_) => Err(E::duplicate_field(field)),
+                None => Ok(()),
+            }
+        }
+        let (mut ts, mut machine, mut device, mut seq, mut readings) =
+            (None, None, None, None, None);
+        while let Some(Name(key)) = map.next_key::<Name<'de>>()? {
+            match key.as_ref() {
+                "ts" => once(&mut ts, "ts", map.next_value::<EventTs>()?)?,
+                "machine" => once(
+                    &mut machine,
+                    "machine",
+                    map.next_value::<Option<Name<'a>>>()?,
+                )?,
+                "device" => once(&mut device, "device", map.next_value::<Option<Name<'a>>>()?)?,
+                "seq" => once(&mut seq, "seq", map.next_value::<Option<u64>>()?)?,
+                "readings" => {
+                    let start = self.0.len();
+                    map.next_value_seed(ReadingsSeed(&mut *self.0))?;
+                    once(&mut readings, "readings", start..self.0.len())?
+                }
+                _ => {
+                    map.next_value::<de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(RawTelemetry {
+            ts: ts.ok_or_else(|| de::Error::missing_field("ts"))?,
+            readings: readings.ok_or_else(|| de::Error::missing_field("readings"))?,
+            machine: machine.flatten(),
+            device: device.flatten(),
+            seq: seq.flatten(),
+        })
+    }
+}
+
+/// A telemetry payload's objects and their readings.
+#[derive(Default)]
+struct Payload<'a> {
+    objects: Vec<RawTelemetry<'a>>,
+    readings: Vec<RawReading<'a>>,
+}
+
+impl<'a> Payload<'a> {
+    fn readings_of(&self, m: &RawTelemetry<'a>) -> &[RawReading<'a>] {
+        &self.readings[m.readings.clone()]
+    }
+}
+
+/// Where the objects of a payload go: [`Payload`] for telemetry, a `Vec` of
+/// a derived type for flow records.
+trait Objects<'de> {
+    fn count(&self) -> usize;
+    /// The payload was one object.
+    fn one<A: MapAccess<'de>>(&mut self, map: A) -> Result<(), A::Error>;
+    /// The next object of an array; false at its end.
+    fn next<A: SeqAccess<'de>>(&mut self, seq: &mut A) -> Result<bool, A::Error>;
+}
+
+impl<'de, T: Deserialize<'de>> Objects<'de> for Vec<T> {
+    fn count(&self) -> usize {
+        self.len()
+    }
+    fn one<A: MapAccess<'de>>(&mut self, map: A) -> Result<(), A::Error> {
+        self.push(T::deserialize(de::value::MapAccessDeserializer::new(map))?);
+        Ok(())
+    }
+    fn next<A: SeqAccess<'de>>(&mut self, seq: &mut A) -> Result<bool, A::Error> {
+        Ok(seq.next_element::<T>()?.map(|t| self.push(t)).is_some())
+    }
+}
+
+impl<'de: 'a, 'a> Objects<'de> for Payload<'a> {
+    fn count(&self) -> usize {
+        self.objects.len()
+    }
+    fn one<A: MapAccess<'de>>(&mut self, map: A) -> Result<(), A::Error> {
+        let o = ObjectSeed(&mut self.readings).visit_map(map)?;
+        self.objects.push(o);
+        Ok(())
+    }
+    fn next<A: SeqAccess<'de>>(&mut self, seq: &mut A) -> Result<bool, A::Error> {
+        let o = seq.next_element_seed(ObjectSeed(&mut self.readings))?;
+        Ok(o.map(|o| self.objects.push(o)).is_some())
+    }
 }
 
 #[derive(Deserialize)]
@@ -452,45 +688,43 @@ struct RawFlow<'a> {
 }
 
 /// A payload: one object or an array of them, collected into `out` (reused).
-struct OneOrMany<'o, T> {
-    out: &'o mut Vec<T>,
+struct OneOrMany<'o, C> {
+    out: &'o mut C,
     max: usize,
 }
 
-impl<'de, T: Deserialize<'de>> DeserializeSeed<'de> for OneOrMany<'_, T> {
+impl<'de, C: Objects<'de>> DeserializeSeed<'de> for OneOrMany<'_, C> {
     type Value = ();
     fn deserialize<D: de::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
         d.deserialize_any(self)
     }
 }
 
-impl<'de, T: Deserialize<'de>> Visitor<'de> for OneOrMany<'_, T> {
+impl<'de, C: Objects<'de>> Visitor<'de> for OneOrMany<'_, C> {
     type Value = ();
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("wrong_type: the payload must be an object or an array of objects")
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<(), A::Error> {
-        self.out
-            .push(T::deserialize(de::value::MapAccessDeserializer::new(map))?);
-        Ok(())
+        self.out.one(map)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        while let Some(item) = seq.next_element::<T>()? {
-            if self.out.len() >= self.max {
+        let before = self.out.count();
+        while self.out.next(&mut seq)? {
+            if self.out.count() - before > self.max {
                 return Err(de::Error::custom(format_args!(
                     "too_large: more than {} objects in one payload",
                     self.max
                 )));
             }
-            self.out.push(item);
         }
         Ok(())
     }
 }
 
-fn parse_payload<'a, T: Deserialize<'a>>(
+fn parse_payload<'a, C: Objects<'a>>(
     text: &'a str,
-    out: &mut Vec<T>,
+    out: &mut C,
     max: usize,
 ) -> Result<(), DecodeError> {
     let mut de = serde_json::Deserializer::from_str(text);
@@ -498,7 +732,7 @@ fn parse_payload<'a, T: Deserialize<'a>>(
         .deserialize(&mut de)
         .and_then(|()| de.end())
         .map_err(DecodeError::from_json)?;
-    if out.is_empty() {
+    if out.count() == 0 {
         return Err(DecodeError::new(
             Reason::Empty,
             "the payload holds no message",
@@ -744,7 +978,7 @@ fn text<'e>(cfg: &InputConfig, env: &'e Envelope) -> Result<&'e str, DecodeError
 }
 
 /// A telemetry payload parsed (not yet validated nor interned).
-type Parsed<'e> = Result<Vec<RawTelemetry<'e>>, DecodeError>;
+type Parsed<'e> = Result<Payload<'e>, DecodeError>;
 
 /// Batches carrying at least this many bytes of telemetry are parsed on two
 /// threads: parsing is most of decoding, and is the same for any order.
@@ -752,7 +986,7 @@ const PARALLEL_PARSE_BYTES: usize = 256 * 1024;
 
 fn parse_telemetry<'e>(cfg: &InputConfig, env: &'e Envelope) -> Parsed<'e> {
     let text = text(cfg, env)?;
-    let mut out = Vec::new();
+    let mut out = Payload::default();
     parse_payload(text, &mut out, cfg.max_messages_per_payload)?;
     Ok(out)
 }
@@ -882,7 +1116,7 @@ impl Decoder {
     /// Decodes a batch of envelopes.
     pub fn decode(&mut self, envelopes: &[Envelope]) -> DecodedBatch {
         let mut rejected = Vec::new();
-        let mut telemetry: Vec<RawTelemetry> = Vec::new();
+        let mut telemetry = Payload::default();
         let mut flows: Vec<RawFlow> = Vec::new();
         let mut ahead = parse_ahead(&self.cfg, envelopes);
         for (index, env) in envelopes.iter().enumerate() {
@@ -916,13 +1150,14 @@ impl Decoder {
         env: &'e Envelope,
         index: u32,
         parsed: Option<Parsed<'e>>,
-        scratch: &mut Vec<RawTelemetry<'e>>,
+        scratch: &mut Payload<'e>,
     ) -> Result<(), DecodeError> {
         match parsed {
             Some(p) => *scratch = p?,
             None => {
                 let text = text(&self.cfg, env)?;
-                scratch.clear();
+                scratch.objects.clear();
+                scratch.readings.clear();
                 parse_payload(text, scratch, self.cfg.max_messages_per_payload)?;
             }
         }
@@ -934,11 +1169,12 @@ impl Decoder {
         let subject = self
             .messages
             .subject
-            .append_n(&env.subject, scratch.len())
+            .append_n(&env.subject, scratch.objects.len())
             .map_err(|_| capacity("subjects", "source.max_batch"))?;
         let mut first_metric = 0;
         let metric_ids = &self.metric_ids;
-        for (m, &(machine_id, device_id)) in scratch.iter().zip(&self.ids) {
+        for (m, &(machine_id, device_id)) in scratch.objects.iter().zip(&self.ids) {
+            let readings = scratch.readings_of(m);
             let ts = m.ts.0;
             let received_at = env.received_at.unwrap_or(ts);
             let msg_row = self.messages.rows;
@@ -947,14 +1183,14 @@ impl Decoder {
             b.received_at.append_value(received_at);
             b.seq.append_option(m.seq);
             b.payload_bytes.append_value(payload_bytes);
-            b.readings.append_value(m.readings.0.len() as u32);
+            b.readings.append_value(readings.len() as u32);
             b.machine_id.append_value(machine_id);
             b.device_id.append_value(device_id);
             b.first_reading.append_value(self.readings.rows);
             b.envelope.append_value(index);
             b.rows += 1;
             let r = &mut self.readings;
-            let n = m.readings.0.len();
+            let n = readings.len();
             r.ts.append_value_n(ts, n);
             r.received_at.append_value_n(received_at, n);
             r.subject.append_value_n(subject, n);
@@ -966,7 +1202,7 @@ impl Decoder {
             r.machine_id.append_value_n(machine_id, n);
             r.device_id.append_value_n(device_id, n);
             r.message.append_value_n(msg_row, n);
-            for (_, v) in &m.readings.0 {
+            for (_, v) in readings {
                 r.value.append_option(*v);
             }
             r.metric_id
@@ -982,12 +1218,12 @@ impl Decoder {
     /// id per reading).
     fn check_and_intern(
         &mut self,
-        scratch: &[RawTelemetry<'_>],
+        scratch: &Payload<'_>,
         default_machine: Option<&str>,
     ) -> Result<(), DecodeError> {
         self.ids.clear();
         self.metric_ids.clear();
-        for m in scratch {
+        for m in &scratch.objects {
             check_ts(m.ts.0)?;
             let machine = match m
                 .machine
@@ -1011,7 +1247,7 @@ impl Decoder {
             if let Some(name) = device {
                 check_name("device", name)?;
             }
-            for (k, _) in &m.readings.0 {
+            for (k, _) in scratch.readings_of(m) {
                 check_name("readings key", k)?;
             }
             let machine_id = self
@@ -1025,8 +1261,8 @@ impl Decoder {
             .ok_or_else(|| capacity("devices", "input.max_devices"))?;
             self.ids.push((machine_id, device_id));
         }
-        for m in scratch {
-            for (i, (k, _)) in m.readings.0.iter().enumerate() {
+        for m in &scratch.objects {
+            for (i, (k, _)) in scratch.readings_of(m).iter().enumerate() {
                 let id = self.metric_id(i, k)?;
                 self.metric_ids.push(id);
             }
@@ -1142,5 +1378,114 @@ fn capacity(what: &str, key: &'static str) -> DecodeError {
             Reason::Capacity,
             format!("too many distinct {what}: the cap {key} is reached"),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nests_deeper_than;
+
+    /// The plain byte-by-byte walk the fast check must agree with.
+    fn reference(text: &[u8], max: usize) -> bool {
+        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+        for &b in text {
+            if in_string {
+                if escaped {
+                    escaped = false;
+                } else if b == b'\\' {
+                    escaped = true;
+                } else if b == b'"' {
+                    in_string = false;
+                }
+                continue;
+            }
+            match b {
+                b'"' => in_string = true,
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > max {
+                        return true;
+                    }
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        false
+    }
+
+    #[test]
+    fn the_depth_check_agrees_with_a_plain_walk() {
+        let mut cases: Vec<Vec<u8>> = vec![
+            b"[{\"a\":1},{\"b\":[2,3]}]".to_vec(),
+            br#"{"k":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}"#.to_vec(),
+            br#"{"k":"\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[","l":[[1]]}"#.to_vec(),
+            br#"{"k":"\\"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["#.to_vec(),
+            b"]]]]]]]]]][[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[".to_vec(),
+            b"\"unterminated [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[\\".to_vec(),
+        ];
+        // Nesting at, just below and just above the limit, with strings and
+        // escapes between the brackets.
+        for depth in [31usize, 32, 33, 40] {
+            let mut t = Vec::new();
+            for i in 0..depth {
+                t.extend_from_slice(if i % 2 == 0 { b"[" } else { b"{\"k\\\"\":" });
+            }
+            cases.push(t);
+        }
+        // A pseudo-random mix of the bytes that matter.
+        // With and without escapes (blocks without a backslash take the
+        // bitmask path), over several 64-byte blocks.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for alphabet in [&b"{}[]\"\\a:,"[..], &b"{}[]\"aaaaa:,"[..]] {
+            for _ in 0..2000 {
+                let mut t = Vec::new();
+                for _ in 0..(x % 500) as usize {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    // Mostly openers, so some cases go past the limit.
+                    let b = if x.is_multiple_of(3) {
+                        b'['
+                    } else {
+                        alphabet[(x >> 8) as usize % alphabet.len()]
+                    };
+                    t.push(b);
+                }
+                x = x.wrapping_add(0x632b_e59b_d9b4_e019);
+                cases.push(t);
+            }
+        }
+        // Shallow array payloads long enough for many blocks, with a string
+        // full of brackets across a block boundary, and one nested too deep.
+        let object = br#"{"ts":1,"device":"plc-00001","seq":2,"readings":{"a":1.5,"b":null}}"#;
+        let mut shallow = b"[".to_vec();
+        for k in 0..50 {
+            if k > 0 {
+                shallow.push(b',');
+            }
+            shallow.extend_from_slice(object);
+        }
+        shallow.extend_from_slice(br#",{"note":"[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[["}]"#);
+        cases.push(shallow.clone());
+        let mut deep = shallow[..shallow.len() - 1].to_vec();
+        deep.extend_from_slice(&[b'['; 40]);
+        cases.push(deep);
+        let mut past = 0;
+        for t in &cases {
+            for max in [0, 3, 32] {
+                let want = reference(t, max);
+                past += want as usize;
+                assert_eq!(
+                    nests_deeper_than(t, max),
+                    want,
+                    "{:?} at {max}",
+                    String::from_utf8_lossy(t)
+                );
+            }
+        }
+        assert!(past > 100, "the cases reach past the limit ({past})");
+        assert!(!nests_deeper_than(&cases[cases.len() - 2], 32));
+        assert!(nests_deeper_than(&cases[cases.len() - 1], 32));
     }
 }

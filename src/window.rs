@@ -186,36 +186,59 @@ impl Zeros {
 
 struct Pending {
     batch: RecordBatch,
-    /// Each row's machine and window start (the arrays of the batch, shared:
-    /// kept apart because the batch's own columns may be placeholders).
-    machine: UInt32Array,
-    start: TimestampMillisecondArray,
-    open: Vec<bool>,
+    /// The batch's rows as runs of one (machine, window), in row order:
+    /// kept apart because the batch's own columns may be placeholders, and
+    /// as runs because rows of a message (and of a machine's array payload)
+    /// come together, so a close looks at a run, not at each of its rows.
+    runs: Vec<Run>,
     n_open: usize,
     /// The earliest window start among the open rows: no row can close
     /// before some machine's clock passes its end, so most batches are
-    /// skipped without looking at their rows.
+    /// skipped without looking at their runs.
     min_start: Millis,
 }
 
+/// Consecutive rows of one machine-window.
+#[derive(Debug, Clone, Copy)]
+struct Run {
+    machine: u32,
+    start: Millis,
+    rows: usize,
+    open: bool,
+}
+
+/// The runs of equal (machine, window start) in two parallel columns.
+fn runs(machine: &[u32], start: &[Millis]) -> Vec<Run> {
+    let mut out: Vec<Run> = Vec::new();
+    for (&m, &s) in machine.iter().zip(start) {
+        match out.last_mut() {
+            Some(r) if r.machine == m && r.start == s => r.rows += 1,
+            _ => out.push(Run {
+                machine: m,
+                start: s,
+                rows: 1,
+                open: true,
+            }),
+        }
+    }
+    out
+}
+
+/// A row mask from runs: `pick(run)` for each of its rows.
+fn mask_of(runs: &[Run], pick: impl Fn(&Run) -> bool) -> BooleanArray {
+    let mut b = arrow::array::BooleanBufferBuilder::new(runs.iter().map(|r| r.rows).sum());
+    for r in runs {
+        b.append_n(r.rows, pick(r));
+    }
+    BooleanArray::new(b.finish(), None)
+}
+
 impl Pending {
-    /// Keeps the rows `keep` marks (the open ones); `batch` is already those rows.
-    fn compact(&mut self, batch: RecordBatch, keep: &BooleanArray) {
-        let rows =
-            |a: &dyn Array| arrow::compute::filter(a, keep).expect("mask has the batch's length");
+    /// Keeps only the open rows; `batch` is already those rows.
+    fn compact(&mut self, batch: RecordBatch) {
         self.batch = batch;
-        self.machine = rows(&self.machine)
-            .as_any()
-            .downcast_ref::<UInt32Array>()
-            .expect("machine ids stay UInt32")
-            .clone();
-        self.start = rows(&self.start)
-            .as_any()
-            .downcast_ref::<TimestampMillisecondArray>()
-            .expect("window starts stay timestamps")
-            .clone();
-        self.open = vec![true; self.batch.num_rows()];
-        self.n_open = self.open.len();
+        self.runs.retain(|r| r.open);
+        self.n_open = self.batch.num_rows();
     }
 }
 
@@ -285,7 +308,7 @@ impl TableBuffer {
         )
         .expect("mask has the batch's length");
         let ts = column::<TimestampMillisecondArray>(&batch, "ts");
-        let machine = column::<UInt32Array>(&batch, "machine_id").clone();
+        let machine = column::<UInt32Array>(&batch, "machine_id");
         let start = TimestampMillisecondArray::from(
             ts.values()
                 .iter()
@@ -305,9 +328,7 @@ impl TableBuffer {
         let min_start = start.values().iter().copied().min().unwrap_or(Millis::MAX);
         self.pending.push(Pending {
             batch,
-            machine,
-            start,
-            open: vec![true; n],
+            runs: runs(machine.values(), start.values()),
             n_open: n,
             min_start,
         });
@@ -342,49 +363,42 @@ impl TableBuffer {
             if !all && p.min_start.saturating_add(size) > horizon {
                 continue;
             }
-            let mut mask = Vec::with_capacity(p.open.len());
-            let mut any = false;
+            let mut closed = 0;
             let mut min_start = Millis::MAX;
-            let (machine, start) = (p.machine.values(), p.start.values());
-            for i in 0..p.open.len() {
-                let closed = p.open[i]
-                    && (all || start[i] + size <= clocks[machine[i] as usize].closed_upto);
-                if closed {
-                    p.open[i] = false;
-                    p.n_open -= 1;
-                    // Rows of one message, and of one machine's array
-                    // payload, come in runs of one window: one entry a run
-                    // (the caller sorts and dedups what is left).
-                    let w = (machine[i], start[i]);
+            for r in p.runs.iter_mut().filter(|r| r.open) {
+                if all || r.start + size <= clocks[r.machine as usize].closed_upto {
+                    r.open = false;
+                    closed += r.rows;
+                    // One entry a run (the caller sorts and dedups what is left).
+                    let w = (r.machine, r.start);
                     if windows.last() != Some(&w) {
                         windows.push(w);
                     }
-                    any = true;
-                } else if p.open[i] {
-                    min_start = min_start.min(start[i]);
+                } else {
+                    min_start = min_start.min(r.start);
                 }
-                mask.push(closed);
             }
             p.min_start = min_start;
-            if !any {
+            if closed == 0 {
                 continue;
             }
-            let closed = mask.iter().filter(|&&c| c).count();
-            if closed == p.batch.num_rows() {
+            p.n_open -= closed;
+            if p.n_open == 0 && closed == p.batch.num_rows() {
                 // Every row closed at once (the usual case): the batch as it is.
                 table.parts.push(p.batch.clone());
                 continue;
             }
+            // Open rows are the runs still open; closed ones are those that
+            // closed now (runs closed before were compacted away).
             table
                 .parts
-                .push(rows_of(&p.batch, &BooleanArray::from(mask)));
+                .push(rows_of(&p.batch, &mask_of(&p.runs, |r| !r.open)));
             if p.n_open > 0 {
                 // The batch keeps only its open rows, so its closed ones are
                 // not held twice (here and in the closed table) until the
                 // last of its windows closes.
-                let open = BooleanArray::from(p.open.clone());
-                let batch = rows_of(&p.batch, &open);
-                p.compact(batch, &open);
+                let batch = rows_of(&p.batch, &mask_of(&p.runs, |r| r.open));
+                p.compact(batch);
             }
         }
         self.pending.retain(|p| p.n_open > 0);

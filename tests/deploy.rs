@@ -53,26 +53,36 @@ fn lay_out(dir: &Path) {
 /// The shipped server configuration of `dir` (see [`lay_out`]) on a loopback
 /// port (-a/-p override `listen`), with the server certificate and CA given.
 fn serve(dir: &Path, cert: &str, key: &str, ca: &str) -> (Child, u16) {
-    let port = common::free_port();
-    let log = std::fs::File::create(dir.join("server.log")).unwrap();
-    let child = Command::new(common::nats_server_bin())
-        .arg("-c")
-        .arg(dir.join("nats/nats.conf"))
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .env("TLS_CERT", cert)
-        .env("TLS_KEY", key)
-        .env("TLS_CA", ca)
-        .env("JS_DIR", dir.join("js"))
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    assert!(
-        twinwatch::bench::wait_for_port(port, Duration::from_secs(15)),
+    // Tests run in parallel: a port found free may be taken by another
+    // test's server before ours binds it (ours then exits, and the port
+    // answers for the other one). Such a start is tried again on a new port.
+    for _ in 0..5 {
+        let port = common::free_port();
+        let log = std::fs::File::create(dir.join("server.log")).unwrap();
+        let mut child = Command::new(common::nats_server_bin())
+            .arg("-c")
+            .arg(dir.join("nats/nats.conf"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .env("TLS_CERT", cert)
+            .env("TLS_KEY", key)
+            .env("TLS_CA", ca)
+            .env("JS_DIR", dir.join("js"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let up = twinwatch::bench::wait_for_port(port, Duration::from_secs(15));
+        std::thread::sleep(Duration::from_millis(300));
+        if up && child.try_wait().unwrap().is_none() {
+            return (child, port);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    panic!(
         "nats-server did not start with the deploy accounts: {}",
         std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
     );
-    (child, port)
 }
 
 /// The deploy accounts with the users `twinwatch devices nats-users` makes

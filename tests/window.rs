@@ -313,3 +313,56 @@ fn each_machine_window_that_closes_is_counted_once() {
     assert_eq!(closed_windows(&["a"]), (2, 1));
     assert_eq!(closed_windows(&["a", "b"]), (4, 2));
 }
+
+#[test]
+fn interleaved_machines_closing_at_different_times_hand_over_each_row_once() {
+    // Machines a and b alternate row by row over 30 s; a runs ahead, so its
+    // windows close before b's, and the batch gives up its rows in three parts.
+    let mut p = Pipeline::new(&Config::default());
+    let value = |m: &str, s: i64| {
+        if m == "a" {
+            s as f64
+        } else {
+            1000.0 + s as f64
+        }
+    };
+    let batch: Vec<Envelope> = (0..30)
+        .flat_map(|s| ["a", "b"].map(|m| msg(m, T0 + s * 1000, value(m, s))))
+        .collect();
+    let rows = |t: &twinwatch::window::Table| {
+        let r = t.concat();
+        let v = r.column_by_name("value").unwrap();
+        let v = v.as_any().downcast_ref::<Float64Array>().unwrap();
+        let mut out: Vec<(String, f64)> = texts(&r, "machine")
+            .into_iter()
+            .zip(v.iter().map(|x| x.unwrap()))
+            .collect();
+        out.sort_by(|x, y| x.partial_cmp(y).unwrap());
+        out
+    };
+    let expect = |m: &str, secs: std::ops::Range<i64>| -> Vec<(String, f64)> {
+        secs.map(|s| (m.to_string(), value(m, s))).collect()
+    };
+    // The batch itself closes [0, 10 s) and [10 s, 20 s) of both machines.
+    let first = p.process(&batch, 0).closed.expect("two windows each close");
+    let mut want = expect("a", 0..20);
+    want.extend(expect("b", 0..20));
+    assert_eq!(rows(&first.readings), want);
+    assert_eq!(first.machine_windows, 4);
+    // a alone moves on: its [20 s, 30 s) closes, b's waits.
+    let second = p
+        .process(&[msg("a", T0 + 35_000, 35.0)], 0)
+        .closed
+        .expect("a's third window closes");
+    assert_eq!(rows(&second.readings), expect("a", 20..30));
+    assert_eq!(second.machine_windows, 1);
+    let rest = p.finish().closed.expect("the rest closes at the end");
+    let mut want = vec![("a".to_string(), 35.0)];
+    want.extend(expect("b", 20..30));
+    assert_eq!(rows(&rest.readings), want);
+    assert_eq!(
+        rest.messages.num_rows(),
+        11,
+        "messages close with their readings"
+    );
+}
