@@ -519,3 +519,50 @@ fn the_columns_the_files_read_are_known() {
     assert!(with_star["flows"].contains("machine"));
     assert!(with_star["flows"].contains("window_start"));
 }
+
+#[test]
+fn name_columns_are_text_to_sql_whether_read_or_not() {
+    // Device, metric and subject are read (as string views on the query
+    // side); `machine` is grouped on; the flows table's names stay plain text.
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "names.sql",
+        "-- twinwatch: features\nSELECT machine, window_start, device || '/' || metric || '@' || split_part(subject, '.', 3) AS feature, sum(value) AS value\nFROM readings WHERE value IS NOT NULL\nGROUP BY machine, window_start, device, metric, subject\n",
+    );
+    // Reads no name but `machine`: the other name columns are placeholders.
+    write(
+        dir.path(),
+        "count.sql",
+        "-- twinwatch: features\nSELECT machine, window_start, count(*) AS n, count(DISTINCT machine) AS machines FROM messages GROUP BY machine, window_start\n",
+    );
+    let w = window();
+    rt().block_on(async {
+        let mut q = Queries::new(dir.path());
+        assert!(q.reload().await.is_empty());
+        let out = q.run(&w).await;
+        assert!(out.failures.is_empty(), "{:?}", out.failures);
+        let mut got: Vec<(String, String, f64)> = out
+            .features
+            .iter()
+            .map(|f| {
+                (
+                    out.machine(f).to_string(),
+                    out.feature(f).to_string(),
+                    f.value,
+                )
+            })
+            .collect();
+        got.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let row = |f: &str, v: f64| ("press-1".to_string(), f.to_string(), v);
+        assert_eq!(
+            got,
+            vec![
+                row("count:machines", 1.0),
+                row("count:n", 4.0),
+                row("names:d1/x@s", 6.0),
+                row("names:d2/x@s", 6.0),
+            ]
+        );
+    });
+}
