@@ -85,35 +85,24 @@ fn nests_deeper_than(text: &[u8], max: usize) -> bool {
     let mut blocks = text.chunks_exact(64);
     for block in &mut blocks {
         let m = masks(block);
-        if m.backslash != 0 || walk.escaped {
-            if walk.bytes(block) {
-                return true;
+        if m.backslash == 0 && !walk.escaped {
+            let mut inside = m.quote;
+            for shift in [1, 2, 4, 8, 16, 32] {
+                inside ^= inside << shift;
             }
-            continue;
-        }
-        let mut inside = m.quote;
-        for shift in [1, 2, 4, 8, 16, 32] {
-            inside ^= inside << shift;
-        }
-        if walk.in_string {
-            inside = !inside;
-        }
-        walk.in_string = inside >> 63 == 1;
-        let (open, close) = (m.open & !inside, m.close & !inside);
-        let (opens, closes) = (open.count_ones() as usize, close.count_ones() as usize);
-        if walk.depth + opens <= max && closes <= walk.depth {
-            walk.depth = walk.depth + opens - closes;
-            continue;
-        }
-        for i in 0..64 {
-            if open >> i & 1 == 1 {
-                walk.depth += 1;
-                if walk.depth > max {
-                    return true;
-                }
-            } else if close >> i & 1 == 1 {
-                walk.depth = walk.depth.saturating_sub(1);
+            if walk.in_string {
+                inside = !inside;
             }
+            let opens = (m.open & !inside).count_ones() as usize;
+            let closes = (m.close & !inside).count_ones() as usize;
+            if walk.depth + opens <= max && closes <= walk.depth {
+                walk.depth = walk.depth + opens - closes;
+                walk.in_string = inside >> 63 == 1;
+                continue;
+            }
+        }
+        if walk.bytes(block) {
+            return true;
         }
     }
     walk.bytes(blocks.remainder())
@@ -709,9 +698,8 @@ impl<'de, C: Objects<'de>> Visitor<'de> for OneOrMany<'_, C> {
         self.out.one(map)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
-        let before = self.out.count();
         while self.out.next(&mut seq)? {
-            if self.out.count() - before > self.max {
+            if self.out.count() > self.max {
                 return Err(de::Error::custom(format_args!(
                     "too_large: more than {} objects in one payload",
                     self.max
@@ -1383,35 +1371,17 @@ fn capacity(what: &str, key: &'static str) -> DecodeError {
 
 #[cfg(test)]
 mod tests {
-    use super::nests_deeper_than;
+    use super::{Walk, nests_deeper_than};
 
-    /// The plain byte-by-byte walk the fast check must agree with.
+    /// The byte-by-byte walk alone: what the block path must agree with.
     fn reference(text: &[u8], max: usize) -> bool {
-        let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
-        for &b in text {
-            if in_string {
-                if escaped {
-                    escaped = false;
-                } else if b == b'\\' {
-                    escaped = true;
-                } else if b == b'"' {
-                    in_string = false;
-                }
-                continue;
-            }
-            match b {
-                b'"' => in_string = true,
-                b'{' | b'[' => {
-                    depth += 1;
-                    if depth > max {
-                        return true;
-                    }
-                }
-                b'}' | b']' => depth = depth.saturating_sub(1),
-                _ => {}
-            }
+        Walk {
+            depth: 0,
+            in_string: false,
+            escaped: false,
+            max,
         }
-        false
+        .bytes(text)
     }
 
     #[test]
@@ -1431,6 +1401,7 @@ mod tests {
             for i in 0..depth {
                 t.extend_from_slice(if i % 2 == 0 { b"[" } else { b"{\"k\\\"\":" });
             }
+            assert_eq!(nests_deeper_than(&t, 32), depth > 32, "nested {depth} deep");
             cases.push(t);
         }
         // A pseudo-random mix of the bytes that matter.

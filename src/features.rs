@@ -171,7 +171,7 @@ pub struct Queries {
     /// What the active files read ([`Queries::columns_read`]), worked out when they change.
     columns_read: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// Empty strings for the name columns no file reads (see [`to_views`]).
-    empty_views: Option<ArrayRef>,
+    zeros: crate::window::Zeros,
 }
 
 /// The window tables as the queries see them: name columns (dictionaries on
@@ -194,34 +194,26 @@ fn as_views(schema: &arrow::datatypes::Schema) -> arrow::datatypes::SchemaRef {
 
 /// One part of a window table with its name columns cast to `schema`'s
 /// views; a column no file reads (`read`: the columns read, `None`: all) is
-/// empty strings sliced from `empty` instead of cast.
+/// empty strings from `zeros` instead of cast.
 fn to_views(
     part: &RecordBatch,
     schema: &arrow::datatypes::SchemaRef,
     read: Option<&std::collections::BTreeSet<String>>,
-    empty: &mut Option<ArrayRef>,
+    zeros: &mut crate::window::Zeros,
 ) -> RecordBatch {
-    let n = part.num_rows();
     let cols = part
         .columns()
         .iter()
         .zip(schema.fields())
         .map(|(c, f)| {
             if c.data_type() == f.data_type() {
-                c.clone()
-            } else if read.is_some_and(|r| !r.contains(f.name())) {
-                if empty.as_ref().is_none_or(|e| e.len() < n) {
-                    let views = vec![0u128; n.next_power_of_two()];
-                    *empty = Some(Arc::new(arrow::array::StringViewArray::new(
-                        views.into(),
-                        vec![],
-                        None,
-                    )));
-                }
-                empty.as_ref().expect("made above").slice(0, n)
-            } else {
-                cast(c, f.data_type()).expect("dictionaries of text cast to string views")
+                return c.clone();
             }
+            read.filter(|r| !r.contains(f.name()))
+                .and_then(|_| zeros.column(f.data_type(), part.num_rows()))
+                .unwrap_or_else(|| {
+                    cast(c, f.data_type()).expect("dictionaries of text cast to string views")
+                })
         })
         .collect();
     RecordBatch::try_new(schema.clone(), cols).expect("cast columns match the schema")
@@ -348,7 +340,7 @@ impl Queries {
             refused: BTreeMap::new(),
             refusals: 0,
             columns_read: BTreeMap::new(),
-            empty_views: None,
+            zeros: Default::default(),
         }
     }
 
@@ -527,7 +519,7 @@ impl Queries {
             let parts = batch
                 .parts
                 .iter()
-                .map(|p| to_views(p, &schema, read, &mut self.empty_views))
+                .map(|p| to_views(p, &schema, read, &mut self.zeros))
                 .collect();
             *table.batches[0].write().await = parts;
         }

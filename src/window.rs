@@ -146,15 +146,17 @@ impl Kept {
 }
 
 /// Placeholder columns: zero values (no nulls, so non-nullable fields stay
-/// valid) sliced from one buffer shared by every batch.
+/// valid) sliced from one buffer shared by every batch. Also the query
+/// stage's empty string views for name columns no file reads.
 #[derive(Default)]
-struct Zeros(Option<arrow::buffer::Buffer>);
+pub(crate) struct Zeros(Option<arrow::buffer::Buffer>);
 
 impl Zeros {
-    /// `n` zeros of type `dt`; `None` for a type without a zero form here.
-    fn column(&mut self, dt: &DataType, n: usize) -> Option<ArrayRef> {
+    /// `n` zeros of type `dt` (empty strings for text); `None` for a type
+    /// without a zero form here.
+    pub(crate) fn column(&mut self, dt: &DataType, n: usize) -> Option<ArrayRef> {
         use arrow::array::{ArrayData, StringArray, make_array};
-        let need = (n + 1) * 8;
+        let need = (n + 1) * 16;
         if self.0.as_ref().is_none_or(|b| b.len() < need) {
             let len = need.next_power_of_two();
             self.0 = Some(arrow::buffer::MutableBuffer::from_len_zeroed(len).into());
@@ -165,6 +167,10 @@ impl Zeros {
                 .len(n)
                 .add_buffer(zeros.slice_with_length(0, (n + 1) * 4))
                 .add_buffer(arrow::buffer::Buffer::from_vec(Vec::<u8>::new())),
+            // Zero views are empty strings held inline: no data buffer.
+            DataType::Utf8View => ArrayData::builder(dt.clone())
+                .len(n)
+                .add_buffer(zeros.slice_with_length(0, n * 16)),
             DataType::Dictionary(key, value)
                 if **key == DataType::UInt32 && **value == DataType::Utf8 =>
             {
@@ -383,7 +389,7 @@ impl TableBuffer {
                 continue;
             }
             p.n_open -= closed;
-            if p.n_open == 0 && closed == p.batch.num_rows() {
+            if p.n_open == 0 {
                 // Every row closed at once (the usual case): the batch as it is.
                 table.parts.push(p.batch.clone());
                 continue;

@@ -215,6 +215,12 @@ fn every_bad_input_class_has_its_reason() {
             Reason::WrongType,
         ),
         (b"\"just a string\"", Reason::WrongType),
+        // An object's fields by position (what a derived struct visitor
+        // would take) is not the contract's form.
+        (
+            b"[[1764230400125, null, null, null, {\"x\": 1}]]",
+            Reason::WrongType,
+        ),
         (
             b"{\"ts\": 1764230400125, \"readings\": {\"x\": 1e400}}",
             Reason::NonFinite,
