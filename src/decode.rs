@@ -41,6 +41,7 @@
 //! object included) with a [`Reason`]; nothing here panics on input.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{
@@ -965,55 +966,9 @@ fn text<'e>(cfg: &InputConfig, env: &'e Envelope) -> Result<&'e str, DecodeError
     Ok(text)
 }
 
-/// A telemetry payload parsed (not yet validated nor interned).
-type Parsed<'e> = Result<Payload<'e>, DecodeError>;
-
-/// Batches carrying at least this many bytes of telemetry are parsed on two
-/// threads: parsing is most of decoding, and is the same for any order.
-const PARALLEL_PARSE_BYTES: usize = 256 * 1024;
-
-fn parse_telemetry<'e>(cfg: &InputConfig, env: &'e Envelope) -> Parsed<'e> {
-    let text = text(cfg, env)?;
-    let mut out = Payload::default();
-    parse_payload(text, &mut out, cfg.max_messages_per_payload)?;
-    Ok(out)
-}
-
-/// Parses the telemetry payloads of a big batch ahead, half of the bytes on
-/// a second thread; `None` (parse as you go) for small batches, or when no
-/// thread can be had.
-fn parse_ahead<'e>(
-    cfg: &InputConfig,
-    envelopes: &'e [Envelope],
-) -> Option<Vec<Option<Parsed<'e>>>> {
-    let size = |e: &Envelope| match e.stream() {
-        Stream::Telemetry => e.payload.len(),
-        Stream::Flows => 0,
-    };
-    let total: usize = envelopes.iter().map(size).sum();
-    if total < PARALLEL_PARSE_BYTES {
-        return None;
-    }
-    let mut mid = 0;
-    let mut bytes = 0;
-    while mid < envelopes.len() && bytes < total / 2 {
-        bytes += size(&envelopes[mid]);
-        mid += 1;
-    }
-    let parse = |part: &'e [Envelope]| -> Vec<Option<Parsed<'e>>> {
-        part.iter()
-            .map(|e| (e.stream() == Stream::Telemetry).then(|| parse_telemetry(cfg, e)))
-            .collect()
-    };
-    std::thread::scope(|s| {
-        let second = std::thread::Builder::new()
-            .spawn_scoped(s, || parse(&envelopes[mid..]))
-            .ok()?;
-        let mut all = parse(&envelopes[..mid]);
-        all.extend(second.join().ok()?);
-        Some(all)
-    })
-}
+/// Batches carrying at least this many bytes of telemetry are decoded in two
+/// parts on two threads (see [`Decoder::decode_parts`]).
+const PARALLEL_DECODE_BYTES: usize = 256 * 1024;
 
 // ---------------------------------------------------------------- decoder
 
@@ -1027,19 +982,14 @@ pub struct Decoder {
     pub devices: Interner,
     /// Metric names → ids.
     pub metrics: Interner,
-    readings: ReadingsBuilder,
-    messages: MessagesBuilder,
-    flows: FlowsBuilder,
     /// Per machine id, the device id of the machine's own name (`u32::MAX`: not yet known).
     own_devices: Vec<u32>,
-    /// The metric names of the last object's readings, in order, with their ids.
-    last_keys: Vec<(Arc<str>, u32)>,
-    /// Scratch of one payload: (machine, device) per object and metric id per reading.
-    ids: Vec<(u32, u32)>,
-    metric_ids: Vec<u32>,
+    /// The builders of a batch, and of its second part when decoded in two.
+    first: Part,
+    second: Part,
 }
 
-/// Most keys of one object remembered for the next (see [`Decoder::metric_id`]).
+/// Most keys of one object remembered for the next (see [`Part::metric_id`]).
 const MAX_REMEMBERED_KEYS: usize = 64;
 
 /// The last token of a subject: the default machine.
@@ -1074,6 +1024,166 @@ fn check_ts(ts: Millis) -> Result<Millis, DecodeError> {
     }
 }
 
+/// How a part of a batch gets the ids of the names it meets.
+trait Resolve {
+    fn machine(&mut self, name: &str) -> Option<u32>;
+    fn device(&mut self, name: &str) -> Option<u32>;
+    /// The device of the machine's own name.
+    fn own_device(&mut self, machine: u32) -> Option<u32>;
+    /// The metric's id and its name as held by the interner.
+    fn metric(&mut self, name: &str) -> Option<(u32, Arc<str>)>;
+    fn machine_name(&self, machine: u32) -> &str;
+}
+
+/// Interning into the decoder's own tables: one thread, ids final at once.
+struct Interning<'a> {
+    machines: &'a mut Interner,
+    devices: &'a mut Interner,
+    metrics: &'a mut Interner,
+    own_devices: &'a mut Vec<u32>,
+}
+
+impl Resolve for Interning<'_> {
+    fn machine(&mut self, name: &str) -> Option<u32> {
+        self.machines.intern(name)
+    }
+
+    fn device(&mut self, name: &str) -> Option<u32> {
+        self.devices.intern(name)
+    }
+
+    fn own_device(&mut self, machine: u32) -> Option<u32> {
+        let m = machine as usize;
+        if let Some(&d) = self.own_devices.get(m)
+            && d != u32::MAX
+        {
+            return Some(d);
+        }
+        let d = self.devices.intern(self.machines.name(machine))?;
+        if self.own_devices.len() <= m {
+            self.own_devices.resize(m + 1, u32::MAX);
+        }
+        self.own_devices[m] = d;
+        Some(d)
+    }
+
+    fn metric(&mut self, name: &str) -> Option<(u32, Arc<str>)> {
+        let id = self.metrics.intern(name)?;
+        Some((id, self.metrics.name(id).clone()))
+    }
+
+    fn machine_name(&self, machine: u32) -> &str {
+        self.machines.name(machine)
+    }
+}
+
+/// Names met by a part decoded beside another: the decoder's tables are only
+/// read (both parts read them at once), and a name they do not hold gets a
+/// provisional id after theirs, in order of appearance. [`Decoder::settle`]
+/// interns those names afterwards, first part first, which gives every name
+/// the id a decode in one piece would have given it.
+struct Ahead<'a> {
+    machines: &'a Interner,
+    devices: &'a Interner,
+    metrics: &'a Interner,
+    own_devices: &'a [u32],
+    new: NewNames,
+}
+
+/// The names a part met that the decoder did not hold, and the own devices
+/// it looked up.
+#[derive(Default)]
+struct NewNames {
+    machines: Vec<Arc<str>>,
+    devices: Vec<Arc<str>>,
+    metrics: Vec<Arc<str>>,
+    ids: [HashMap<Arc<str>, u32, foldhash::fast::RandomState>; 3],
+    /// (machine, device) of the machines whose own device was looked up.
+    own: Vec<(u32, u32)>,
+}
+
+impl NewNames {
+    /// The provisional id of `name` in table `t` (after the `held` names of the decoder).
+    fn id(&mut self, t: usize, held: usize, name: &str) -> u32 {
+        if let Some(&j) = self.ids[t].get(name) {
+            return (held + j as usize) as u32;
+        }
+        let list = match t {
+            0 => &mut self.machines,
+            1 => &mut self.devices,
+            _ => &mut self.metrics,
+        };
+        let j = list.len() as u32;
+        let name: Arc<str> = Arc::from(name);
+        list.push(name.clone());
+        self.ids[t].insert(name, j);
+        (held + j as usize) as u32
+    }
+
+    fn is_empty(&self) -> bool {
+        self.machines.is_empty() && self.devices.is_empty() && self.metrics.is_empty()
+    }
+}
+
+impl Resolve for Ahead<'_> {
+    fn machine(&mut self, name: &str) -> Option<u32> {
+        Some(match self.machines.get(name) {
+            Some(id) => id,
+            None => self.new.id(0, self.machines.len(), name),
+        })
+    }
+
+    fn device(&mut self, name: &str) -> Option<u32> {
+        Some(match self.devices.get(name) {
+            Some(id) => id,
+            None => self.new.id(1, self.devices.len(), name),
+        })
+    }
+
+    fn own_device(&mut self, machine: u32) -> Option<u32> {
+        if let Some(&d) = self.own_devices.get(machine as usize)
+            && d != u32::MAX
+        {
+            return Some(d);
+        }
+        let name: Arc<str> = Arc::from(self.machine_name(machine));
+        let d = self.device(&name)?;
+        self.new.own.push((machine, d));
+        Some(d)
+    }
+
+    fn metric(&mut self, name: &str) -> Option<(u32, Arc<str>)> {
+        if let Some(id) = self.metrics.get(name) {
+            return Some((id, self.metrics.name(id).clone()));
+        }
+        let id = self.new.id(2, self.metrics.len(), name);
+        Some((
+            id,
+            self.new.metrics[id as usize - self.metrics.len()].clone(),
+        ))
+    }
+
+    fn machine_name(&self, machine: u32) -> &str {
+        match (machine as usize).checked_sub(self.machines.len()) {
+            Some(j) => &self.new.machines[j],
+            None => self.machines.name(machine),
+        }
+    }
+}
+
+/// The builders and scratch of one part of a batch.
+struct Part {
+    readings: ReadingsBuilder,
+    messages: MessagesBuilder,
+    flows: FlowsBuilder,
+    /// The metric names of the last object's readings, in order, with their ids.
+    last_keys: Vec<(Arc<str>, u32)>,
+    /// Scratch of one payload: (machine, device) per object and metric id per reading.
+    ids: Vec<(u32, u32)>,
+    metric_ids: Vec<u32>,
+    rejected: Vec<Rejected>,
+}
+
 impl Decoder {
     pub fn new(cfg: InputConfig) -> Self {
         Decoder {
@@ -1081,13 +1191,9 @@ impl Decoder {
             devices: Interner::new(cfg.max_devices),
             metrics: Interner::new(cfg.max_metrics),
             cfg,
-            readings: ReadingsBuilder::new(),
-            messages: MessagesBuilder::new(),
-            flows: FlowsBuilder::new(),
             own_devices: Vec::new(),
-            last_keys: Vec::new(),
-            ids: Vec::new(),
-            metric_ids: Vec::new(),
+            first: Part::new(),
+            second: Part::new(),
         }
     }
 
@@ -1098,61 +1204,239 @@ impl Decoder {
         self.devices = devices;
         self.metrics = metrics;
         self.own_devices.clear();
-        self.last_keys.clear();
+        self.first.last_keys.clear();
+        self.second.last_keys.clear();
     }
 
-    /// Decodes a batch of envelopes.
+    /// Decodes a batch of envelopes into one set of tables, on this thread.
     pub fn decode(&mut self, envelopes: &[Envelope]) -> DecodedBatch {
-        let mut rejected = Vec::new();
-        let mut telemetry = Payload::default();
-        let mut flows: Vec<RawFlow> = Vec::new();
-        let mut ahead = parse_ahead(&self.cfg, envelopes);
-        for (index, env) in envelopes.iter().enumerate() {
-            let result = match env.stream() {
-                Stream::Telemetry => {
-                    let parsed = ahead.as_mut().and_then(|a| a[index].take());
-                    self.decode_telemetry(env, index as u32, parsed, &mut telemetry)
-                }
-                Stream::Flows => self.decode_flows(env, index as u32, &mut flows),
-            };
-            if let Err(error) = result {
-                rejected.push(Rejected { index, error });
-            }
+        self.decode_serial(envelopes);
+        let names = self.names();
+        self.first.finish(&names)
+    }
+
+    /// Decodes a batch of envelopes into one or two sets of tables that
+    /// together hold what [`Decoder::decode`] would: the same rows with the
+    /// same ids, the second part's rows coming after the first's (its
+    /// envelopes follow the first part's; `message` and `first_reading` count
+    /// within each part). A batch with at least [`PARALLEL_DECODE_BYTES`] of
+    /// telemetry is split in two halves by bytes, decoded at once on this
+    /// thread and a second one: decoding is a third of the ingest loop's work.
+    pub fn decode_parts(&mut self, envelopes: &[Envelope]) -> Vec<DecodedBatch> {
+        let size = |e: &Envelope| match e.stream() {
+            Stream::Telemetry => e.payload.len(),
+            Stream::Flows => 0,
+        };
+        let total: usize = envelopes.iter().map(size).sum();
+        if total >= PARALLEL_DECODE_BYTES && self.decode_in_two(envelopes, total, size) {
+            let names = self.names();
+            return vec![self.first.finish(&names), self.second.finish(&names)];
         }
-        let names = Names {
+        vec![self.decode(envelopes)]
+    }
+
+    fn names(&mut self) -> Names {
+        Names {
             machines: self.machines.arrow_values(),
             devices: self.devices.arrow_values(),
             metrics: self.metrics.arrow_values(),
+        }
+    }
+
+    fn decode_serial(&mut self, envelopes: &[Envelope]) {
+        let mut names = Interning {
+            machines: &mut self.machines,
+            devices: &mut self.devices,
+            metrics: &mut self.metrics,
+            own_devices: &mut self.own_devices,
         };
-        let (messages, subjects) = self.messages.finish(&names);
+        self.first.decode(&self.cfg, &mut names, envelopes, 0);
+    }
+
+    /// Both halves at once, then their new names interned; false (and
+    /// nothing kept) when no second thread could be had or the new names
+    /// would not all fit under the caps — then the batch is decoded in one piece.
+    fn decode_in_two(
+        &mut self,
+        envelopes: &[Envelope],
+        total: usize,
+        size: impl Fn(&Envelope) -> usize,
+    ) -> bool {
+        let mut mid = 0;
+        let mut bytes = 0;
+        while mid < envelopes.len() && bytes < total / 2 {
+            bytes += size(&envelopes[mid]);
+            mid += 1;
+        }
+        let ahead = || Ahead {
+            machines: &self.machines,
+            devices: &self.devices,
+            metrics: &self.metrics,
+            own_devices: &self.own_devices,
+            new: NewNames::default(),
+        };
+        let (mut a, mut b) = (ahead(), ahead());
+        let (cfg, first, second) = (&self.cfg, &mut self.first, &mut self.second);
+        let done = std::thread::scope(|s| {
+            let other = std::thread::Builder::new()
+                .spawn_scoped(s, || second.decode(cfg, &mut b, &envelopes[mid..], mid))
+                .ok()?;
+            first.decode(cfg, &mut a, &envelopes[..mid], 0);
+            other.join().ok()
+        });
+        let (a, b) = (a.new, b.new);
+        if done.is_none() || !self.settle(a, b) {
+            self.first.clear();
+            self.second.clear();
+            return false;
+        }
+        true
+    }
+
+    /// Interns the names the two parts met that were new, the first part's
+    /// first, and gives the second part's rows their final ids. False,
+    /// interning nothing, when they would not all fit under the caps.
+    fn settle(&mut self, a: NewNames, b: NewNames) -> bool {
+        if a.is_empty() && b.is_empty() {
+            return true;
+        }
+        let fits = |table: &Interner,
+                    a: &[Arc<str>],
+                    b: &[Arc<str>],
+                    in_a: &HashMap<Arc<str>, u32, foldhash::fast::RandomState>| {
+            a.len() + b.iter().filter(|n| !in_a.contains_key(&***n)).count() <= table.room()
+        };
+        if !fits(&self.machines, &a.machines, &b.machines, &a.ids[0])
+            || !fits(&self.devices, &a.devices, &b.devices, &a.ids[1])
+            || !fits(&self.metrics, &a.metrics, &b.metrics, &a.ids[2])
+        {
+            return false;
+        }
+        let held = [self.machines.len(), self.devices.len(), self.metrics.len()];
+        let intern_all = |table: &mut Interner, names: &[Arc<str>]| -> Vec<u32> {
+            names
+                .iter()
+                .map(|n| table.intern(n).expect("room was checked"))
+                .collect()
+        };
+        intern_all(&mut self.machines, &a.machines);
+        intern_all(&mut self.devices, &a.devices);
+        intern_all(&mut self.metrics, &a.metrics);
+        let maps = [
+            intern_all(&mut self.machines, &b.machines),
+            intern_all(&mut self.devices, &b.devices),
+            intern_all(&mut self.metrics, &b.metrics),
+        ];
+        let fix = |t: usize, id: u32| match (id as usize).checked_sub(held[t]) {
+            Some(j) => maps[t][j],
+            None => id,
+        };
+        self.second.renumber(&fix);
+        for (m, d) in a
+            .own
+            .into_iter()
+            .chain(b.own.into_iter().map(|(m, d)| (fix(0, m), fix(1, d))))
+        {
+            let m = m as usize;
+            if self.own_devices.len() <= m {
+                self.own_devices.resize(m + 1, u32::MAX);
+            }
+            self.own_devices[m] = d;
+        }
+        true
+    }
+}
+
+impl Part {
+    fn new() -> Self {
+        Part {
+            readings: ReadingsBuilder::new(),
+            messages: MessagesBuilder::new(),
+            flows: FlowsBuilder::new(),
+            last_keys: Vec::new(),
+            ids: Vec::new(),
+            metric_ids: Vec::new(),
+            rejected: Vec::new(),
+        }
+    }
+
+    /// Forgets the rows of a part that is not kept (their ids may be provisional).
+    fn clear(&mut self) {
+        *self = Part::new();
+    }
+
+    /// The part's tables, and its builders ready for the next batch.
+    fn finish(&mut self, names: &Names) -> DecodedBatch {
+        let (messages, subjects) = self.messages.finish(names);
         DecodedBatch {
-            readings: self.readings.finish(&names, &subjects),
+            readings: self.readings.finish(names, &subjects),
             messages,
             flows: self.flows.finish(),
-            rejected,
+            rejected: std::mem::take(&mut self.rejected),
+        }
+    }
+
+    /// Gives the rows their final ids: `fix(table, id)` with table 0
+    /// machines, 1 devices, 2 metrics.
+    fn renumber(&mut self, fix: &impl Fn(usize, u32) -> u32) {
+        let columns: [(&mut UInt32Builder, usize); 6] = [
+            (&mut self.messages.machine_id, 0),
+            (&mut self.messages.device_id, 1),
+            (&mut self.readings.machine_id, 0),
+            (&mut self.readings.device_id, 1),
+            (&mut self.readings.metric_id, 2),
+            (&mut self.flows.machine_id, 0),
+        ];
+        for (column, t) in columns {
+            for id in column.values_slice_mut() {
+                *id = fix(t, *id);
+            }
+        }
+        for (_, id) in &mut self.last_keys {
+            *id = fix(2, *id);
+        }
+    }
+
+    /// Decodes `envelopes`, the first of which is envelope `first` of the batch.
+    fn decode(
+        &mut self,
+        cfg: &InputConfig,
+        names: &mut impl Resolve,
+        envelopes: &[Envelope],
+        first: usize,
+    ) {
+        let mut telemetry = Payload::default();
+        let mut flows: Vec<RawFlow> = Vec::new();
+        for (i, env) in envelopes.iter().enumerate() {
+            let index = first + i;
+            let result = match env.stream() {
+                Stream::Telemetry => {
+                    self.decode_telemetry(cfg, names, env, index as u32, &mut telemetry)
+                }
+                Stream::Flows => self.decode_flows(cfg, names, env, index as u32, &mut flows),
+            };
+            if let Err(error) = result {
+                self.rejected.push(Rejected { index, error });
+            }
         }
     }
 
     fn decode_telemetry<'e>(
         &mut self,
+        cfg: &InputConfig,
+        names: &mut impl Resolve,
         env: &'e Envelope,
         index: u32,
-        parsed: Option<Parsed<'e>>,
         scratch: &mut Payload<'e>,
     ) -> Result<(), DecodeError> {
-        match parsed {
-            Some(p) => *scratch = p?,
-            None => {
-                let text = text(&self.cfg, env)?;
-                scratch.objects.clear();
-                scratch.readings.clear();
-                parse_payload(text, scratch, self.cfg.max_messages_per_payload)?;
-            }
-        }
+        let text = text(cfg, env)?;
+        scratch.objects.clear();
+        scratch.readings.clear();
+        parse_payload(text, scratch, cfg.max_messages_per_payload)?;
         let default_machine = last_token(&env.subject);
         // Validate and intern everything before appending any row, so a bad
         // object rejects its whole payload without leaving rows behind.
-        self.check_and_intern(scratch, default_machine)?;
+        self.check_and_intern(names, scratch, default_machine)?;
         let payload_bytes = env.payload.len().min(u32::MAX as usize) as u32;
         let subject = self
             .messages
@@ -1206,6 +1490,7 @@ impl Decoder {
     /// id per reading).
     fn check_and_intern(
         &mut self,
+        names: &mut impl Resolve,
         scratch: &Payload<'_>,
         default_machine: Option<&str>,
     ) -> Result<(), DecodeError> {
@@ -1238,58 +1523,45 @@ impl Decoder {
             for (k, _) in scratch.readings_of(m) {
                 check_name("readings key", k)?;
             }
-            let machine_id = self
-                .machines
-                .intern(machine)
+            let machine_id = names
+                .machine(machine)
                 .ok_or_else(|| capacity("machines", "input.max_machines"))?;
             let device_id = match device {
-                Some(name) => self.devices.intern(name),
-                None => self.own_device(machine_id),
+                Some(name) => names.device(name),
+                None => names.own_device(machine_id),
             }
             .ok_or_else(|| capacity("devices", "input.max_devices"))?;
             self.ids.push((machine_id, device_id));
         }
         for m in &scratch.objects {
             for (i, (k, _)) in scratch.readings_of(m).iter().enumerate() {
-                let id = self.metric_id(i, k)?;
+                let id = self.metric_id(names, i, k)?;
                 self.metric_ids.push(id);
             }
         }
         Ok(())
     }
 
-    /// The device id of the machine's own name: the device of messages that
-    /// name none, remembered per machine so they skip a lookup.
-    fn own_device(&mut self, machine: u32) -> Option<u32> {
-        let m = machine as usize;
-        if let Some(&d) = self.own_devices.get(m)
-            && d != u32::MAX
-        {
-            return Some(d);
-        }
-        let d = self.devices.intern(self.machines.name(machine))?;
-        if self.own_devices.len() <= m {
-            self.own_devices.resize(m + 1, u32::MAX);
-        }
-        self.own_devices[m] = d;
-        Some(d)
-    }
-
     /// The id of the metric named `key`, the `i`th key of its object. A
     /// plant's messages repeat their keys in the same order, so the key at
     /// the same place in the last object is tried first: one compare instead
     /// of a hash lookup.
-    fn metric_id(&mut self, i: usize, key: &str) -> Result<u32, DecodeError> {
+    fn metric_id(
+        &mut self,
+        names: &mut impl Resolve,
+        i: usize,
+        key: &str,
+    ) -> Result<u32, DecodeError> {
         if let Some((name, id)) = self.last_keys.get(i)
             && **name == *key
         {
             return Ok(*id);
         }
-        let id = self
-            .metrics
-            .intern(key)
+        let entry = names
+            .metric(key)
             .ok_or_else(|| capacity("metrics", "input.max_metrics"))?;
-        let entry = (self.metrics.name(id).clone(), id);
+        let id = entry.0;
+        let entry = (entry.1, id);
         match self.last_keys.get_mut(i) {
             Some(slot) => *slot = entry,
             None if i < MAX_REMEMBERED_KEYS => self.last_keys.push(entry),
@@ -1300,13 +1572,15 @@ impl Decoder {
 
     fn decode_flows<'e>(
         &mut self,
+        cfg: &InputConfig,
+        names: &mut impl Resolve,
         env: &'e Envelope,
         index: u32,
         scratch: &mut Vec<RawFlow<'e>>,
     ) -> Result<(), DecodeError> {
-        let text = text(&self.cfg, env)?;
+        let text = text(cfg, env)?;
         scratch.clear();
-        parse_payload(text, scratch, self.cfg.max_messages_per_payload)?;
+        parse_payload(text, scratch, cfg.max_messages_per_payload)?;
         let default_machine = last_token(&env.subject);
         let mut ids = Vec::with_capacity(scratch.len());
         for f in scratch.iter() {
@@ -1330,8 +1604,8 @@ impl Decoder {
                 }
             }
             ids.push(
-                self.machines
-                    .intern(machine)
+                names
+                    .machine(machine)
                     .ok_or_else(|| capacity("machines", "input.max_machines"))?,
             );
         }
@@ -1342,7 +1616,7 @@ impl Decoder {
             b.received_at
                 .append_value(env.received_at.unwrap_or(f.ts.0));
             b.subject.append_value(&env.subject);
-            b.machine.append_value(self.machines.name(machine_id));
+            b.machine.append_value(names.machine_name(machine_id));
             b.src.append_value(&f.src.0);
             b.dst.append_value(&f.dst.0);
             b.dst_port.append_option(f.dst_port);

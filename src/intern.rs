@@ -69,6 +69,11 @@ impl Interner {
         &self.names[id as usize]
     }
 
+    /// How many more names may be added before the cap.
+    pub fn room(&self) -> usize {
+        self.cap.saturating_sub(self.names.len())
+    }
+
     /// How many names are held.
     pub fn len(&self) -> usize {
         self.names.len()

@@ -431,163 +431,52 @@ impl Pipeline {
             .map(|e| e.payload.len() as u64)
             .sum::<u64>();
 
-        let decoded = {
+        // A big batch comes back in two parts, decoded at once on two threads;
+        // each part's rows go through the rooms in turn, which is the order
+        // of their envelopes.
+        let parts = {
             let _s = debug_span!("decode", envelopes = envelopes.len()).entered();
-            self.decoder.decode(envelopes)
+            self.decoder.decode_parts(envelopes)
         };
-        for r in &decoded.rejected {
-            self.reject(r.index, &r.error, envelopes, &mut out);
-        }
-        let messages = &decoded.messages;
-        let readings = &decoded.readings;
-        self.stats.messages += messages.num_rows() as u64;
-        self.stats.readings += readings.num_rows() as u64;
-        self.stats.flows += decoded.flows.num_rows() as u64;
-
-        // Admission: each message against its machine's watermark, in arrival order.
-        let m_ts = col::<TimestampMillisecondArray>(messages, "ts").values();
-        let m_recv = col::<TimestampMillisecondArray>(messages, "received_at").values();
-        let m_machine = col::<UInt32Array>(messages, "machine_id").values();
-        let m_device = col::<UInt32Array>(messages, "device_id").values();
-        let m_first = col::<UInt32Array>(messages, "first_reading").values();
-        let m_count = col::<UInt32Array>(messages, "readings").values();
-        let f_ts = col::<TimestampMillisecondArray>(&decoded.flows, "ts").values();
-        let f_recv = col::<TimestampMillisecondArray>(&decoded.flows, "received_at").values();
-        let f_machine = col::<UInt32Array>(&decoded.flows, "machine_id").values();
-        let m_seq = col::<UInt64Array>(messages, "seq");
-        let r_metric = col::<UInt32Array>(readings, "metric_id").values();
-        let r_value = col::<Float64Array>(readings, "value");
-        let flows = &decoded.flows;
-        let f_src = col::<StringArray>(flows, "src");
-        let f_dst = col::<StringArray>(flows, "dst");
-        let f_port = col::<UInt16Array>(flows, "dst_port");
-        let f_app = col::<StringArray>(flows, "app");
-        let f_op = col::<StringArray>(flows, "op");
-        let f_bytes = col::<UInt64Array>(flows, "bytes").values();
-
-        let m_env = col::<UInt32Array>(messages, "envelope").values();
-        let f_env = col::<UInt32Array>(&decoded.flows, "envelope").values();
-        let mut msg_adm = Vec::with_capacity(messages.num_rows());
-        let mut flow_adm = Vec::with_capacity(flows.num_rows());
         // Messages per envelope, for the size of one message of an array payload.
         self.per_envelope.clear();
         self.per_envelope.resize(envelopes.len(), 0);
-        for &e in m_env {
-            self.per_envelope[e as usize] += 1;
+        for decoded in &parts {
+            for r in &decoded.rejected {
+                self.reject(r.index, &r.error, envelopes, &mut out);
+            }
+            self.stats.messages += decoded.messages.num_rows() as u64;
+            self.stats.readings += decoded.readings.num_rows() as u64;
+            self.stats.flows += decoded.flows.num_rows() as u64;
+            for &e in col::<UInt32Array>(&decoded.messages, "envelope").values() {
+                self.per_envelope[e as usize] += 1;
+            }
         }
         self.identity.begin_batch();
         if !self.identity.registry().is_empty() {
             let _s = debug_span!("signatures").entered();
-            let jobs: Vec<crate::detect::identity::SignatureJob> = (0..messages.num_rows())
-                .map(|i| {
-                    let env = &envelopes[m_env[i] as usize];
+            let mut jobs = Vec::new();
+            for decoded in &parts {
+                let m_env = col::<UInt32Array>(&decoded.messages, "envelope").values();
+                let m_device = col::<UInt32Array>(&decoded.messages, "device_id").values();
+                jobs.extend(m_env.iter().zip(m_device).map(|(&e, &device)| {
+                    let env = &envelopes[e as usize];
                     crate::detect::identity::SignatureJob {
-                        envelope: m_env[i],
-                        device: m_device[i],
-                        device_name: self.decoder.devices.name(m_device[i]),
+                        envelope: e,
+                        device,
+                        device_name: self.decoder.devices.name(device),
                         payload: &env.payload,
                         signature: env.header(crate::registry::SIGNATURE_HEADER),
                     }
-                })
-                .collect();
+                }));
+            }
             self.identity.verify_ahead(&jobs);
         }
+        let mut admissions = Vec::with_capacity(parts.len());
         {
-            let _s = debug_span!("fast_path", messages = messages.num_rows()).entered();
-            // Messages and flow records are admitted in arrival order, interleaved,
-            // so each sees the watermark as it stood when it arrived.
-            let mut f = 0;
-            let flow = |p: &mut Self, f: usize, out: &mut Vec<Admission>| {
-                let adm = p.windows.admit_flow(f_machine[f], f_ts[f], f_recv[f]);
-                out.push(adm);
-                p.flows.observe(
-                    &FlowRecord {
-                        machine: f_machine[f],
-                        machine_name: p.decoder.machines.name(f_machine[f]),
-                        ts: f_ts[f],
-                        src: f_src.value(f),
-                        dst: f_dst.value(f),
-                        dst_port: (!f_port.is_null(f)).then(|| f_port.value(f)),
-                        app: (!f_app.is_null(f)).then(|| f_app.value(f)),
-                        op: (!f_op.is_null(f)).then(|| f_op.value(f)),
-                        bytes: f_bytes[f],
-                        trusted: adm != Admission::Future,
-                    },
-                    &mut p.findings,
-                );
-            };
-            for i in 0..messages.num_rows() {
-                while f < f_env.len() && f_env[f] < m_env[i] {
-                    flow(self, f, &mut flow_adm);
-                    f += 1;
-                }
-                let ts = m_ts[i];
-                self.readings.clear();
-                let first = m_first[i] as usize;
-                for r in first..first + m_count[i] as usize {
-                    if r_value.is_null(r) {
-                        self.stats.null_readings += 1;
-                    } else {
-                        self.readings.push((r_metric[r], r_value.value(r)));
-                    }
-                }
-                let env = &envelopes[m_env[i] as usize];
-                let found_before = self.findings.len();
-                let verdict = self.identity.observe(
-                    &Message {
-                        machine: m_machine[i],
-                        device: m_device[i],
-                        machine_name: self.decoder.machines.name(m_machine[i]),
-                        device_name: self.decoder.devices.name(m_device[i]),
-                        ts,
-                        received_at: m_recv[i],
-                        seq: (!m_seq.is_null(i)).then(|| m_seq.value(i)),
-                        size: env.payload.len() as f64
-                            / self.per_envelope[m_env[i] as usize].max(1) as f64,
-                        fingerprint: crate::detect::replay::fingerprint(&self.readings),
-                        envelope: m_env[i],
-                        payload: &env.payload,
-                        signature: env.header(crate::registry::SIGNATURE_HEADER),
-                    },
-                    &mut self.findings,
-                );
-                // An untrusted sender neither moves the watermark nor joins a window.
-                let adm = if verdict.trusted {
-                    self.windows.admit(m_machine[i], ts, m_recv[i])
-                } else {
-                    Admission::Untrusted
-                };
-                let ts = verdict.ts;
-                msg_adm.push(adm);
-                if adm != Admission::Future {
-                    self.stats.newest_ts = Some(self.stats.newest_ts.map_or(ts, |n| n.max(ts)));
-                    self.stats.oldest_ts = Some(self.stats.oldest_ts.map_or(ts, |n| n.min(ts)));
-                }
-                let trusted = matches!(adm, Admission::OnTime | Admission::Late);
-                self.detectors.observe(
-                    m_machine[i],
-                    m_device[i],
-                    ts,
-                    trusted,
-                    &self.readings,
-                    &mut self.findings,
-                );
-                let metrics = &self.decoder.metrics;
-                let clean = self.findings.len() == found_before;
-                self.learned.observe(
-                    m_machine[i],
-                    self.decoder.machines.name(m_machine[i]),
-                    m_device[i],
-                    ts,
-                    trusted,
-                    clean,
-                    &self.readings,
-                    &|id| metrics.name(id).to_string(),
-                    &mut self.findings,
-                );
-            }
-            for f in f..f_env.len() {
-                flow(self, f, &mut flow_adm);
+            let _s = debug_span!("fast_path", envelopes = envelopes.len()).entered();
+            for decoded in &parts {
+                admissions.push(self.fast_path(decoded, envelopes));
             }
             let (machines, devices) = (&self.decoder.machines, &self.decoder.devices);
             self.identity.tick(
@@ -619,7 +508,9 @@ impl Pipeline {
             // Window tables only feed the query files: without them, rows are
             // not kept (the watermarks above still judge lateness).
             if self.keep_windows {
-                self.windows.buffer(&decoded, &msg_adm, &flow_adm);
+                for (decoded, (messages, flows)) in parts.iter().zip(&admissions) {
+                    self.windows.buffer(decoded, messages, flows);
+                }
                 out.closed = self.windows.close();
             }
         }
@@ -629,6 +520,138 @@ impl Pipeline {
         self.progress
             .fetch_add(envelopes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         out
+    }
+
+    /// One part of a decoded batch through identity, admission and the
+    /// per-reading detectors; the admissions of its messages and flow records.
+    fn fast_path(
+        &mut self,
+        decoded: &crate::decode::DecodedBatch,
+        envelopes: &[Envelope],
+    ) -> (Vec<Admission>, Vec<Admission>) {
+        let messages = &decoded.messages;
+        let readings = &decoded.readings;
+        // Admission: each message against its machine's watermark, in arrival order.
+        let m_ts = col::<TimestampMillisecondArray>(messages, "ts").values();
+        let m_recv = col::<TimestampMillisecondArray>(messages, "received_at").values();
+        let m_machine = col::<UInt32Array>(messages, "machine_id").values();
+        let m_device = col::<UInt32Array>(messages, "device_id").values();
+        let m_first = col::<UInt32Array>(messages, "first_reading").values();
+        let m_count = col::<UInt32Array>(messages, "readings").values();
+        let f_ts = col::<TimestampMillisecondArray>(&decoded.flows, "ts").values();
+        let f_recv = col::<TimestampMillisecondArray>(&decoded.flows, "received_at").values();
+        let f_machine = col::<UInt32Array>(&decoded.flows, "machine_id").values();
+        let m_seq = col::<UInt64Array>(messages, "seq");
+        let r_metric = col::<UInt32Array>(readings, "metric_id").values();
+        let r_value = col::<Float64Array>(readings, "value");
+        let flows = &decoded.flows;
+        let f_src = col::<StringArray>(flows, "src");
+        let f_dst = col::<StringArray>(flows, "dst");
+        let f_port = col::<UInt16Array>(flows, "dst_port");
+        let f_app = col::<StringArray>(flows, "app");
+        let f_op = col::<StringArray>(flows, "op");
+        let f_bytes = col::<UInt64Array>(flows, "bytes").values();
+
+        let m_env = col::<UInt32Array>(messages, "envelope").values();
+        let f_env = col::<UInt32Array>(&decoded.flows, "envelope").values();
+        let mut msg_adm = Vec::with_capacity(messages.num_rows());
+        let mut flow_adm = Vec::with_capacity(flows.num_rows());
+        // Messages and flow records are admitted in arrival order, interleaved,
+        // so each sees the watermark as it stood when it arrived.
+        let mut f = 0;
+        let flow = |p: &mut Self, f: usize, out: &mut Vec<Admission>| {
+            let adm = p.windows.admit_flow(f_machine[f], f_ts[f], f_recv[f]);
+            out.push(adm);
+            p.flows.observe(
+                &FlowRecord {
+                    machine: f_machine[f],
+                    machine_name: p.decoder.machines.name(f_machine[f]),
+                    ts: f_ts[f],
+                    src: f_src.value(f),
+                    dst: f_dst.value(f),
+                    dst_port: (!f_port.is_null(f)).then(|| f_port.value(f)),
+                    app: (!f_app.is_null(f)).then(|| f_app.value(f)),
+                    op: (!f_op.is_null(f)).then(|| f_op.value(f)),
+                    bytes: f_bytes[f],
+                    trusted: adm != Admission::Future,
+                },
+                &mut p.findings,
+            );
+        };
+        for i in 0..messages.num_rows() {
+            while f < f_env.len() && f_env[f] < m_env[i] {
+                flow(self, f, &mut flow_adm);
+                f += 1;
+            }
+            let ts = m_ts[i];
+            self.readings.clear();
+            let first = m_first[i] as usize;
+            for r in first..first + m_count[i] as usize {
+                if r_value.is_null(r) {
+                    self.stats.null_readings += 1;
+                } else {
+                    self.readings.push((r_metric[r], r_value.value(r)));
+                }
+            }
+            let env = &envelopes[m_env[i] as usize];
+            let found_before = self.findings.len();
+            let verdict = self.identity.observe(
+                &Message {
+                    machine: m_machine[i],
+                    device: m_device[i],
+                    machine_name: self.decoder.machines.name(m_machine[i]),
+                    device_name: self.decoder.devices.name(m_device[i]),
+                    ts,
+                    received_at: m_recv[i],
+                    seq: (!m_seq.is_null(i)).then(|| m_seq.value(i)),
+                    size: env.payload.len() as f64
+                        / self.per_envelope[m_env[i] as usize].max(1) as f64,
+                    fingerprint: crate::detect::replay::fingerprint(&self.readings),
+                    envelope: m_env[i],
+                    payload: &env.payload,
+                    signature: env.header(crate::registry::SIGNATURE_HEADER),
+                },
+                &mut self.findings,
+            );
+            // An untrusted sender neither moves the watermark nor joins a window.
+            let adm = if verdict.trusted {
+                self.windows.admit(m_machine[i], ts, m_recv[i])
+            } else {
+                Admission::Untrusted
+            };
+            let ts = verdict.ts;
+            msg_adm.push(adm);
+            if adm != Admission::Future {
+                self.stats.newest_ts = Some(self.stats.newest_ts.map_or(ts, |n| n.max(ts)));
+                self.stats.oldest_ts = Some(self.stats.oldest_ts.map_or(ts, |n| n.min(ts)));
+            }
+            let trusted = matches!(adm, Admission::OnTime | Admission::Late);
+            self.detectors.observe(
+                m_machine[i],
+                m_device[i],
+                ts,
+                trusted,
+                &self.readings,
+                &mut self.findings,
+            );
+            let metrics = &self.decoder.metrics;
+            let clean = self.findings.len() == found_before;
+            self.learned.observe(
+                m_machine[i],
+                self.decoder.machines.name(m_machine[i]),
+                m_device[i],
+                ts,
+                trusted,
+                clean,
+                &self.readings,
+                &|id| metrics.name(id).to_string(),
+                &mut self.findings,
+            );
+        }
+        for f in f..f_env.len() {
+            flow(self, f, &mut flow_adm);
+        }
+        (msg_adm, flow_adm)
     }
 
     /// Hands the windows `out` closed to the feature stage and, when a run is

@@ -513,3 +513,163 @@ fn remembered_keys_and_devices_never_give_a_wrong_name() {
         &[3, 2]
     );
 }
+
+/// Every row of a table as text, `offset` added to the row-number column
+/// `counted` (rows of a second part count from the end of the first's).
+fn rows_of(b: &RecordBatch, counted: &str, offset: u32) -> Vec<String> {
+    let cols: Vec<(String, arrow::array::ArrayRef)> = b
+        .schema()
+        .fields()
+        .iter()
+        .zip(b.columns())
+        .map(|(f, c)| {
+            let c = if f.name() == counted {
+                let v = c.as_any().downcast_ref::<UInt32Array>().unwrap();
+                std::sync::Arc::new(UInt32Array::from_iter_values(
+                    v.values().iter().map(|x| x + offset),
+                )) as arrow::array::ArrayRef
+            } else {
+                c.clone()
+            };
+            (f.name().clone(), c)
+        })
+        .collect();
+    (0..b.num_rows())
+        .map(|r| {
+            cols.iter()
+                .map(|(name, c)| {
+                    let v = arrow::util::display::array_value_to_string(c, r).unwrap();
+                    format!("{name}={v}")
+                })
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// A batch of well over 256 KB: machines, devices and metrics new in either
+/// half or both, objects without a device, array payloads, flow records, and
+/// bad payloads in both halves.
+fn big_batch(round: usize) -> Vec<Envelope> {
+    let mut out = Vec::new();
+    for i in 0..3600usize {
+        let machine = format!("m-{}", (i * 7 + round * 13) % 450);
+        let subject = format!("twin.telemetry.site.{machine}");
+        let ts = 1_795_766_400_000u64 + (i as u64) * 10;
+        let payload = match i % 10 {
+            // A metric first seen here, in whichever half this falls.
+            0 => format!(
+                r#"{{"ts":{ts},"device":"dev-{}","seq":{i},"readings":{{"a":{}.5,"x{}":1.25,"b":null}}}}"#,
+                i % 37,
+                i % 11,
+                i / 500
+            ),
+            // No device: the machine's own name is its device.
+            1 => format!(r#"{{"ts":{ts},"readings":{{"a":{i},"b":2.5,"c":-1}}}}"#),
+            2 => format!(
+                r#"[{{"ts":{ts},"machine":"{machine}-arm","readings":{{"a":1,"b":2}}}},{{"ts":{},"readings":{{"b":3,"a":4,"d{}":5}}}}]"#,
+                ts + 1,
+                i % 3
+            ),
+            3 => {
+                let flow = format!(
+                    r#"{{"ts":{ts},"src":"10.0.0.{}","dst":"10.0.1.1","dst_port":502,"proto":"tcp","app":"modbus","bytes":{}}}"#,
+                    i % 250,
+                    100 + i
+                );
+                out.push(Envelope::new(
+                    &format!("twin.flows.site.{machine}"),
+                    Some(1_795_766_400_500),
+                    flow.into_bytes(),
+                ));
+                format!(r#"{{"ts":{ts},"device":"plc-{}","readings":{{"a":{i}.125,"b":0}}}}"#, i % 90)
+            }
+            // A bad payload; the machine of its first object must not be kept.
+            4 if i % 20 == 4 => format!(
+                r#"[{{"ts":{ts},"machine":"never-{i}","readings":{{"a":1}}}},{{"ts":{ts},"readings":{{"a\u0001":1}}}}]"#
+            ),
+            5 if i % 40 == 5 => "{not json".to_string(),
+            _ => format!(
+                r#"{{"ts":{ts},"device":"dev-{}","seq":{i},"readings":{{"a":{}.75,"b":{},"c":3,"note":null}}}}"#,
+                i % 37,
+                i % 13,
+                i % 17
+            ),
+        };
+        out.push(Envelope::new(&subject, Some(1_795_766_400_500), payload.into_bytes()));
+    }
+    out
+}
+
+/// What `decode_parts` hands out, put back together, and what `decode` gives
+/// in one piece, as rows of text, rejections and interned names.
+fn decoded_as_text(d: &mut Decoder, envelopes: &[Envelope], parts: bool) -> (usize, Vec<String>) {
+    let batches = if parts {
+        d.decode_parts(envelopes)
+    } else {
+        vec![d.decode(envelopes)]
+    };
+    let mut out = Vec::new();
+    let (mut messages, mut readings) = (0, 0);
+    for b in &batches {
+        out.extend(rows_of(&b.readings, "message", messages));
+        out.extend(rows_of(&b.messages, "first_reading", readings));
+        out.extend(rows_of(&b.flows, "", 0));
+        out.extend(
+            b.rejected
+                .iter()
+                .map(|r| format!("rejected {} {}", r.index, r.error.reason.as_str())),
+        );
+        messages += b.messages.num_rows() as u32;
+        readings += b.readings.num_rows() as u32;
+    }
+    out.sort();
+    for (kind, names) in [
+        ("machine", d.machines.names()),
+        ("device", d.devices.names()),
+        ("metric", d.metrics.names()),
+    ] {
+        out.extend(names.iter().enumerate().map(|(i, n)| format!("{kind} {i} {n}")));
+    }
+    (batches.len(), out)
+}
+
+#[test]
+fn a_batch_decoded_in_two_parts_is_the_batch_decoded_in_one() {
+    let (mut whole, mut split) = (decoder(), decoder());
+    for round in 0..3 {
+        let batch = big_batch(round);
+        let bytes: usize = batch
+            .iter()
+            .filter(|e| e.subject.starts_with("twin.telemetry."))
+            .map(|e| e.payload.len())
+            .sum();
+        assert!(bytes > 270_000, "{bytes} bytes of telemetry");
+        let (_, want) = decoded_as_text(&mut whole, &batch, false);
+        let (parts, got) = decoded_as_text(&mut split, &batch, true);
+        assert_eq!(parts, 2, "round {round} was decoded in two parts");
+        assert!(want.iter().any(|r| r.starts_with("rejected")));
+        assert!(want.iter().any(|r| r.contains("src=10.0.0.")));
+        assert_eq!(got.len(), want.len(), "round {round}");
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g, w, "round {round}");
+        }
+    }
+}
+
+#[test]
+fn a_batch_whose_new_names_pass_a_cap_is_decoded_in_one_piece() {
+    let cfg = InputConfig {
+        max_machines: 300,
+        max_metrics: 6,
+        ..InputConfig::default()
+    };
+    let (mut whole, mut split) = (Decoder::new(cfg.clone()), Decoder::new(cfg));
+    let batch = big_batch(0);
+    let (_, want) = decoded_as_text(&mut whole, &batch, false);
+    let (parts, got) = decoded_as_text(&mut split, &batch, true);
+    assert_eq!(parts, 1);
+    assert!(want.iter().any(|r| r.ends_with(" capacity")), "the caps were reached");
+    assert_eq!(got, want);
+    assert_eq!(split.machines.refused(), whole.machines.refused());
+}
