@@ -578,11 +578,14 @@ fn big_batch(round: usize) -> Vec<Envelope> {
                     100 + i
                 );
                 out.push(Envelope::new(
-                    &format!("twin.flows.site.{machine}"),
+                    format!("twin.flows.site.{machine}"),
                     Some(1_795_766_400_500),
                     flow.into_bytes(),
                 ));
-                format!(r#"{{"ts":{ts},"device":"plc-{}","readings":{{"a":{i}.125,"b":0}}}}"#, i % 90)
+                format!(
+                    r#"{{"ts":{ts},"device":"plc-{}","readings":{{"a":{i}.125,"b":0}}}}"#,
+                    i % 90
+                )
             }
             // A bad payload; the machine of its first object must not be kept.
             4 if i % 20 == 4 => format!(
@@ -596,7 +599,11 @@ fn big_batch(round: usize) -> Vec<Envelope> {
                 i % 17
             ),
         };
-        out.push(Envelope::new(&subject, Some(1_795_766_400_500), payload.into_bytes()));
+        out.push(Envelope::new(
+            &subject,
+            Some(1_795_766_400_500),
+            payload.into_bytes(),
+        ));
     }
     out
 }
@@ -629,7 +636,12 @@ fn decoded_as_text(d: &mut Decoder, envelopes: &[Envelope], parts: bool) -> (usi
         ("device", d.devices.names()),
         ("metric", d.metrics.names()),
     ] {
-        out.extend(names.iter().enumerate().map(|(i, n)| format!("{kind} {i} {n}")));
+        out.extend(
+            names
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("{kind} {i} {n}")),
+        );
     }
     (batches.len(), out)
 }
@@ -669,7 +681,10 @@ fn a_batch_whose_new_names_pass_a_cap_is_decoded_in_one_piece() {
     let (_, want) = decoded_as_text(&mut whole, &batch, false);
     let (parts, got) = decoded_as_text(&mut split, &batch, true);
     assert_eq!(parts, 1);
-    assert!(want.iter().any(|r| r.ends_with(" capacity")), "the caps were reached");
+    assert!(
+        want.iter().any(|r| r.ends_with(" capacity")),
+        "the caps were reached"
+    );
     assert_eq!(got, want);
     assert_eq!(split.machines.refused(), whole.machines.refused());
 }
