@@ -404,3 +404,24 @@ fn learned_model_catches_a_sensor_decoupled_from_the_load() {
         );
     }
 }
+
+#[test]
+fn a_machine_holds_room_for_the_metrics_it_has() {
+    let mut d = Detectors::new(&config());
+    let mut out = Vec::new();
+    // A machine's query features arrive together, once per window.
+    let features: Vec<(u32, f64)> = (0..43).map(|k| (k, k as f64)).collect();
+    d.observe(7, 0, T0, true, &features, &mut out);
+    let m = d.machine(7).expect("the machine is known");
+    assert_eq!((m.metrics.len(), m.metrics.capacity()), (43, 43));
+    // Later ones: room for each group's new metrics, not a doubling.
+    let more: Vec<(u32, f64)> = (0..45).map(|k| (k, 1.0)).collect();
+    d.observe(7, 0, T0 + 10_000, true, &more, &mut out);
+    let m = d.machine(7).expect("the machine is known");
+    assert_eq!((m.metrics.len(), m.metrics.capacity()), (45, 45));
+    // A sensor at a time still takes one slot each.
+    d.observe(8, 0, T0, true, &[(1, 1.0)], &mut out);
+    d.observe(8, 0, T0 + 1_000, true, &[(1, 1.0), (2, 2.0)], &mut out);
+    let m = d.machine(8).expect("the machine is known");
+    assert_eq!((m.metrics.len(), m.metrics.capacity()), (2, 2));
+}
