@@ -566,3 +566,39 @@ fn name_columns_are_text_to_sql_whether_read_or_not() {
         );
     });
 }
+
+/// The query thread runs at nice 10: a run must not take the CPU the ingest
+/// loop (and its alert latency) needs.
+#[cfg(target_os = "linux")]
+#[test]
+fn the_query_thread_gives_way_to_the_ingest_loop() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = Config::default();
+    cfg.queries.dir = dir.path().display().to_string();
+    let _stage =
+        rt().block_on(async { twinwatch::features::FeatureStage::new(&cfg.queries).spawn() });
+    let nice_of_query_threads = || -> Vec<i64> {
+        let mut out = Vec::new();
+        for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+            let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+            if comm.trim() != "twinwatch-queri" {
+                continue;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+            // Fields after the parenthesised name: state is the 3rd field, nice the 19th.
+            let rest = &stat[stat.rfind(')').unwrap() + 2..];
+            out.push(rest.split(' ').nth(16).unwrap().parse().unwrap());
+        }
+        out
+    };
+    let mut nice = nice_of_query_threads();
+    for _ in 0..100 {
+        if !nice.is_empty() && nice.iter().all(|&n| n == 10) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        nice = nice_of_query_threads();
+    }
+    assert!(!nice.is_empty(), "a query thread runs");
+    assert!(nice.iter().all(|&n| n == 10), "nice values {nice:?}");
+}
