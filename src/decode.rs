@@ -3,7 +3,9 @@
 //! Arrow builders that live as long as the decoder.
 //!
 //! Each call to [`Decoder::decode`] turns a batch of envelopes into a
-//! [`DecodedBatch`] of three tables plus the rejected envelopes:
+//! [`DecodedBatch`] of three tables plus the rejected envelopes
+//! ([`Decoder::decode_parts`], which the pipeline calls, decodes a big batch
+//! as two such parts at once on two threads, with the same rows and ids):
 //!
 //! **`readings`** — one row per reading (long form):
 //!
