@@ -1,5 +1,6 @@
 //! What each room of the pipeline costs (`cargo bench --bench rooms`):
-//! decoding JSON into Arrow (one message, and a batch of 1,000), the window
+//! decoding JSON into Arrow (one message, a batch of 1,000, a full batch of
+//! 4,096 in one piece and in two parts on two threads), the window
 //! features (the shipped query files over one closed 10-second window of 100
 //! machines), the per-reading baselines (one message of 4 readings into a
 //! machine that has learned), the learned model scoring one vector, and
@@ -52,6 +53,27 @@ fn decode(c: &mut Criterion) {
     g.bench_function("batch of 1000 messages", |b| {
         b.iter(|| black_box(d.decode(black_box(&batch))))
     });
+    // A full batch as the live source hands it over (source.max_batch): in
+    // one piece, and in two parts at once as the pipeline decodes it.
+    let full: Vec<Envelope> = (0..4096)
+        .map(|m| message(m % 1000, 1 + m as i64 / 1000))
+        .collect();
+    for (name, parts) in [
+        ("batch of 4096 messages, one piece", false),
+        ("batch of 4096 messages, two parts", true),
+    ] {
+        let mut d = Decoder::new(cfg.input.clone());
+        g.throughput(Throughput::Elements(full.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                if parts {
+                    black_box(d.decode_parts(black_box(&full)).len())
+                } else {
+                    black_box(d.decode(black_box(&full)).messages.num_rows())
+                }
+            })
+        });
+    }
     // Array payloads: 100 objects of 4 readings in each of 20 envelopes.
     let arrays: Vec<Envelope> = (0..20)
         .map(|m| {
