@@ -43,7 +43,6 @@
 //! object included) with a [`Reason`]; nothing here panics on input.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use arrow::array::{
@@ -972,6 +971,14 @@ fn text<'e>(cfg: &InputConfig, env: &'e Envelope) -> Result<&'e str, DecodeError
 /// parts on two threads (see [`Decoder::decode_parts`]).
 const PARALLEL_DECODE_BYTES: usize = 256 * 1024;
 
+/// The bytes of telemetry an envelope carries (what the split into parts weighs).
+fn telemetry_bytes(e: &Envelope) -> usize {
+    match e.stream() {
+        Stream::Telemetry => e.payload.len(),
+        Stream::Flows => 0,
+    }
+}
+
 // ---------------------------------------------------------------- decoder
 
 /// Turns envelopes into Arrow tables. Holds the interners, so ids are stable
@@ -1092,38 +1099,55 @@ struct Ahead<'a> {
     new: NewNames,
 }
 
+/// Indices of [`NewNames::tables`].
+const MACHINES: usize = 0;
+const DEVICES: usize = 1;
+const METRICS: usize = 2;
+
 /// The names a part met that the decoder did not hold, and the own devices
 /// it looked up.
-#[derive(Default)]
 struct NewNames {
-    machines: Vec<Arc<str>>,
-    devices: Vec<Arc<str>>,
-    metrics: Vec<Arc<str>>,
-    ids: [HashMap<Arc<str>, u32, foldhash::fast::RandomState>; 3],
+    /// Machines, devices, metrics: uncapped interners of their own, whose
+    /// ids count after the decoder's (the caps are checked when settling).
+    tables: [Interner; 3],
     /// (machine, device) of the machines whose own device was looked up.
     own: Vec<(u32, u32)>,
 }
 
-impl NewNames {
-    /// The provisional id of `name` in table `t` (after the `held` names of the decoder).
-    fn id(&mut self, t: usize, held: usize, name: &str) -> u32 {
-        if let Some(&j) = self.ids[t].get(name) {
-            return (held + j as usize) as u32;
+impl Default for NewNames {
+    fn default() -> Self {
+        NewNames {
+            tables: std::array::from_fn(|_| Interner::new(usize::MAX)),
+            own: Vec::new(),
         }
-        let list = match t {
-            0 => &mut self.machines,
-            1 => &mut self.devices,
-            _ => &mut self.metrics,
-        };
-        let j = list.len() as u32;
-        let name: Arc<str> = Arc::from(name);
-        list.push(name.clone());
-        self.ids[t].insert(name, j);
-        (held + j as usize) as u32
+    }
+}
+
+impl NewNames {
+    /// The provisional id of `name` in table `t`, after the `held` names of the decoder.
+    fn id(&mut self, t: usize, held: usize, name: &str) -> u32 {
+        let j = self.tables[t].intern(name).expect("an uncapped interner");
+        held as u32 + j
+    }
+
+    /// The name behind a provisional id of table `t`.
+    fn name(&self, t: usize, held: usize, id: u32) -> &Arc<str> {
+        self.tables[t].name(id - held as u32)
     }
 
     fn is_empty(&self) -> bool {
-        self.machines.is_empty() && self.devices.is_empty() && self.metrics.is_empty()
+        self.tables.iter().all(Interner::is_empty)
+    }
+}
+
+impl Ahead<'_> {
+    /// The name of a machine id, held or provisional.
+    fn machine_arc(&self, machine: u32) -> &Arc<str> {
+        if machine as usize >= self.machines.len() {
+            self.new.name(MACHINES, self.machines.len(), machine)
+        } else {
+            self.machines.name(machine)
+        }
     }
 }
 
@@ -1131,14 +1155,14 @@ impl Resolve for Ahead<'_> {
     fn machine(&mut self, name: &str) -> Option<u32> {
         Some(match self.machines.get(name) {
             Some(id) => id,
-            None => self.new.id(0, self.machines.len(), name),
+            None => self.new.id(MACHINES, self.machines.len(), name),
         })
     }
 
     fn device(&mut self, name: &str) -> Option<u32> {
         Some(match self.devices.get(name) {
             Some(id) => id,
-            None => self.new.id(1, self.devices.len(), name),
+            None => self.new.id(DEVICES, self.devices.len(), name),
         })
     }
 
@@ -1148,7 +1172,8 @@ impl Resolve for Ahead<'_> {
         {
             return Some(d);
         }
-        let name: Arc<str> = Arc::from(self.machine_name(machine));
+        // The shared name (not a copy): the lookup below needs `self` mutably.
+        let name = self.machine_arc(machine).clone();
         let d = self.device(&name)?;
         self.new.own.push((machine, d));
         Some(d)
@@ -1158,18 +1183,13 @@ impl Resolve for Ahead<'_> {
         if let Some(id) = self.metrics.get(name) {
             return Some((id, self.metrics.name(id).clone()));
         }
-        let id = self.new.id(2, self.metrics.len(), name);
-        Some((
-            id,
-            self.new.metrics[id as usize - self.metrics.len()].clone(),
-        ))
+        let held = self.metrics.len();
+        let id = self.new.id(METRICS, held, name);
+        Some((id, self.new.name(METRICS, held, id).clone()))
     }
 
     fn machine_name(&self, machine: u32) -> &str {
-        match (machine as usize).checked_sub(self.machines.len()) {
-            Some(j) => &self.new.machines[j],
-            None => self.machines.name(machine),
-        }
+        self.machine_arc(machine)
     }
 }
 
@@ -1225,12 +1245,8 @@ impl Decoder {
     /// telemetry is split in two halves by bytes, decoded at once on this
     /// thread and a second one: decoding is a third of the ingest loop's work.
     pub fn decode_parts(&mut self, envelopes: &[Envelope]) -> Vec<DecodedBatch> {
-        let size = |e: &Envelope| match e.stream() {
-            Stream::Telemetry => e.payload.len(),
-            Stream::Flows => 0,
-        };
-        let total: usize = envelopes.iter().map(size).sum();
-        if total >= PARALLEL_DECODE_BYTES && self.decode_in_two(envelopes, total, size) {
+        let total: usize = envelopes.iter().map(telemetry_bytes).sum();
+        if total >= PARALLEL_DECODE_BYTES && self.decode_in_two(envelopes, total) {
             let names = self.names();
             return vec![self.first.finish(&names), self.second.finish(&names)];
         }
@@ -1258,16 +1274,11 @@ impl Decoder {
     /// Both halves at once, then their new names interned; false (and
     /// nothing kept) when no second thread could be had or the new names
     /// would not all fit under the caps — then the batch is decoded in one piece.
-    fn decode_in_two(
-        &mut self,
-        envelopes: &[Envelope],
-        total: usize,
-        size: impl Fn(&Envelope) -> usize,
-    ) -> bool {
+    fn decode_in_two(&mut self, envelopes: &[Envelope], total: usize) -> bool {
         let mut mid = 0;
         let mut bytes = 0;
         while mid < envelopes.len() && bytes < total / 2 {
-            bytes += size(&envelopes[mid]);
+            bytes += telemetry_bytes(&envelopes[mid]);
             mid += 1;
         }
         let ahead = || Ahead {
@@ -1302,43 +1313,35 @@ impl Decoder {
         if a.is_empty() && b.is_empty() {
             return true;
         }
-        let fits = |table: &Interner,
-                    a: &[Arc<str>],
-                    b: &[Arc<str>],
-                    in_a: &HashMap<Arc<str>, u32, foldhash::fast::RandomState>| {
-            a.len() + b.iter().filter(|n| !in_a.contains_key(&***n)).count() <= table.room()
+        let mut tables = [&mut self.machines, &mut self.devices, &mut self.metrics];
+        let fits = |t: usize, room: usize| {
+            let (a, b) = (&a.tables[t], &b.tables[t]);
+            a.len() + b.names().iter().filter(|n| a.get(n).is_none()).count() <= room
         };
-        if !fits(&self.machines, &a.machines, &b.machines, &a.ids[0])
-            || !fits(&self.devices, &a.devices, &b.devices, &a.ids[1])
-            || !fits(&self.metrics, &a.metrics, &b.metrics, &a.ids[2])
-        {
+        if !(0..3).all(|t| fits(t, tables[t].room())) {
             return false;
         }
-        let held = [self.machines.len(), self.devices.len(), self.metrics.len()];
-        let intern_all = |table: &mut Interner, names: &[Arc<str>]| -> Vec<u32> {
-            names
-                .iter()
-                .map(|n| table.intern(n).expect("room was checked"))
-                .collect()
-        };
-        intern_all(&mut self.machines, &a.machines);
-        intern_all(&mut self.devices, &a.devices);
-        intern_all(&mut self.metrics, &a.metrics);
-        let maps = [
-            intern_all(&mut self.machines, &b.machines),
-            intern_all(&mut self.devices, &b.devices),
-            intern_all(&mut self.metrics, &b.metrics),
-        ];
+        let held = tables.each_ref().map(|t| t.len());
+        // The first part's new names take the ids they were given; the
+        // second part's ids are where its names land.
+        let mut maps: [Vec<u32>; 3] = Default::default();
+        for (t, table) in tables.iter_mut().enumerate() {
+            let mut intern = |n: &Arc<str>| table.intern(n).expect("room was checked");
+            for n in a.tables[t].names() {
+                intern(n);
+            }
+            maps[t] = b.tables[t].names().iter().map(intern).collect();
+        }
         let fix = |t: usize, id: u32| match (id as usize).checked_sub(held[t]) {
             Some(j) => maps[t][j],
             None => id,
         };
         self.second.renumber(&fix);
-        for (m, d) in a
-            .own
-            .into_iter()
-            .chain(b.own.into_iter().map(|(m, d)| (fix(0, m), fix(1, d))))
-        {
+        for (m, d) in a.own.into_iter().chain(
+            b.own
+                .into_iter()
+                .map(|(m, d)| (fix(MACHINES, m), fix(DEVICES, d))),
+        ) {
             let m = m as usize;
             if self.own_devices.len() <= m {
                 self.own_devices.resize(m + 1, u32::MAX);
@@ -1378,16 +1381,16 @@ impl Part {
         }
     }
 
-    /// Gives the rows their final ids: `fix(table, id)` with table 0
-    /// machines, 1 devices, 2 metrics.
+    /// Gives the rows their final ids: `fix(table, id)`, table one of
+    /// [`MACHINES`], [`DEVICES`], [`METRICS`].
     fn renumber(&mut self, fix: &impl Fn(usize, u32) -> u32) {
         let columns: [(&mut UInt32Builder, usize); 6] = [
-            (&mut self.messages.machine_id, 0),
-            (&mut self.messages.device_id, 1),
-            (&mut self.readings.machine_id, 0),
-            (&mut self.readings.device_id, 1),
-            (&mut self.readings.metric_id, 2),
-            (&mut self.flows.machine_id, 0),
+            (&mut self.messages.machine_id, MACHINES),
+            (&mut self.messages.device_id, DEVICES),
+            (&mut self.readings.machine_id, MACHINES),
+            (&mut self.readings.device_id, DEVICES),
+            (&mut self.readings.metric_id, METRICS),
+            (&mut self.flows.machine_id, MACHINES),
         ];
         for (column, t) in columns {
             for id in column.values_slice_mut() {
@@ -1395,7 +1398,7 @@ impl Part {
             }
         }
         for (_, id) in &mut self.last_keys {
-            *id = fix(2, *id);
+            *id = fix(METRICS, *id);
         }
     }
 
@@ -1559,11 +1562,10 @@ impl Part {
         {
             return Ok(*id);
         }
-        let entry = names
+        let (id, name) = names
             .metric(key)
             .ok_or_else(|| capacity("metrics", "input.max_metrics"))?;
-        let id = entry.0;
-        let entry = (entry.1, id);
+        let entry = (name, id);
         match self.last_keys.get_mut(i) {
             Some(slot) => *slot = entry,
             None if i < MAX_REMEMBERED_KEYS => self.last_keys.push(entry),
