@@ -331,12 +331,12 @@ impl TableBuffer {
         ));
         let cols = self.kept.columns(&cols, n, Arc::clone);
         let batch = RecordBatch::try_new(self.schema.clone(), cols).expect("window columns match");
-        let min_start = start.values().iter().copied().min().unwrap_or(Millis::MAX);
+        let runs = runs(machine.values(), start.values());
         self.pending.push(Pending {
             batch,
-            runs: runs(machine.values(), start.values()),
+            min_start: runs.iter().map(|r| r.start).min().unwrap_or(Millis::MAX),
+            runs,
             n_open: n,
-            min_start,
         });
     }
 
@@ -399,13 +399,11 @@ impl TableBuffer {
             table
                 .parts
                 .push(rows_of(&p.batch, &mask_of(&p.runs, |r| !r.open)));
-            if p.n_open > 0 {
-                // The batch keeps only its open rows, so its closed ones are
-                // not held twice (here and in the closed table) until the
-                // last of its windows closes.
-                let batch = rows_of(&p.batch, &mask_of(&p.runs, |r| r.open));
-                p.compact(batch);
-            }
+            // The batch keeps only its open rows, so its closed ones are not
+            // held twice (here and in the closed table) until the last of its
+            // windows closes.
+            let batch = rows_of(&p.batch, &mask_of(&p.runs, |r| r.open));
+            p.compact(batch);
         }
         self.pending.retain(|p| p.n_open > 0);
         table
