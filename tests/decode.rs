@@ -515,15 +515,15 @@ fn remembered_keys_and_devices_never_give_a_wrong_name() {
 }
 
 /// Every row of a table as text, `offset` added to the row-number column
-/// `counted` (rows of a second part count from the end of the first's).
-fn rows_of(b: &RecordBatch, counted: &str, offset: u32) -> Vec<String> {
+/// `counted` if any (rows of a second part count from the end of the first's).
+fn rows_of(b: &RecordBatch, counted: Option<&str>, offset: u32) -> Vec<String> {
     let cols: Vec<(String, arrow::array::ArrayRef)> = b
         .schema()
         .fields()
         .iter()
         .zip(b.columns())
         .map(|(f, c)| {
-            let c = if f.name() == counted {
+            let c = if Some(f.name().as_str()) == counted {
                 let v = c.as_any().downcast_ref::<UInt32Array>().unwrap();
                 std::sync::Arc::new(UInt32Array::from_iter_values(
                     v.values().iter().map(|x| x + offset),
@@ -608,29 +608,30 @@ fn big_batch(round: usize) -> Vec<Envelope> {
     out
 }
 
-/// What `decode_parts` hands out, put back together, and what `decode` gives
-/// in one piece, as rows of text, rejections and interned names.
+/// What `decode_parts` hands out, put back together in order, and what
+/// `decode` gives in one piece: each table's rows as text, the rejections,
+/// and the interned names.
 fn decoded_as_text(d: &mut Decoder, envelopes: &[Envelope], parts: bool) -> (usize, Vec<String>) {
     let batches = if parts {
         d.decode_parts(envelopes)
     } else {
         vec![d.decode(envelopes)]
     };
-    let mut out = Vec::new();
-    let (mut messages, mut readings) = (0, 0);
+    let (mut readings, mut messages, mut flows, mut rejected) = (vec![], vec![], vec![], vec![]);
+    let (mut messages_before, mut readings_before) = (0, 0);
     for b in &batches {
-        out.extend(rows_of(&b.readings, "message", messages));
-        out.extend(rows_of(&b.messages, "first_reading", readings));
-        out.extend(rows_of(&b.flows, "", 0));
-        out.extend(
+        readings.extend(rows_of(&b.readings, Some("message"), messages_before));
+        messages.extend(rows_of(&b.messages, Some("first_reading"), readings_before));
+        flows.extend(rows_of(&b.flows, None, 0));
+        rejected.extend(
             b.rejected
                 .iter()
                 .map(|r| format!("rejected {} {}", r.index, r.error.reason.as_str())),
         );
-        messages += b.messages.num_rows() as u32;
-        readings += b.readings.num_rows() as u32;
+        messages_before += b.messages.num_rows() as u32;
+        readings_before += b.readings.num_rows() as u32;
     }
-    out.sort();
+    let mut out = [readings, messages, flows, rejected].concat();
     for (kind, names) in [
         ("machine", d.machines.names()),
         ("device", d.devices.names()),
