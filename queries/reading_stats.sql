@@ -1,6 +1,9 @@
 -- twinwatch: features
 -- Per machine, metric and window: mean, spread, extremes and count of the readings.
 -- Long form: one row per (machine, window, feature); features are named <metric>.<statistic>.
+-- The readings are grouped once and each group's row is repeated for the five statistics:
+-- five SELECTs over `s` joined by UNION ALL would group them five times (a CTE is inlined
+-- where it is used, not computed once).
 WITH s AS (
     SELECT machine, window_start, metric,
            avg(value)        AS mean,
@@ -11,13 +14,16 @@ WITH s AS (
     FROM readings
     WHERE value IS NOT NULL
     GROUP BY machine, window_start, metric
+),
+statistics (statistic) AS (
+    VALUES ('mean'), ('std'), ('min'), ('max'), ('count')
 )
-SELECT machine, window_start, metric || '.mean'  AS feature, mean            AS value FROM s
-UNION ALL
-SELECT machine, window_start, metric || '.std'   AS feature, std             AS value FROM s
-UNION ALL
-SELECT machine, window_start, metric || '.min'   AS feature, lo              AS value FROM s
-UNION ALL
-SELECT machine, window_start, metric || '.max'   AS feature, hi              AS value FROM s
-UNION ALL
-SELECT machine, window_start, metric || '.count' AS feature, CAST(n AS DOUBLE) AS value FROM s
+SELECT s.machine, s.window_start, s.metric || '.' || statistics.statistic AS feature,
+       CASE statistics.statistic
+           WHEN 'mean' THEN s.mean
+           WHEN 'std'  THEN s.std
+           WHEN 'min'  THEN s.lo
+           WHEN 'max'  THEN s.hi
+           ELSE CAST(s.n AS DOUBLE)
+       END AS value
+FROM s CROSS JOIN statistics

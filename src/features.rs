@@ -523,7 +523,7 @@ impl Queries {
                 .collect();
             *table.batches[0].write().await = parts;
         }
-        let newest = newest_window_end(closed);
+        let newest = closed.span.1;
         let mut names = Names::default();
         let state = self.ctx.state();
         let task = self.ctx.task_ctx();
@@ -629,34 +629,6 @@ impl Queries {
         s.push_str(&format!("\nplan:\n{}\n", plan.display_indent()));
         Ok(s)
     }
-}
-
-/// The oldest window start and the newest window end of a set of closed windows.
-fn window_span(closed: &ClosedWindows) -> (Millis, Millis) {
-    let oldest = [&closed.readings, &closed.messages, &closed.flows]
-        .iter()
-        .flat_map(|t| t.parts.iter())
-        .filter_map(|b| {
-            b.column_by_name("window_start")
-                .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
-                .and_then(|a| a.values().iter().min().copied())
-        })
-        .min();
-    let newest = newest_window_end(closed);
-    (oldest.unwrap_or(newest), newest)
-}
-
-fn newest_window_end(closed: &ClosedWindows) -> Millis {
-    [&closed.readings, &closed.messages, &closed.flows]
-        .iter()
-        .flat_map(|t| t.parts.iter())
-        .filter_map(|b| {
-            b.column_by_name("window_end")
-                .and_then(|c| c.as_any().downcast_ref::<TimestampMillisecondArray>())
-                .and_then(|a| a.values().iter().max().copied())
-        })
-        .max()
-        .unwrap_or(0)
 }
 
 fn is_numeric(t: &DataType) -> bool {
@@ -897,7 +869,7 @@ impl Gather {
     fn offer(&mut self, closed: Option<ClosedWindows>) {
         if let Some(c) = closed {
             self.rows += c.readings.num_rows() + c.messages.num_rows() + c.flows.num_rows();
-            let (start, end) = window_span(&c);
+            let (start, end) = c.span;
             self.span = Some(
                 self.span
                     .map_or((start, end), |(lo, hi)| (lo.min(start), hi.max(end))),
@@ -1000,10 +972,11 @@ impl FeatureStage {
             mut queries,
             ..
         } = self;
-        // One run queued while one runs: a loop that closes windows faster
-        // than the queries answer waits, rather than piling up tables.
+        // One run in flight at a time ([`BackgroundStage::offer`] waits for
+        // its answer before handing over the next), so the channel never
+        // holds more than one set of tables.
         let (jobs, mut inbox) = tokio::sync::mpsc::channel::<ClosedWindows>(1);
-        // Unbounded, but never holds more than the runs in flight (at most two).
+        // Unbounded, but never holds more than the one run in flight.
         let (done, results) = tokio::sync::mpsc::unbounded_channel();
         let task = std::thread::Builder::new()
             .name("twinwatch-queries".into())
@@ -1038,6 +1011,7 @@ impl FeatureStage {
             jobs,
             results,
             in_flight: 0,
+            answered: std::collections::VecDeque::new(),
             deferred: 0,
             _task: task,
             runs: 0,
@@ -1056,6 +1030,10 @@ pub struct BackgroundStage {
     jobs: tokio::sync::mpsc::Sender<ClosedWindows>,
     results: tokio::sync::mpsc::UnboundedReceiver<(RunOutput, Duration)>,
     in_flight: usize,
+    /// Answers taken while waiting to hand over the next run, for
+    /// [`BackgroundStage::ready`] to give out first (counted in `in_flight`
+    /// until given out).
+    answered: std::collections::VecDeque<(RunOutput, Duration)>,
     deferred: u64,
     /// Ends on its own once `jobs` is dropped (after the run in hand).
     _task: std::io::Result<std::thread::JoinHandle<()>>,
@@ -1067,19 +1045,33 @@ pub struct BackgroundStage {
 impl BackgroundStage {
     /// Gathers the windows a batch closed and hands them over when a run is
     /// due (or whatever is gathered, when `force`). While the thread is busy
-    /// with one run and has the next queued, windows keep gathering into a
-    /// bigger run instead of holding up the loop (the fast path's alerts do
-    /// not wait for the queries); only past four times `queries.max_rows`
-    /// gathered does the loop wait, so memory stays bounded.
+    /// with a run, windows keep gathering into a bigger run instead of
+    /// holding up the loop (the fast path's alerts do not wait for the
+    /// queries); only past four times `queries.max_rows` gathered does the
+    /// loop wait for the run to answer, then hand over. At most two sets of
+    /// window tables are held: the one running and the one gathering. (With
+    /// one queued behind the running one as well, a 10,000-machine plant,
+    /// whose every window close is 800,000 reading rows, held a third.)
     pub async fn offer(&mut self, closed: Option<ClosedWindows>, force: bool) {
         self.gather.offer(closed);
         if !(force || self.gather.due()) {
             return;
         }
-        let busy = self.jobs.capacity() == 0;
+        let busy = self.in_flight > self.answered.len();
         if busy && !force && self.gather.rows < 4 * self.gather.max_rows {
             self.deferred += 1;
             return;
+        }
+        while !force && self.in_flight > self.answered.len() {
+            // The answers are kept for `ready`; a dead thread answers `None`.
+            match self.results.recv().await {
+                Some(r) => self.answered.push_back(r),
+                None => {
+                    warn!("the query stage stopped; query features are off from here");
+                    self.in_flight = self.answered.len();
+                    break;
+                }
+            }
         }
         if let Some(c) = self.gather.take()
             && self.jobs.send(c).await.is_ok()
@@ -1100,7 +1092,10 @@ impl BackgroundStage {
 
     /// A run's output if one is ready, without waiting.
     pub fn ready(&mut self) -> Option<RunOutput> {
-        let r = self.results.try_recv().ok()?;
+        let r = match self.answered.pop_front() {
+            Some(r) => r,
+            None => self.results.try_recv().ok()?,
+        };
         Some(self.count(r))
     }
 
@@ -1110,6 +1105,9 @@ impl BackgroundStage {
     pub async fn next(&mut self) -> Option<RunOutput> {
         if self.in_flight == 0 {
             return None;
+        }
+        if let Some(r) = self.answered.pop_front() {
+            return Some(self.count(r));
         }
         match self.results.recv().await {
             Some(r) => Some(self.count(r)),
@@ -1138,6 +1136,7 @@ fn merge(parts: Vec<ClosedWindows>) -> ClosedWindows {
         all.messages.extend(c.messages);
         all.flows.extend(c.flows);
         all.machine_windows += c.machine_windows;
+        all.span = (all.span.0.min(c.span.0), all.span.1.max(c.span.1));
     }
     all
 }

@@ -103,6 +103,9 @@ pub struct ClosedWindows {
     pub flows: Table,
     /// How many distinct (machine, window) pairs closed.
     pub machine_windows: usize,
+    /// The oldest window start and the newest window end among them (the
+    /// query stage times its runs by these, whatever columns the rows keep).
+    pub span: (Millis, Millis),
 }
 
 /// Rows of one table waiting for their windows to close.
@@ -124,6 +127,16 @@ struct Kept {
 }
 
 impl Kept {
+    /// Zeros in place of column `i` when no file reads it (shaped like `like`).
+    fn zeros_for(&mut self, i: usize, like: &dyn Array) -> Option<ArrayRef> {
+        let unread = self.read.as_ref().is_some_and(|r| !r[i]);
+        if unread {
+            self.zeros.column(like.data_type(), like.len())
+        } else {
+            None
+        }
+    }
+
     /// The columns of `n` rows: `cut(column)` where it is read, zeros elsewhere
     /// (never cut: filtering zeros would allocate real ones).
     fn columns(
@@ -287,17 +300,16 @@ impl TableBuffer {
     }
 
     /// Keeps only the columns named (and zeros in the others) from the next
-    /// batch on; `None` keeps every column. `window_start` and `window_end`
-    /// are always kept: the query stage times its runs by them.
+    /// batch on; `None` keeps every column. `window_start` is always kept:
+    /// closes find a row's window by it. `window_end` is only its start plus
+    /// the window size, kept like any column when a file reads it (8 bytes a
+    /// waiting row otherwise, a sixth of what the shipped files keep).
     fn read_only(&mut self, columns: Option<&std::collections::BTreeSet<String>>) {
         self.kept.read = columns.map(|c| {
             self.schema
                 .fields()
                 .iter()
-                .map(|f| {
-                    c.contains(f.name())
-                        || matches!(f.name().as_str(), "window_start" | "window_end")
-                })
+                .map(|f| c.contains(f.name()) || f.name() == "window_start")
                 .collect()
         });
     }
@@ -325,10 +337,16 @@ impl TableBuffer {
         let n = batch.num_rows();
         let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
         cols.push(Arc::new(start.clone()));
-        cols.push(Arc::new(
-            TimestampMillisecondArray::from_iter_values(start.values().iter().map(|s| s + size))
+        let end: ArrayRef = match self.kept.zeros_for(cols.len(), &start) {
+            Some(zeros) => zeros,
+            None => Arc::new(
+                TimestampMillisecondArray::from_iter_values(
+                    start.values().iter().map(|s| s + size),
+                )
                 .with_timezone("UTC"),
-        ));
+            ),
+        };
+        cols.push(end);
         let cols = self.kept.columns(&cols, n, Arc::clone);
         let batch = RecordBatch::try_new(self.schema.clone(), cols).expect("window columns match");
         let runs = runs(machine.values(), start.values());
@@ -574,11 +592,14 @@ impl Windows {
         }
         windows.sort_unstable();
         windows.dedup();
+        let oldest = windows.iter().map(|w| w.1).min().unwrap_or(0);
+        let newest = windows.iter().map(|w| w.1).max().unwrap_or(0);
         Some(ClosedWindows {
             readings,
             messages,
             flows,
             machine_windows: windows.len(),
+            span: (oldest, newest.saturating_add(size)),
         })
     }
 }

@@ -76,6 +76,11 @@ fn windows_close_when_the_watermark_passes_their_end() {
         .closed
         .expect("newest 15 s - lateness 5 s = 10 s closes [0, 10 s)");
     assert_eq!(c.machine_windows, 1);
+    assert_eq!(
+        c.span,
+        (T0, T0 + 10_000),
+        "the closed window's start and end"
+    );
     let r = &c.readings.concat();
     assert_eq!(r.num_rows(), 10);
     let starts = r
@@ -217,7 +222,9 @@ fn windows_keep_only_the_columns_the_queries_read() {
     let parts = &c.readings.parts;
     assert!(parts.len() >= 2, "one part per batch");
     let r = c.readings.concat();
-    // What is read is there; window_start and window_end always are.
+    // What is read is there; window_start always is; window_end (its start
+    // plus the size) only when read, the span of the close saying when the
+    // windows end.
     let values = r.column_by_name("value").unwrap();
     let values = values.as_any().downcast_ref::<Float64Array>().unwrap();
     assert_eq!(values.iter().flatten().sum::<f64>(), 66.0);
@@ -227,6 +234,13 @@ fn windows_keep_only_the_columns_the_queries_read() {
         .downcast_ref::<TimestampMillisecondArray>()
         .unwrap();
     assert_eq!(starts.value(11), T0 + 10_000);
+    let ends = r.column_by_name("window_end").unwrap();
+    let ends = ends
+        .as_any()
+        .downcast_ref::<TimestampMillisecondArray>()
+        .unwrap();
+    assert!(ends.values().iter().all(|&t| t == 0), "window_end unread");
+    assert_eq!(c.span, (T0, T0 + 20_000));
     assert_eq!(texts(&r, "machine")[0], "a");
     // What no file reads is zeros (empty text), and every batch's zeros are
     // one shared buffer: an unread column costs no memory per row.
