@@ -182,7 +182,9 @@ impl Default for SourceConfig {
             max_batch: 4096,
             max_batch_bytes: 1 << 20,
             max_latency: 2,
-            max_buffered_bytes: 64 << 20,
+            // About 0.2 s of backlog at this machine's sustained rates; a
+            // plant that must ride out longer bursts without loss uses JetStream.
+            max_buffered_bytes: 16 << 20,
             jetstream: JetStreamSourceConfig::default(),
         }
     }
@@ -692,7 +694,7 @@ max_batch_bytes = 1048576
 max_latency = "2ms"
 # Most bytes of core-NATS messages held while the pipeline is behind; past it new ones are dropped
 # (counted: twinwatch_input_dropped_total). JetStream keeps a backlog on the server instead.
-max_buffered_bytes = 67108864
+max_buffered_bytes = 16777216
 
 [source.jetstream]
 # Consume through a durable pull consumer instead of core subscriptions.
