@@ -972,11 +972,10 @@ impl FeatureStage {
             mut queries,
             ..
         } = self;
-        // One run in flight at a time ([`BackgroundStage::offer`] waits for
-        // its answer before handing over the next), so the channel never
-        // holds more than one set of tables.
+        // One run queued while one runs: a loop that closes windows faster
+        // than the queries answer waits, rather than piling up tables.
         let (jobs, mut inbox) = tokio::sync::mpsc::channel::<ClosedWindows>(1);
-        // Unbounded, but never holds more than the one run in flight.
+        // Unbounded, but never holds more than the runs in flight (at most two).
         let (done, results) = tokio::sync::mpsc::unbounded_channel();
         let task = std::thread::Builder::new()
             .name("twinwatch-queries".into())
@@ -1011,7 +1010,6 @@ impl FeatureStage {
             jobs,
             results,
             in_flight: 0,
-            answered: std::collections::VecDeque::new(),
             deferred: 0,
             _task: task,
             runs: 0,
@@ -1030,10 +1028,6 @@ pub struct BackgroundStage {
     jobs: tokio::sync::mpsc::Sender<ClosedWindows>,
     results: tokio::sync::mpsc::UnboundedReceiver<(RunOutput, Duration)>,
     in_flight: usize,
-    /// Answers taken while waiting to hand over the next run, for
-    /// [`BackgroundStage::ready`] to give out first (counted in `in_flight`
-    /// until given out).
-    answered: std::collections::VecDeque<(RunOutput, Duration)>,
     deferred: u64,
     /// Ends on its own once `jobs` is dropped (after the run in hand).
     _task: std::io::Result<std::thread::JoinHandle<()>>,
@@ -1045,33 +1039,19 @@ pub struct BackgroundStage {
 impl BackgroundStage {
     /// Gathers the windows a batch closed and hands them over when a run is
     /// due (or whatever is gathered, when `force`). While the thread is busy
-    /// with a run, windows keep gathering into a bigger run instead of
-    /// holding up the loop (the fast path's alerts do not wait for the
-    /// queries); only past four times `queries.max_rows` gathered does the
-    /// loop wait for the run to answer, then hand over. At most two sets of
-    /// window tables are held: the one running and the one gathering. (With
-    /// one queued behind the running one as well, a 10,000-machine plant,
-    /// whose every window close is 800,000 reading rows, held a third.)
+    /// with one run and has the next queued, windows keep gathering into a
+    /// bigger run instead of holding up the loop (the fast path's alerts do
+    /// not wait for the queries); only past four times `queries.max_rows`
+    /// gathered does the loop wait, so memory stays bounded.
     pub async fn offer(&mut self, closed: Option<ClosedWindows>, force: bool) {
         self.gather.offer(closed);
         if !(force || self.gather.due()) {
             return;
         }
-        let busy = self.in_flight > self.answered.len();
+        let busy = self.jobs.capacity() == 0;
         if busy && !force && self.gather.rows < 4 * self.gather.max_rows {
             self.deferred += 1;
             return;
-        }
-        while !force && self.in_flight > self.answered.len() {
-            // The answers are kept for `ready`; a dead thread answers `None`.
-            match self.results.recv().await {
-                Some(r) => self.answered.push_back(r),
-                None => {
-                    warn!("the query stage stopped; query features are off from here");
-                    self.in_flight = self.answered.len();
-                    break;
-                }
-            }
         }
         if let Some(c) = self.gather.take()
             && self.jobs.send(c).await.is_ok()
@@ -1092,10 +1072,7 @@ impl BackgroundStage {
 
     /// A run's output if one is ready, without waiting.
     pub fn ready(&mut self) -> Option<RunOutput> {
-        let r = match self.answered.pop_front() {
-            Some(r) => r,
-            None => self.results.try_recv().ok()?,
-        };
+        let r = self.results.try_recv().ok()?;
         Some(self.count(r))
     }
 
@@ -1105,9 +1082,6 @@ impl BackgroundStage {
     pub async fn next(&mut self) -> Option<RunOutput> {
         if self.in_flight == 0 {
             return None;
-        }
-        if let Some(r) = self.answered.pop_front() {
-            return Some(self.count(r));
         }
         match self.results.recv().await {
             Some(r) => Some(self.count(r)),

@@ -452,61 +452,6 @@ fn the_background_stage_answers_every_run_in_order() {
 }
 
 #[test]
-fn the_background_stage_holds_one_run_at_a_time_past_its_bound() {
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
-        "rows.sql",
-        "-- twinwatch: features\nSELECT machine, window_start, 'n' AS feature, CAST(count(*) AS DOUBLE) AS value FROM readings GROUP BY machine, window_start",
-    );
-    let mut cfg = Config::default();
-    cfg.queries.dir = dir.path().display().to_string();
-    cfg.queries.every = 0;
-    // Every set handed over is past four times the bound: the loop waits
-    // for the run in flight to answer before it hands over the next.
-    cfg.queries.max_rows = 1;
-    rt().block_on(async {
-        let mut stage = twinwatch::features::FeatureStage::new(&cfg.queries).spawn();
-        let mut p = Pipeline::new(&cfg);
-        let mut sizes = Vec::new();
-        let mut got = Vec::new();
-        for k in 0..12usize {
-            let n = 4 + k % 3;
-            let base = T0 + k as i64 * 100_000;
-            let batch: Vec<Envelope> = (0..n)
-                .map(|i| {
-                    Envelope::new(
-                        "twin.telemetry.s.m",
-                        Some(base + i as i64),
-                        format!(r#"{{"ts": {}, "readings": {{"x": 1}}}}"#, base + i as i64),
-                    )
-                })
-                .collect();
-            p.process(&batch, 0);
-            stage.offer(p.finish().closed, false).await;
-            sizes.push(n as f64);
-            // What the loop does after each batch: take the answers ready.
-            while let Some(run) = stage.ready() {
-                got.extend(run.features.iter().map(|f| f.value));
-            }
-            assert!(
-                stage.in_flight() <= 1,
-                "one set running, none queued behind it"
-            );
-        }
-        stage.offer(None, true).await;
-        while let Some(run) = stage.next().await {
-            got.extend(run.features.iter().map(|f| f.value));
-        }
-        assert_eq!(got, sizes, "every window answered once, in order");
-        assert_eq!(
-            stage.runs, 12,
-            "nothing folded: each set waited for its turn"
-        );
-    });
-}
-
-#[test]
 fn without_query_files_no_rows_wait_in_windows() {
     let mut cfg = Config::default();
     cfg.queries.enabled = false;
