@@ -849,8 +849,6 @@ fn extract(
 struct Gather {
     pending: Vec<ClosedWindows>,
     rows: usize,
-    /// Oldest and newest window ends gathered.
-    span: Option<(Millis, Millis)>,
     every: Millis,
     max_rows: usize,
 }
@@ -860,7 +858,6 @@ impl Gather {
         Gather {
             pending: Vec::new(),
             rows: 0,
-            span: None,
             every: cfg.every.max(0),
             max_rows: cfg.max_rows,
         }
@@ -869,11 +866,6 @@ impl Gather {
     fn offer(&mut self, closed: Option<ClosedWindows>) {
         if let Some(c) = closed {
             self.rows += c.readings.num_rows() + c.messages.num_rows() + c.flows.num_rows();
-            let (start, end) = c.span;
-            self.span = Some(
-                self.span
-                    .map_or((start, end), |(lo, hi)| (lo.min(start), hi.max(end))),
-            );
             self.pending.push(c);
         }
     }
@@ -881,7 +873,12 @@ impl Gather {
     fn due(&self) -> bool {
         !self.pending.is_empty()
             && (self.rows >= self.max_rows
-                || self.span.is_some_and(|(lo, hi)| hi - lo >= self.every))
+                || self
+                    .pending
+                    .iter()
+                    .map(|c| c.span)
+                    .reduce(crate::window::span_union)
+                    .is_some_and(|(lo, hi)| hi - lo >= self.every))
     }
 
     /// Everything gathered, as one set of tables.
@@ -890,7 +887,6 @@ impl Gather {
             return None;
         }
         self.rows = 0;
-        self.span = None;
         Some(merge(std::mem::take(&mut self.pending)))
     }
 }
@@ -1110,7 +1106,7 @@ fn merge(parts: Vec<ClosedWindows>) -> ClosedWindows {
         all.messages.extend(c.messages);
         all.flows.extend(c.flows);
         all.machine_windows += c.machine_windows;
-        all.span = (all.span.0.min(c.span.0), all.span.1.max(c.span.1));
+        all.span = crate::window::span_union(all.span, c.span);
     }
     all
 }

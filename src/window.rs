@@ -108,6 +108,11 @@ pub struct ClosedWindows {
     pub span: (Millis, Millis),
 }
 
+/// The span covering two spans (oldest start, newest end).
+pub fn span_union(a: (Millis, Millis), b: (Millis, Millis)) -> (Millis, Millis) {
+    (a.0.min(b.0), a.1.max(b.1))
+}
+
 /// Rows of one table waiting for their windows to close.
 struct TableBuffer {
     schema: SchemaRef,
@@ -127,14 +132,9 @@ struct Kept {
 }
 
 impl Kept {
-    /// Zeros in place of column `i` when no file reads it (shaped like `like`).
-    fn zeros_for(&mut self, i: usize, like: &dyn Array) -> Option<ArrayRef> {
-        let unread = self.read.as_ref().is_some_and(|r| !r[i]);
-        if unread {
-            self.zeros.column(like.data_type(), like.len())
-        } else {
-            None
-        }
+    /// Whether no file reads column `i`.
+    fn unread(&self, i: usize) -> bool {
+        self.read.as_ref().is_some_and(|r| !r[i])
     }
 
     /// The columns of `n` rows: `cut(column)` where it is read, zeros elsewhere
@@ -148,10 +148,9 @@ impl Kept {
         cols.iter()
             .enumerate()
             .map(|(i, c)| {
-                self.read
-                    .as_ref()
-                    .filter(|r| !r[i])
-                    .and_then(|_| self.zeros.column(c.data_type(), n))
+                self.unread(i)
+                    .then(|| self.zeros.column(c.data_type(), n))
+                    .flatten()
                     .unwrap_or_else(|| cut(c))
             })
             .collect()
@@ -337,15 +336,20 @@ impl TableBuffer {
         let n = batch.num_rows();
         let mut cols: Vec<ArrayRef> = batch.columns().to_vec();
         cols.push(Arc::new(start.clone()));
-        let end: ArrayRef = match self.kept.zeros_for(cols.len(), &start) {
-            Some(zeros) => zeros,
-            None => Arc::new(
+        // Zeros (shared, no memory per row) where no file reads it.
+        let zeros = self
+            .kept
+            .unread(cols.len())
+            .then(|| self.kept.zeros.column(start.data_type(), n))
+            .flatten();
+        let end: ArrayRef = zeros.unwrap_or_else(|| {
+            Arc::new(
                 TimestampMillisecondArray::from_iter_values(
                     start.values().iter().map(|s| s + size),
                 )
                 .with_timezone("UTC"),
-            ),
-        };
+            )
+        });
         cols.push(end);
         let cols = self.kept.columns(&cols, n, Arc::clone);
         let batch = RecordBatch::try_new(self.schema.clone(), cols).expect("window columns match");
@@ -592,14 +596,16 @@ impl Windows {
         }
         windows.sort_unstable();
         windows.dedup();
-        let oldest = windows.iter().map(|w| w.1).min().unwrap_or(0);
-        let newest = windows.iter().map(|w| w.1).max().unwrap_or(0);
+        let span = windows
+            .iter()
+            .map(|&(_, start)| (start, start.saturating_add(size)))
+            .reduce(span_union)?;
         Some(ClosedWindows {
             readings,
             messages,
             flows,
             machine_windows: windows.len(),
-            span: (oldest, newest.saturating_add(size)),
+            span,
         })
     }
 }

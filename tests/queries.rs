@@ -452,6 +452,45 @@ fn the_background_stage_answers_every_run_in_order() {
 }
 
 #[test]
+fn a_file_reading_window_end_sees_it_once_the_windows_keep_only_what_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "ends.sql",
+        "-- twinwatch: features\nSELECT machine, window_start, 'length' AS feature, CAST(max(CAST(window_end AS BIGINT)) - min(CAST(window_start AS BIGINT)) AS DOUBLE) AS value FROM readings GROUP BY machine, window_start",
+    );
+    let mut cfg = Config::default();
+    cfg.queries.dir = dir.path().display().to_string();
+    cfg.queries.every = 0;
+    let mut p = Pipeline::new(&cfg);
+    let mut stage = twinwatch::features::FeatureStage::new(&cfg.queries);
+    let mut lengths = Vec::new();
+    // After the first run the windows keep only the columns the file reads,
+    // `window_end` among them (unread, it would be zeros).
+    for k in 0..3i64 {
+        let base = T0 + k * 100_000;
+        let batch: Vec<Envelope> = (0..3)
+            .map(|i| {
+                let ts = base + i * 1000;
+                Envelope::new(
+                    "twin.telemetry.s.m",
+                    Some(ts),
+                    format!(r#"{{"ts": {ts}, "readings": {{"x": 1}}}}"#),
+                )
+            })
+            .collect();
+        p.process(&batch, 0);
+        stage.offer(p.finish().closed);
+        let run = rt().block_on(stage.run()).expect("a window closed");
+        assert!(run.failures.is_empty(), "{:?}", run.failures);
+        assert!(run.columns_read["readings"].contains("window_end"));
+        p.observe_features(&run, 0);
+        lengths.extend(run.features.iter().map(|f| f.value));
+    }
+    assert_eq!(lengths, vec![10_000.0; 3], "window_end - window_start");
+}
+
+#[test]
 fn without_query_files_no_rows_wait_in_windows() {
     let mut cfg = Config::default();
     cfg.queries.enabled = false;
