@@ -403,18 +403,23 @@ fn run_output_comes_sorted_for_the_pipeline() {
     assert_eq!(keys.last().map(|k| (k.0, k.1)), Some((T0 + 10_000, "b")));
 }
 
+/// A configuration whose query folder holds one file, every handed-over set
+/// of windows due at once (the folder lives as long as the guard).
+fn one_file(name: &str, sql: &str) -> (tempfile::TempDir, Config) {
+    let dir = tempfile::tempdir().unwrap();
+    write(dir.path(), name, sql);
+    let mut cfg = Config::default();
+    cfg.queries.dir = dir.path().display().to_string();
+    cfg.queries.every = 0;
+    (dir, cfg)
+}
+
 #[test]
 fn the_background_stage_answers_every_run_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
+    let (_dir, cfg) = one_file(
         "rows.sql",
         "-- twinwatch: features\nSELECT machine, window_start, 'n' AS feature, CAST(count(*) AS DOUBLE) AS value FROM readings GROUP BY machine, window_start",
     );
-    let mut cfg = Config::default();
-    cfg.queries.dir = dir.path().display().to_string();
-    // Every handed-over set of windows is due at once.
-    cfg.queries.every = 0;
     rt().block_on(async {
         let mut stage = twinwatch::features::FeatureStage::new(&cfg.queries).spawn();
         assert!(stage.next().await.is_none(), "nothing in flight: no wait");
@@ -453,15 +458,10 @@ fn the_background_stage_answers_every_run_in_order() {
 
 #[test]
 fn a_file_reading_window_end_sees_it_once_the_windows_keep_only_what_is_read() {
-    let dir = tempfile::tempdir().unwrap();
-    write(
-        dir.path(),
+    let (_dir, cfg) = one_file(
         "ends.sql",
         "-- twinwatch: features\nSELECT machine, window_start, 'length' AS feature, CAST(max(CAST(window_end AS BIGINT)) - min(CAST(window_start AS BIGINT)) AS DOUBLE) AS value FROM readings GROUP BY machine, window_start",
     );
-    let mut cfg = Config::default();
-    cfg.queries.dir = dir.path().display().to_string();
-    cfg.queries.every = 0;
     let mut p = Pipeline::new(&cfg);
     let mut stage = twinwatch::features::FeatureStage::new(&cfg.queries);
     let mut lengths = Vec::new();
