@@ -37,7 +37,7 @@ use arrow::array::{Array, ArrayRef, Float64Array, StringArray, TimestampMillisec
 use arrow::compute::cast;
 use arrow::datatypes::{DataType, TimeUnit};
 use arrow::record_batch::RecordBatch;
-use datafusion::datasource::MemTable;
+use datafusion::datasource::{MemTable, ViewTable, provider_as_source};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
 use tracing::{debug, info, warn};
@@ -170,53 +170,42 @@ pub struct Queries {
     pub refusals: u64,
     /// What the active files read ([`Queries::columns_read`]), worked out when they change.
     columns_read: BTreeMap<String, std::collections::BTreeSet<String>>,
-    /// Empty strings for the name columns no file reads (see [`to_views`]).
-    zeros: crate::window::Zeros,
 }
 
-/// The window tables as the queries see them: name columns (dictionaries on
-/// the ingest side, 4 bytes a row) become string views. DataFusion groups
-/// view columns column by column; dictionary columns sent every GROUP BY
-/// through its row format, a third of the query thread's time.
-fn as_views(schema: &arrow::datatypes::Schema) -> arrow::datatypes::SchemaRef {
-    let fields: Vec<arrow::datatypes::Field> = schema
-        .fields()
-        .iter()
-        .map(|f| match f.data_type() {
+/// The name the window table `name` is registered under as it is held:
+/// name columns as dictionaries (4 bytes a row), the very arrays the
+/// windows handed over. Files read the view of the plain name ([`as_views`]).
+fn held_name(name: &str) -> String {
+    format!("{HELD}{name}")
+}
+
+const HELD: &str = "twinwatch_held_";
+
+/// The window table as the queries see it: a view over the held table whose
+/// name columns are string views. DataFusion groups view columns column by
+/// column; dictionary columns sent every GROUP BY through its row format, a
+/// third of the query thread's time. The cast is part of each file's plan,
+/// so it runs a batch at a time as the scan reads it, on the columns the file
+/// reads: a run never holds a second, cast copy of its tables.
+fn as_views(name: &str, held: &Arc<MemTable>) -> ViewTable {
+    use datafusion::logical_expr::{LogicalPlanBuilder, cast, col};
+    let provider: Arc<dyn datafusion::catalog::TableProvider> = held.clone();
+    let schema = provider.schema();
+    let columns = schema.fields().iter().map(|f| {
+        // A Column, not a string: names are taken as they are, unparsed.
+        let c = col(datafusion::common::Column::new_unqualified(f.name()));
+        match f.data_type() {
             DataType::Dictionary(_, v) if **v == DataType::Utf8 => {
-                f.as_ref().clone().with_data_type(DataType::Utf8View)
+                cast(c, DataType::Utf8View).alias(f.name())
             }
-            _ => f.as_ref().clone(),
-        })
-        .collect();
-    Arc::new(arrow::datatypes::Schema::new(fields))
-}
-
-/// One part of a window table with its name columns cast to `schema`'s
-/// views; a column no file reads (`read`: the columns read, `None`: all) is
-/// empty strings from `zeros` instead of cast.
-fn to_views(
-    part: &RecordBatch,
-    schema: &arrow::datatypes::SchemaRef,
-    read: Option<&std::collections::BTreeSet<String>>,
-    zeros: &mut crate::window::Zeros,
-) -> RecordBatch {
-    let cols = part
-        .columns()
-        .iter()
-        .zip(schema.fields())
-        .map(|(c, f)| {
-            if c.data_type() == f.data_type() {
-                return c.clone();
-            }
-            read.filter(|r| !r.contains(f.name()))
-                .and_then(|_| zeros.column(f.data_type(), part.num_rows()))
-                .unwrap_or_else(|| {
-                    cast(c, f.data_type()).expect("dictionaries of text cast to string views")
-                })
-        })
-        .collect();
-    RecordBatch::try_new(schema.clone(), cols).expect("cast columns match the schema")
+            _ => c,
+        }
+    });
+    let plan = LogicalPlanBuilder::scan(held_name(name), provider_as_source(provider), None)
+        .and_then(|b| b.project(columns))
+        .and_then(LogicalPlanBuilder::build)
+        .expect("a projection of the table's own columns plans");
+    ViewTable::new(plan, None)
 }
 
 fn context() -> SessionContext {
@@ -325,11 +314,12 @@ impl Queries {
         let ctx = context();
         let mut tables = Vec::new();
         for (name, schema) in crate::window::table_schemas() {
-            let schema = as_views(&schema);
             let table =
                 Arc::new(MemTable::try_new(schema, vec![vec![]]).expect("an empty table is valid"));
-            ctx.register_table(name, table.clone())
+            ctx.register_table(held_name(name), table.clone())
                 .expect("fresh context accepts the table");
+            ctx.register_table(name, Arc::new(as_views(name, &table)))
+                .expect("fresh context accepts the view");
             tables.push((name, table));
         }
         Queries {
@@ -340,7 +330,6 @@ impl Queries {
             refused: BTreeMap::new(),
             refusals: 0,
             columns_read: BTreeMap::new(),
-            zeros: Default::default(),
         }
     }
 
@@ -363,7 +352,10 @@ impl Queries {
             let _ = file.plan.apply_with_subqueries(|node| {
                 if let LogicalPlan::TableScan(scan) = node {
                     let schema = scan.source.schema();
-                    let set = out.entry(scan.table_name.table().to_string()).or_default();
+                    // Plans are optimized, so the views are inlined: scans name the held tables.
+                    let table = scan.table_name.table();
+                    let table = table.strip_prefix(HELD).unwrap_or(table);
+                    let set = out.entry(table.to_string()).or_default();
                     match &scan.projection {
                         Some(p) => set.extend(p.iter().map(|&i| schema.field(i).name().clone())),
                         None => set.extend(schema.fields().iter().map(|f| f.name().clone())),
@@ -514,19 +506,13 @@ impl Queries {
                 "messages" => &closed.messages,
                 _ => &closed.flows,
             };
-            let schema = datafusion::catalog::TableProvider::schema(table.as_ref());
-            let read = self.columns_read.get(*name);
-            let parts = batch
-                .parts
-                .iter()
-                .map(|p| to_views(p, &schema, read, &mut self.zeros))
-                .collect();
-            *table.batches[0].write().await = parts;
+            *table.batches[0].write().await = batch.parts.clone();
         }
         let newest = closed.span.1;
         let mut names = Names::default();
         let state = self.ctx.state();
         let task = self.ctx.task_ctx();
+        let mut results = Vec::with_capacity(self.files.len());
         for (name, file) in &self.files {
             let started = Instant::now();
             let result = async {
@@ -538,6 +524,18 @@ impl Queries {
             }
             .await;
             out.timings.push((name.clone(), started.elapsed()));
+            results.push((name, file, result));
+        }
+        // Feature rows are most of a big run's memory: room for all of them
+        // at once, rather than a vector doubling past them as files add rows.
+        let expected: usize = results
+            .iter()
+            .filter_map(|(_, file, r)| Some((file, r.as_ref().ok()?)))
+            .filter(|(file, _)| file.kind == QueryKind::Features)
+            .map(|(_, batches)| feature_rows_at_most(batches))
+            .sum();
+        out.features.reserve_exact(expected);
+        for (name, file, result) in results {
             match result {
                 Ok(batches) => {
                     if let Err(e) = extract(name, file, &batches, newest, &mut names, &mut out) {
@@ -745,6 +743,29 @@ impl Names {
 }
 
 /// Turns a file's result batches into feature or rule rows.
+/// The most feature rows [`extract`] takes from a features file's result
+/// (a bound, for room only): one a row in long form, one a feature column
+/// and row in wide form.
+fn feature_rows_at_most(batches: &[RecordBatch]) -> usize {
+    let rows = batches
+        .iter()
+        .map(RecordBatch::num_rows)
+        .sum::<usize>()
+        .min(MAX_ROWS_PER_RUN);
+    let long = batches.first().is_some_and(|b| {
+        let schema = b.schema();
+        schema.column_with_name("feature").is_some() && schema.column_with_name("value").is_some()
+    });
+    let width = if long {
+        1
+    } else {
+        batches
+            .first()
+            .map_or(0, |b| feature_columns(b.schema().as_ref()).len())
+    };
+    rows * width
+}
+
 fn extract(
     name: &str,
     file: &QueryFile,

@@ -158,15 +158,14 @@ impl Kept {
 }
 
 /// Placeholder columns: zero values (no nulls, so non-nullable fields stay
-/// valid) sliced from one buffer shared by every batch. Also the query
-/// stage's empty string views for name columns no file reads.
+/// valid) sliced from one buffer shared by every batch.
 #[derive(Default)]
-pub(crate) struct Zeros(Option<arrow::buffer::Buffer>);
+struct Zeros(Option<arrow::buffer::Buffer>);
 
 impl Zeros {
     /// `n` zeros of type `dt` (empty strings for text); `None` for a type
     /// without a zero form here.
-    pub(crate) fn column(&mut self, dt: &DataType, n: usize) -> Option<ArrayRef> {
+    fn column(&mut self, dt: &DataType, n: usize) -> Option<ArrayRef> {
         use arrow::array::{ArrayData, StringArray, make_array};
         let need = (n + 1) * 16;
         if self.0.as_ref().is_none_or(|b| b.len() < need) {
@@ -179,10 +178,6 @@ impl Zeros {
                 .len(n)
                 .add_buffer(zeros.slice_with_length(0, (n + 1) * 4))
                 .add_buffer(arrow::buffer::Buffer::from_vec(Vec::<u8>::new())),
-            // Zero views are empty strings held inline: no data buffer.
-            DataType::Utf8View => ArrayData::builder(dt.clone())
-                .len(n)
-                .add_buffer(zeros.slice_with_length(0, n * 16)),
             DataType::Dictionary(key, value)
                 if **key == DataType::UInt32 && **value == DataType::Utf8 =>
             {
