@@ -641,3 +641,35 @@ fn the_query_thread_gives_way_to_the_ingest_loop() {
     assert!(!nice.is_empty(), "a query thread runs");
     assert!(nice.iter().all(|&n| n == 10), "nice values {nice:?}");
 }
+
+#[test]
+fn a_run_makes_room_for_its_feature_rows_once() {
+    // Room for every row the files return, made before any is taken: a big
+    // run's feature rows are never held twice while their vector doubles.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/reading_stats.sql"),
+        dir.path().join("reading_stats.sql"),
+    )
+    .unwrap();
+    write(
+        dir.path(),
+        "wide.sql",
+        "-- twinwatch: features\nSELECT machine, window_start, 1.0 AS a, 2.0 AS b FROM readings GROUP BY machine, window_start\n",
+    );
+    let w = window();
+    let out = rt().block_on(async {
+        let mut q = Queries::new(dir.path());
+        assert!(q.reload().await.is_empty());
+        q.run(&w).await
+    });
+    assert!(out.failures.is_empty(), "{:?}", out.failures);
+    // x's five statistics (y is never valued) and the wide file's two features.
+    assert_eq!(out.features.len(), 7);
+    assert_eq!(feature(&out, "wide:b"), 2.0);
+    assert_eq!(
+        out.features.capacity(),
+        7,
+        "one reservation, exactly the rows returned"
+    );
+}
