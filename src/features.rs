@@ -172,14 +172,14 @@ pub struct Queries {
     columns_read: BTreeMap<String, std::collections::BTreeSet<String>>,
 }
 
-/// The name the window table `name` is registered under as it is held:
-/// name columns as dictionaries (4 bytes a row), the very arrays the
+/// Prefix of the names the window tables are registered under as they are
+/// held: name columns as dictionaries (4 bytes a row), the very arrays the
 /// windows handed over. Files read the view of the plain name ([`as_views`]).
+const HELD: &str = "twinwatch_held_";
+
 fn held_name(name: &str) -> String {
     format!("{HELD}{name}")
 }
-
-const HELD: &str = "twinwatch_held_";
 
 /// The window table as the queries see it: a view over the held table whose
 /// name columns are string views. DataFusion groups view columns column by
@@ -742,7 +742,6 @@ impl Names {
     }
 }
 
-/// Turns a file's result batches into feature or rule rows.
 /// The most feature rows [`extract`] takes from a features file's result
 /// (a bound, for room only): one a row in long form, one a feature column
 /// and row in wide form.
@@ -766,6 +765,7 @@ fn feature_rows_at_most(batches: &[RecordBatch]) -> usize {
     rows * width
 }
 
+/// Turns a file's result batches into feature or rule rows.
 fn extract(
     name: &str,
     file: &QueryFile,

@@ -131,6 +131,16 @@ fn default_queries_give_known_answers() {
     assert!(r.explanation.as_deref().unwrap().contains("10.9.9.9"));
 }
 
+/// The files of `dir` (all of which plan) run once over [`window`].
+fn run_dir(dir: &Path) -> RunOutput {
+    let w = window();
+    rt().block_on(async {
+        let mut q = Queries::new(dir);
+        assert!(q.reload().await.is_empty());
+        q.run(&w).await
+    })
+}
+
 fn write(dir: &Path, name: &str, text: &str) {
     std::fs::write(dir.join(name), text).unwrap();
 }
@@ -199,12 +209,7 @@ fn runtime_failures_do_not_stop_the_other_files() {
         "rule.sql",
         "-- twinwatch: rule severity=low\nSELECT machine, 'seen' AS explanation FROM readings GROUP BY machine\n",
     );
-    let w = window();
-    let out = rt().block_on(async {
-        let mut q = Queries::new(dir.path());
-        assert!(q.reload().await.is_empty());
-        q.run(&w).await
-    });
+    let out = run_dir(dir.path());
     let failed: Vec<&str> = out.failures.iter().map(|(f, _)| f.as_str()).collect();
     assert!(failed.contains(&"bad.sql"), "{:?}", out.failures);
     assert!(
@@ -657,12 +662,7 @@ fn a_run_makes_room_for_its_feature_rows_once() {
         "wide.sql",
         "-- twinwatch: features\nSELECT machine, window_start, 1.0 AS a, 2.0 AS b FROM readings GROUP BY machine, window_start\n",
     );
-    let w = window();
-    let out = rt().block_on(async {
-        let mut q = Queries::new(dir.path());
-        assert!(q.reload().await.is_empty());
-        q.run(&w).await
-    });
+    let out = run_dir(dir.path());
     assert!(out.failures.is_empty(), "{:?}", out.failures);
     // x's five statistics (y is never valued) and the wide file's two features.
     assert_eq!(out.features.len(), 7);
