@@ -16,7 +16,10 @@
 //! 3. **latency**: at 50 % of the sustained rate, spikes injected on machines
 //!    that have learned, timed from publish to their alert on `twin.alerts.>`;
 //!
-//! then peak RSS of this process (pipeline, publisher and subscribers).
+//! then peak RSS of this process (pipeline, publisher and subscribers), and
+//! what it is made of: the heap in use at its highest (sampled), the
+//! executable's resident code, and — the rest — memory the allocator holds
+//! free after a burst.
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
@@ -71,6 +74,10 @@ pub struct BenchReport {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub peak_rss_mb: f64,
+    /// The most heap in use seen (sampled every [`HEAP_SAMPLE`]; glibc only).
+    pub peak_heap_mb: Option<f64>,
+    /// The executable's and libraries' pages resident at the end (`RssFile`).
+    pub code_mb: f64,
     pub queries: usize,
     /// Query runs over the whole bench, their total time, and due runs
     /// folded into the next because the query stage was busy.
@@ -311,6 +318,78 @@ pub fn rss_mb() -> f64 {
     status_mb("VmRSS:")
 }
 
+/// The heap as the allocator counts it, MB.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Heap {
+    /// Handed out and not yet freed (small chunks and mapped large ones).
+    pub in_use_mb: f64,
+    /// Freed but still held by the allocator (resident while touched).
+    pub held_free_mb: f64,
+}
+
+/// The heap now; `None` where the allocator does not say (not glibc).
+pub fn heap() -> Option<Heap> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallinfo2 takes no arguments and only reads the allocator's
+        // counters (under each arena's lock).
+        let mi = unsafe { libc::mallinfo2() };
+        let mb = |b: usize| b as f64 / (1024.0 * 1024.0);
+        Some(Heap {
+            in_use_mb: mb(mi.uordblks + mi.hblkhd),
+            held_free_mb: mb(mi.fordblks),
+        })
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        None
+    }
+}
+
+/// How often [`HeapWatch`] looks.
+pub const HEAP_SAMPLE: Duration = Duration::from_millis(10);
+
+/// The most heap in use while it lives, sampled on a thread of its own
+/// (peak RSS alone cannot tell live data from memory the allocator keeps).
+pub struct HeapWatch {
+    peak_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl HeapWatch {
+    /// Starts sampling; `None` where [`heap`] cannot tell.
+    pub fn start() -> Option<HeapWatch> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        heap()?;
+        let peak_bytes = std::sync::Arc::new(AtomicU64::new(0));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (p, s) = (peak_bytes.clone(), stop.clone());
+        std::thread::Builder::new()
+            .name("twinwatch-heapwatch".into())
+            .spawn(move || {
+                while !s.load(Ordering::Relaxed) {
+                    if let Some(h) = heap() {
+                        p.fetch_max((h.in_use_mb * 1024.0 * 1024.0) as u64, Ordering::Relaxed);
+                    }
+                    std::thread::sleep(HEAP_SAMPLE);
+                }
+            })
+            .ok()?;
+        Some(HeapWatch { peak_bytes, stop })
+    }
+
+    /// The most seen so far, MB.
+    pub fn peak_mb(&self) -> f64 {
+        self.peak_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+    }
+}
+
+impl Drop for HeapWatch {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 fn status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -325,7 +404,13 @@ fn status_mb(field: &str) -> f64 {
 
 fn say(p: &BenchParams, text: &str) {
     if p.progress {
-        eprintln!("bench: {text} [rss {:.0} MB]", rss_mb());
+        let heap = heap().map_or(String::new(), |h| {
+            format!(
+                ": heap {:.0} in use, {:.0} held free",
+                h.in_use_mb, h.held_free_mb
+            )
+        });
+        eprintln!("bench: {text} [rss {:.0} MB{heap}]", rss_mb());
     }
 }
 
@@ -344,6 +429,7 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
         .or_else(|| own.as_ref().map(OwnServer::url))
         .unwrap_or_default();
     let mut report = BenchReport::default();
+    let heap_watch = HeapWatch::start();
     say(&p, &format!("raw NATS delivery, {} messages", p.messages));
     report.raw_msgs_per_s = match &p.raw_exe {
         Some(exe) => raw_in_child(exe, &url, &p).await?,
@@ -461,6 +547,10 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
         let (load, lat) =
             latency(&publisher, &mut traffic, 0.5 * report.sustained_msgs_per_s).await?;
         report.latency_load_msgs_per_s = load;
+        say(
+            &p,
+            &format!("latency: {} spikes timed at {load:.0} msgs/s", lat.len()),
+        );
         report.spikes = lat.len();
         let mut lat = lat;
         lat.sort_by(f64::total_cmp);
@@ -470,6 +560,9 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
         }
     }
     report.peak_rss_mb = peak_rss_mb();
+    report.peak_heap_mb = heap_watch.as_ref().map(HeapWatch::peak_mb);
+    report.code_mb = status_mb("RssFile:");
+    drop(heap_watch);
     let summary = live.stop().await?;
     report.query_runs = summary.query_runs;
     report.query_seconds = summary.query_busy.as_secs_f64();
@@ -765,6 +858,22 @@ impl Live {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The heap counters see a large block while it is held, and the watch
+    /// keeps the most it saw after the block is gone.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn heap_in_use_counts_what_is_held_and_the_watch_keeps_its_peak() {
+        let watch = HeapWatch::start().expect("glibc reports its heap");
+        let before = heap().expect("glibc reports its heap").in_use_mb;
+        let block = vec![1u8; 96 << 20];
+        let during = heap().expect("glibc reports its heap").in_use_mb;
+        // Other tests of this binary allocate and free meanwhile: a margin.
+        assert!(during - before > 64.0, "{before} MB, then {during} MB");
+        std::thread::sleep(HEAP_SAMPLE * 5);
+        drop(std::hint::black_box(block));
+        assert!(watch.peak_mb() > 64.0, "peak {} MB", watch.peak_mb());
+    }
 
     /// The digits written by hand are what float formatting would write.
     #[test]

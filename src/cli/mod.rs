@@ -1168,7 +1168,18 @@ fn bench(a: BenchArgs) -> Result<()> {
             r.query_runs, r.query_seconds, r.query_runs_folded
         );
     }
-    println!("peak RSS {:.0} MB", r.peak_rss_mb);
+    match r.peak_heap_mb {
+        Some(heap) => println!(
+            "peak RSS {:.0} MB: heap in use at most {heap:.0} MB (sampled every {} ms), executable and libraries {:.0} MB resident, the rest heap the allocator holds free",
+            r.peak_rss_mb,
+            crate::bench::HEAP_SAMPLE.as_millis(),
+            r.code_mb
+        ),
+        None => println!(
+            "peak RSS {:.0} MB (executable and libraries {:.0} MB resident)",
+            r.peak_rss_mb, r.code_mb
+        ),
+    }
     println!("{}", r.line());
     Ok(())
 }
