@@ -25,6 +25,8 @@ use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::Client;
@@ -318,13 +320,16 @@ pub fn rss_mb() -> f64 {
     status_mb("VmRSS:")
 }
 
-/// The heap as the allocator counts it, MB.
+/// Bytes in a MB, as every figure of the report counts them.
+const MB: f64 = 1024.0 * 1024.0;
+
+/// The heap as the allocator counts it, in bytes.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Heap {
     /// Handed out and not yet freed (small chunks and mapped large ones).
-    pub in_use_mb: f64,
+    pub in_use: usize,
     /// Freed but still held by the allocator (resident while touched).
-    pub held_free_mb: f64,
+    pub held_free: usize,
 }
 
 /// The heap now; `None` where the allocator does not say (not glibc).
@@ -334,10 +339,9 @@ pub fn heap() -> Option<Heap> {
         // SAFETY: mallinfo2 takes no arguments and only reads the allocator's
         // counters (under each arena's lock).
         let mi = unsafe { libc::mallinfo2() };
-        let mb = |b: usize| b as f64 / (1024.0 * 1024.0);
         Some(Heap {
-            in_use_mb: mb(mi.uordblks + mi.hblkhd),
-            held_free_mb: mb(mi.fordblks),
+            in_use: mi.uordblks + mi.hblkhd,
+            held_free: mi.fordblks,
         })
     }
     #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
@@ -351,42 +355,42 @@ pub const HEAP_SAMPLE: Duration = Duration::from_millis(10);
 
 /// The most heap in use while it lives, sampled on a thread of its own
 /// (peak RSS alone cannot tell live data from memory the allocator keeps).
+/// Dropping it ends the thread at its next look.
 pub struct HeapWatch {
-    peak_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    peak: Arc<AtomicUsize>,
+    stop: Arc<AtomicBool>,
 }
 
 impl HeapWatch {
     /// Starts sampling; `None` where [`heap`] cannot tell.
     pub fn start() -> Option<HeapWatch> {
-        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
         heap()?;
-        let peak_bytes = std::sync::Arc::new(AtomicU64::new(0));
-        let stop = std::sync::Arc::new(AtomicBool::new(false));
-        let (p, s) = (peak_bytes.clone(), stop.clone());
+        let peak = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (p, s) = (peak.clone(), stop.clone());
         std::thread::Builder::new()
             .name("twinwatch-heapwatch".into())
             .spawn(move || {
                 while !s.load(Ordering::Relaxed) {
                     if let Some(h) = heap() {
-                        p.fetch_max((h.in_use_mb * 1024.0 * 1024.0) as u64, Ordering::Relaxed);
+                        p.fetch_max(h.in_use, Ordering::Relaxed);
                     }
                     std::thread::sleep(HEAP_SAMPLE);
                 }
             })
             .ok()?;
-        Some(HeapWatch { peak_bytes, stop })
+        Some(HeapWatch { peak, stop })
     }
 
     /// The most seen so far, MB.
     pub fn peak_mb(&self) -> f64 {
-        self.peak_bytes.load(std::sync::atomic::Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+        self.peak.load(Ordering::Relaxed) as f64 / MB
     }
 }
 
 impl Drop for HeapWatch {
     fn drop(&mut self) {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.stop.store(true, Ordering::Relaxed);
     }
 }
 
@@ -399,7 +403,7 @@ fn status_mb(field: &str) -> f64 {
                 .and_then(|l| l.split_whitespace().nth(1))
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
-        .map_or(0.0, |kb| kb / 1024.0)
+        .map_or(0.0, |kb| kb * 1024.0 / MB)
 }
 
 fn say(p: &BenchParams, text: &str) {
@@ -407,7 +411,8 @@ fn say(p: &BenchParams, text: &str) {
         let heap = heap().map_or(String::new(), |h| {
             format!(
                 ": heap {:.0} in use, {:.0} held free",
-                h.in_use_mb, h.held_free_mb
+                h.in_use as f64 / MB,
+                h.held_free as f64 / MB
             )
         });
         eprintln!("bench: {text} [rss {:.0} MB{heap}]", rss_mb());
@@ -777,7 +782,7 @@ impl Timeline {
 struct Live {
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<Result<crate::live::LiveSummary, BenchError>>,
-    envelopes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    envelopes: Arc<AtomicU64>,
     queries: usize,
 }
 
@@ -820,7 +825,7 @@ impl Live {
     }
 
     fn envelopes(&self) -> u64 {
-        self.envelopes.load(std::sync::atomic::Ordering::Relaxed)
+        self.envelopes.load(Ordering::Relaxed)
     }
 
     /// Starts noting when the pipeline last took a message.
@@ -828,7 +833,7 @@ impl Live {
         let counter = self.envelopes.clone();
         let (stop, mut stopped) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            let mut seen = counter.load(std::sync::atomic::Ordering::Relaxed);
+            let mut seen = counter.load(Ordering::Relaxed);
             let mut changes = Vec::new();
             let mut tick = tokio::time::interval(Duration::from_millis(2));
             loop {
@@ -836,7 +841,7 @@ impl Live {
                     _ = &mut stopped => break,
                     _ = tick.tick() => {}
                 }
-                let now = counter.load(std::sync::atomic::Ordering::Relaxed);
+                let now = counter.load(Ordering::Relaxed);
                 if now != seen {
                     seen = now;
                     changes.push((Instant::now(), now));
@@ -865,12 +870,18 @@ mod tests {
     #[test]
     fn heap_in_use_counts_what_is_held_and_the_watch_keeps_its_peak() {
         let watch = HeapWatch::start().expect("glibc reports its heap");
-        let before = heap().expect("glibc reports its heap").in_use_mb;
+        let in_use_mb = || heap().expect("glibc reports its heap").in_use as f64 / MB;
+        let before = in_use_mb();
         let block = vec![1u8; 96 << 20];
-        let during = heap().expect("glibc reports its heap").in_use_mb;
+        let during = in_use_mb();
         // Other tests of this binary allocate and free meanwhile: a margin.
         assert!(during - before > 64.0, "{before} MB, then {during} MB");
-        std::thread::sleep(HEAP_SAMPLE * 5);
+        // Held until the watch has looked (a loaded machine may keep its
+        // thread waiting well past one sample).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while watch.peak_mb() <= 64.0 && Instant::now() < deadline {
+            std::thread::sleep(HEAP_SAMPLE);
+        }
         drop(std::hint::black_box(block));
         assert!(watch.peak_mb() > 64.0, "peak {} MB", watch.peak_mb());
     }
