@@ -40,6 +40,7 @@ use arrow::record_batch::RecordBatch;
 use datafusion::datasource::{MemTable, ViewTable, provider_as_source};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::{SessionConfig, SessionContext};
+use futures_util::StreamExt;
 use tracing::{debug, info, warn};
 
 use crate::score::Severity;
@@ -170,6 +171,10 @@ pub struct Queries {
     pub refusals: u64,
     /// What the active files read ([`Queries::columns_read`]), worked out when they change.
     columns_read: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// Feature rows of the last run: room made for as many at the start of the
+    /// next (windows of a plant are alike), since results are taken as they
+    /// stream and their count is known only at the end.
+    feature_rows_hint: usize,
 }
 
 /// Prefix of the names the window tables are registered under as they are
@@ -330,6 +335,7 @@ impl Queries {
             refused: BTreeMap::new(),
             refusals: 0,
             columns_read: BTreeMap::new(),
+            feature_rows_hint: 0,
         }
     }
 
@@ -512,39 +518,46 @@ impl Queries {
         let mut names = Names::default();
         let state = self.ctx.state();
         let task = self.ctx.task_ctx();
-        let mut results = Vec::with_capacity(self.files.len());
+        out.features.reserve_exact(self.feature_rows_hint);
+        // Each file's result is taken a batch at a time as the plan yields it:
+        // collected whole, a 10,000-machine run held every file's result
+        // batches (string views of every feature name) beside the rows taken
+        // from them.
         for (name, file) in &self.files {
             let started = Instant::now();
+            let before = (out.features.len(), out.rules.len());
+            let mut rows = 0;
             let result = async {
                 let physical = state
                     .query_planner()
                     .create_physical_plan(&file.plan, &state)
-                    .await?;
-                datafusion::physical_plan::collect(physical, task.clone()).await
+                    .await
+                    .map_err(|e| Failure::Query(e.to_string()))?;
+                let mut stream = datafusion::physical_plan::execute_stream(physical, task.clone())
+                    .map_err(|e| Failure::Query(e.to_string()))?;
+                while let Some(batch) = stream.next().await {
+                    let batch = batch.map_err(|e| Failure::Query(e.to_string()))?;
+                    extract(name, file, &batch, &mut rows, newest, &mut names, &mut out)
+                        .map_err(Failure::Extract)?;
+                }
+                Ok(())
             }
             .await;
             out.timings.push((name.clone(), started.elapsed()));
-            results.push((name, file, result));
-        }
-        // Feature rows are most of a big run's memory: room for all of them
-        // at once, rather than a vector doubling past them as files add rows.
-        let expected: usize = results
-            .iter()
-            .filter_map(|(_, file, r)| Some((file, r.as_ref().ok()?)))
-            .filter(|(file, _)| file.kind == QueryKind::Features)
-            .map(|(_, batches)| feature_rows_at_most(batches))
-            .sum();
-        out.features.reserve_exact(expected);
-        for (name, file, result) in results {
             match result {
-                Ok(batches) => {
-                    if let Err(e) = extract(name, file, &batches, newest, &mut names, &mut out) {
-                        out.failures.push((name.clone(), e));
-                    }
+                Ok(()) => {}
+                // A file that fails while it runs gives no rows at all, as
+                // when its result was collected first.
+                Err(Failure::Query(e)) => {
+                    out.features.truncate(before.0);
+                    out.rules.truncate(before.1);
+                    out.failures.push((name.clone(), e));
                 }
-                Err(e) => out.failures.push((name.clone(), e.to_string())),
+                // What was taken before the failure stands (as past the row cap).
+                Err(Failure::Extract(e)) => out.failures.push((name.clone(), e)),
             }
         }
+        self.feature_rows_hint = out.features.len();
         for (_, table) in &self.tables {
             table.batches[0].write().await.clear();
         }
@@ -742,48 +755,34 @@ impl Names {
     }
 }
 
-/// The most feature rows [`extract`] takes from a features file's result
-/// (a bound, for room only): one a row in long form, one a feature column
-/// and row in wide form.
-fn feature_rows_at_most(batches: &[RecordBatch]) -> usize {
-    let rows = batches
-        .iter()
-        .map(RecordBatch::num_rows)
-        .sum::<usize>()
-        .min(MAX_ROWS_PER_RUN);
-    let long = batches.first().is_some_and(|b| {
-        let schema = b.schema();
-        schema.column_with_name("feature").is_some() && schema.column_with_name("value").is_some()
-    });
-    let width = if long {
-        1
-    } else {
-        batches
-            .first()
-            .map_or(0, |b| feature_columns(b.schema().as_ref()).len())
-    };
-    rows * width
+/// Why a file's run ended early.
+enum Failure {
+    /// Planning or executing it failed.
+    Query(String),
+    /// Its result could not be read as features or rules.
+    Extract(String),
 }
 
-/// Turns a file's result batches into feature or rule rows.
+/// Turns one batch of a file's result into feature or rule rows; `rows`
+/// counts the rows taken from the file so far.
 fn extract(
     name: &str,
     file: &QueryFile,
-    batches: &[RecordBatch],
+    batch: &RecordBatch,
+    rows: &mut usize,
     newest: Millis,
     names: &mut Names,
     out: &mut RunOutput,
 ) -> Result<(), String> {
     let stem = name.strip_suffix(".sql").unwrap_or(name);
-    let mut rows = 0usize;
-    for batch in batches {
-        if rows >= MAX_ROWS_PER_RUN {
+    {
+        if *rows >= MAX_ROWS_PER_RUN {
             return Err(format!(
                 "more than {MAX_ROWS_PER_RUN} rows; the rest of this run's result is dropped"
             ));
         }
-        let take = batch.num_rows().min(MAX_ROWS_PER_RUN - rows);
-        rows += take;
+        let take = batch.num_rows().min(MAX_ROWS_PER_RUN - *rows);
+        *rows += take;
         let machine = strings(batch, "machine")?.ok_or("no `machine` column")?;
         let ts = times(batch);
         let ts_at = |i: usize| {

@@ -187,6 +187,59 @@ fn hot_reload_good_edit_bad_edit_and_removal() {
 }
 
 #[test]
+fn a_file_that_fails_after_some_rows_gives_none() {
+    // Results stream a batch at a time: the window's first part is taken
+    // before the second (its values past 50) makes the cast fail. The file
+    // then gives no rows, as when its result was collected whole first.
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "half.sql",
+        "-- twinwatch: features\nSELECT machine, CAST(CASE WHEN value > 50 THEN 'x' ELSE '1' END AS DOUBLE) AS a FROM readings\n",
+    );
+    write(
+        dir.path(),
+        "good.sql",
+        "-- twinwatch: features\nSELECT machine, count(*) AS n FROM readings GROUP BY machine\n",
+    );
+    let mut w = window();
+    let first = w.readings.parts[0].clone();
+    let at = first.schema().index_of("value").unwrap();
+    let mut cols = first.columns().to_vec();
+    cols[at] = std::sync::Arc::new(arrow::array::Float64Array::from(vec![
+        100.0;
+        first.num_rows()
+    ]));
+    let second = arrow::record_batch::RecordBatch::try_new(first.schema(), cols).unwrap();
+    w.readings.parts.push(second);
+    let (half, out) = rt().block_on(async {
+        let mut q = Queries::new(dir.path());
+        assert!(q.reload().await.is_empty());
+        let mut w1 = w.clone();
+        w1.readings.parts.truncate(1);
+        (q.run(&w1).await, q.run(&w).await)
+    });
+    assert!(half.failures.is_empty(), "{:?}", half.failures);
+    assert!(
+        half.features.iter().any(|f| half.feature(f) == "half:a"),
+        "the first part alone gives rows"
+    );
+    let failed: Vec<&str> = out.failures.iter().map(|(f, _)| f.as_str()).collect();
+    assert_eq!(failed, ["half.sql"], "{:?}", out.failures);
+    assert!(
+        !out.features.iter().any(|f| out.feature(f) == "half:a"),
+        "no row of the failed file"
+    );
+    let good: Vec<f64> = out
+        .features
+        .iter()
+        .filter(|f| out.feature(f) == "good:n")
+        .map(|f| f.value)
+        .collect();
+    assert_eq!(good, [16.0], "the other file's rows stand");
+}
+
+#[test]
 fn runtime_failures_do_not_stop_the_other_files() {
     let dir = tempfile::tempdir().unwrap();
     write(
@@ -648,9 +701,10 @@ fn the_query_thread_gives_way_to_the_ingest_loop() {
 }
 
 #[test]
-fn a_run_makes_room_for_its_feature_rows_once() {
-    // Room for every row the files return, made before any is taken: a big
-    // run's feature rows are never held twice while their vector doubles.
+fn a_run_makes_room_for_as_many_feature_rows_as_the_last_run_gave() {
+    // Results are taken as they stream, so a run cannot count its rows before
+    // it takes them: it makes room for as many as the last run gave (windows
+    // of a plant are alike), and a run like the last never grows its vector.
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/reading_stats.sql"),
@@ -662,14 +716,21 @@ fn a_run_makes_room_for_its_feature_rows_once() {
         "wide.sql",
         "-- twinwatch: features\nSELECT machine, window_start, 1.0 AS a, 2.0 AS b FROM readings GROUP BY machine, window_start\n",
     );
-    let out = run_dir(dir.path());
-    assert!(out.failures.is_empty(), "{:?}", out.failures);
-    // x's five statistics (y is never valued) and the wide file's two features.
-    assert_eq!(out.features.len(), 7);
-    assert_eq!(feature(&out, "wide:b"), 2.0);
+    let w = window();
+    let (first, second) = rt().block_on(async {
+        let mut q = Queries::new(dir.path());
+        assert!(q.reload().await.is_empty());
+        (q.run(&w).await, q.run(&w).await)
+    });
+    for out in [&first, &second] {
+        assert!(out.failures.is_empty(), "{:?}", out.failures);
+        // x's five statistics (y is never valued) and the wide file's two features.
+        assert_eq!(out.features.len(), 7);
+        assert_eq!(feature(out, "wide:b"), 2.0);
+    }
     assert_eq!(
-        out.features.capacity(),
+        second.features.capacity(),
         7,
-        "one reservation, exactly the rows returned"
+        "room made once, exactly the rows of the run before"
     );
 }
