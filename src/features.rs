@@ -136,7 +136,7 @@ pub struct RunOutput {
     pub rules: Vec<RuleRow>,
     /// Files that failed at run time, with why.
     pub failures: Vec<(String, String)>,
-    /// Time spent per file.
+    /// Time spent per file: planning, running, and taking its rows as they stream.
     pub timings: Vec<(String, Duration)>,
 }
 
@@ -531,12 +531,10 @@ impl Queries {
                 let physical = state
                     .query_planner()
                     .create_physical_plan(&file.plan, &state)
-                    .await
-                    .map_err(|e| Failure::Query(e.to_string()))?;
-                let mut stream = datafusion::physical_plan::execute_stream(physical, task.clone())
-                    .map_err(|e| Failure::Query(e.to_string()))?;
+                    .await?;
+                let mut stream = datafusion::physical_plan::execute_stream(physical, task.clone())?;
                 while let Some(batch) = stream.next().await {
-                    let batch = batch.map_err(|e| Failure::Query(e.to_string()))?;
+                    let batch = batch?;
                     extract(name, file, &batch, &mut rows, newest, &mut names, &mut out)
                         .map_err(Failure::Extract)?;
                 }
@@ -763,6 +761,12 @@ enum Failure {
     Extract(String),
 }
 
+impl From<datafusion::error::DataFusionError> for Failure {
+    fn from(e: datafusion::error::DataFusionError) -> Self {
+        Failure::Query(e.to_string())
+    }
+}
+
 /// Turns one batch of a file's result into feature or rule rows; `rows`
 /// counts the rows taken from the file so far.
 fn extract(
@@ -775,86 +779,84 @@ fn extract(
     out: &mut RunOutput,
 ) -> Result<(), String> {
     let stem = name.strip_suffix(".sql").unwrap_or(name);
-    {
-        if *rows >= MAX_ROWS_PER_RUN {
-            return Err(format!(
-                "more than {MAX_ROWS_PER_RUN} rows; the rest of this run's result is dropped"
-            ));
-        }
-        let take = batch.num_rows().min(MAX_ROWS_PER_RUN - *rows);
-        *rows += take;
-        let machine = strings(batch, "machine")?.ok_or("no `machine` column")?;
-        let ts = times(batch);
-        let ts_at = |i: usize| {
-            ts.as_ref()
-                .filter(|t| t.is_valid(i))
-                .map_or(newest, |t| t.value(i))
-        };
-        match file.kind {
-            QueryKind::Features => {
-                let long = (strings(batch, "feature")?, floats(batch, "value")?);
-                if let (Some(feature), value) = &long
-                    && value.is_some()
-                {
-                    for i in 0..take {
-                        if machine.is_null(i) || feature.is_null(i) {
-                            continue;
-                        }
-                        if let Some(v) = value_at(value, i) {
+    if *rows >= MAX_ROWS_PER_RUN {
+        return Err(format!(
+            "more than {MAX_ROWS_PER_RUN} rows; the rest of this run's result is dropped"
+        ));
+    }
+    let take = batch.num_rows().min(MAX_ROWS_PER_RUN - *rows);
+    *rows += take;
+    let machine = strings(batch, "machine")?.ok_or("no `machine` column")?;
+    let ts = times(batch);
+    let ts_at = |i: usize| {
+        ts.as_ref()
+            .filter(|t| t.is_valid(i))
+            .map_or(newest, |t| t.value(i))
+    };
+    match file.kind {
+        QueryKind::Features => {
+            let long = (strings(batch, "feature")?, floats(batch, "value")?);
+            if let (Some(feature), value) = &long
+                && value.is_some()
+            {
+                for i in 0..take {
+                    if machine.is_null(i) || feature.is_null(i) {
+                        continue;
+                    }
+                    if let Some(v) = value_at(value, i) {
+                        out.features.push(FeatureRow {
+                            machine: names.machine(machine.value(i)),
+                            feature: names.feature(stem, feature.value(i)),
+                            value: v,
+                            ts: ts_at(i),
+                        });
+                    }
+                }
+            } else {
+                let cols: Vec<(u32, Option<Float64Array>)> = file
+                    .columns
+                    .iter()
+                    .filter(|c| feature_columns(batch.schema().as_ref()).contains(c))
+                    .map(|c| Ok((names.feature(stem, c), floats(batch, c)?)))
+                    .collect::<Result<_, String>>()?;
+                for i in 0..take {
+                    if machine.is_null(i) {
+                        continue;
+                    }
+                    let m = names.machine(machine.value(i));
+                    for (feature, values) in &cols {
+                        if let Some(v) = value_at(values, i) {
                             out.features.push(FeatureRow {
-                                machine: names.machine(machine.value(i)),
-                                feature: names.feature(stem, feature.value(i)),
+                                machine: m,
+                                feature: *feature,
                                 value: v,
                                 ts: ts_at(i),
                             });
                         }
                     }
-                } else {
-                    let cols: Vec<(u32, Option<Float64Array>)> = file
-                        .columns
-                        .iter()
-                        .filter(|c| feature_columns(batch.schema().as_ref()).contains(c))
-                        .map(|c| Ok((names.feature(stem, c), floats(batch, c)?)))
-                        .collect::<Result<_, String>>()?;
-                    for i in 0..take {
-                        if machine.is_null(i) {
-                            continue;
-                        }
-                        let m = names.machine(machine.value(i));
-                        for (feature, values) in &cols {
-                            if let Some(v) = value_at(values, i) {
-                                out.features.push(FeatureRow {
-                                    machine: m,
-                                    feature: *feature,
-                                    value: v,
-                                    ts: ts_at(i),
-                                });
-                            }
-                        }
-                    }
                 }
             }
-            QueryKind::Rule { severity } => {
-                let value = floats(batch, "value")?;
-                let score = floats(batch, "score")?;
-                let explanation = strings(batch, "explanation")?;
-                for i in 0..take {
-                    if machine.is_null(i) {
-                        continue;
-                    }
-                    out.rules.push(RuleRow {
-                        file: name.to_string(),
-                        severity,
-                        machine: machine.value(i).to_string(),
-                        value: value_at(&value, i),
-                        score: value_at(&score, i).map(|s| s.clamp(0.0, 1.0)),
-                        explanation: explanation
-                            .as_ref()
-                            .filter(|e| e.is_valid(i))
-                            .map(|e| e.value(i).to_string()),
-                        ts: ts_at(i),
-                    });
+        }
+        QueryKind::Rule { severity } => {
+            let value = floats(batch, "value")?;
+            let score = floats(batch, "score")?;
+            let explanation = strings(batch, "explanation")?;
+            for i in 0..take {
+                if machine.is_null(i) {
+                    continue;
                 }
+                out.rules.push(RuleRow {
+                    file: name.to_string(),
+                    severity,
+                    machine: machine.value(i).to_string(),
+                    value: value_at(&value, i),
+                    score: value_at(&score, i).map(|s| s.clamp(0.0, 1.0)),
+                    explanation: explanation
+                        .as_ref()
+                        .filter(|e| e.is_valid(i))
+                        .map(|e| e.value(i).to_string()),
+                    ts: ts_at(i),
+                });
             }
         }
     }
