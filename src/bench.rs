@@ -76,7 +76,7 @@ pub struct BenchReport {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub peak_rss_mb: f64,
-    /// The most heap in use seen (sampled every [`HEAP_SAMPLE`]; glibc only).
+    /// The most heap in use seen (sampled every [`HEAP_SAMPLE`] outside the latency phase; glibc only).
     pub peak_heap_mb: Option<f64>,
     /// The executable's and libraries' pages resident at the end (`RssFile`).
     pub code_mb: f64,
@@ -359,6 +359,7 @@ pub const HEAP_SAMPLE: Duration = Duration::from_millis(10);
 pub struct HeapWatch {
     peak: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
 }
 
 impl HeapWatch {
@@ -367,19 +368,30 @@ impl HeapWatch {
         heap()?;
         let peak = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
-        let (p, s) = (peak.clone(), stop.clone());
+        let paused = Arc::new(AtomicBool::new(false));
+        let (p, s, quiet) = (peak.clone(), stop.clone(), paused.clone());
         std::thread::Builder::new()
             .name("twinwatch-heapwatch".into())
             .spawn(move || {
                 while !s.load(Ordering::Relaxed) {
-                    if let Some(h) = heap() {
+                    if !quiet.load(Ordering::Relaxed)
+                        && let Some(h) = heap()
+                    {
                         p.fetch_max(h.in_use, Ordering::Relaxed);
                     }
                     std::thread::sleep(HEAP_SAMPLE);
                 }
             })
             .ok()?;
-        Some(HeapWatch { peak, stop })
+        Some(HeapWatch { peak, stop, paused })
+    }
+
+    /// Stops or resumes looking. mallinfo2 walks every arena's free lists
+    /// under its lock, so a look holds up the allocations of every thread
+    /// meanwhile: the latency phase is timed without it (the throughput
+    /// phase, at twice its load, is where heap peaks anyway).
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
     }
 
     /// The most seen so far, MB.
@@ -549,8 +561,14 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
         probe(&publisher, "learned").await?;
     }
     if report.sustained_msgs_per_s > 0.0 {
-        let (load, lat) =
-            latency(&publisher, &mut traffic, 0.5 * report.sustained_msgs_per_s).await?;
+        if let Some(w) = &heap_watch {
+            w.pause(true);
+        }
+        let timed = latency(&publisher, &mut traffic, 0.5 * report.sustained_msgs_per_s).await;
+        if let Some(w) = &heap_watch {
+            w.pause(false);
+        }
+        let (load, lat) = timed?;
         report.latency_load_msgs_per_s = load;
         say(
             &p,
@@ -884,6 +902,32 @@ mod tests {
         }
         drop(std::hint::black_box(block));
         assert!(watch.peak_mb() > 64.0, "peak {} MB", watch.peak_mb());
+    }
+
+    /// A paused watch does not look (its looks would hold up every thread's
+    /// allocations while latency is timed); resumed, it sees what is held.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    #[test]
+    fn a_paused_watch_takes_no_samples_and_resumes() {
+        let watch = HeapWatch::start().expect("glibc reports its heap");
+        watch.pause(true);
+        // A look begun before the pause has ended by now.
+        std::thread::sleep(5 * HEAP_SAMPLE);
+        let at_pause = watch.peak_mb();
+        let block = vec![1u8; 96 << 20];
+        std::thread::sleep(10 * HEAP_SAMPLE);
+        assert_eq!(watch.peak_mb(), at_pause, "sampled while paused");
+        watch.pause(false);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while watch.peak_mb() <= 64.0 && Instant::now() < deadline {
+            std::thread::sleep(HEAP_SAMPLE);
+        }
+        drop(std::hint::black_box(block));
+        assert!(
+            watch.peak_mb() > 64.0,
+            "peak {} MB after resuming",
+            watch.peak_mb()
+        );
     }
 
     /// The digits written by hand are what float formatting would write.

@@ -1170,7 +1170,7 @@ fn bench(a: BenchArgs) -> Result<()> {
     }
     match r.peak_heap_mb {
         Some(heap) => println!(
-            "peak RSS {:.0} MB: heap in use at most {heap:.0} MB (sampled every {} ms), executable and libraries {:.0} MB resident, the rest mostly heap the allocator holds free",
+            "peak RSS {:.0} MB: heap in use at most {heap:.0} MB (sampled every {} ms, not while latency is timed), executable and libraries {:.0} MB resident, the rest mostly heap the allocator holds free",
             r.peak_rss_mb,
             crate::bench::HEAP_SAMPLE.as_millis(),
             r.code_mb
