@@ -3,8 +3,10 @@
 //! 4,096 in one piece and in two parts on two threads), the window
 //! features (the shipped query files over one closed 10-second window of 100
 //! machines), the per-reading baselines (one message of 4 readings into a
-//! machine that has learned), the learned model scoring one vector, and
-//! encoding one alert as the JSON the sinks publish.
+//! machine that has learned), the learned model scoring one vector,
+//! encoding one alert as the JSON the sinks publish, and the whole
+//! synchronous pipeline (every room a live batch walks through but the
+//! source and the query thread) on the `bench` command's default traffic.
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
@@ -221,12 +223,51 @@ fn alert_encoding(c: &mut Criterion) {
     g.finish();
 }
 
+/// A live batch through `Pipeline::process`: 1,500 messages (what the
+/// source hands over at a few hundred thousand messages a second) of 1,000
+/// machines at 1 Hz, every machine past its warm-up, windows closing as
+/// event time passes. This is the loop's own cost per message, without the
+/// NATS client and the query thread that share the cores with it live.
+fn pipeline(c: &mut Criterion) {
+    const MACHINES: usize = 1000;
+    const BATCH: usize = 1500;
+    let mut p = Pipeline::new(&Config::default());
+    // The next message in the order `bench` publishes: machines in turn.
+    let mut sent = 0usize;
+    let mut next_batch = move || -> Vec<Envelope> {
+        (0..BATCH)
+            .map(|_| {
+                let e = message(sent % MACHINES, (sent / MACHINES) as i64);
+                sent += 1;
+                e
+            })
+            .collect()
+    };
+    // Ten minutes of event time: the default warm-up.
+    for _ in 0..(600 * MACHINES / BATCH) {
+        let b = next_batch();
+        black_box(p.process(&b, 0));
+    }
+    let mut g = c.benchmark_group("pipeline");
+    g.throughput(Throughput::Elements(BATCH as u64));
+    g.sample_size(30);
+    g.bench_function("batch of 1500 messages of 1000 machines", |b| {
+        b.iter_batched(
+            &mut next_batch,
+            |batch| black_box(p.process(&batch, 0).alerts.len()),
+            BatchSize::PerIteration,
+        )
+    });
+    g.finish();
+}
+
 criterion_group!(
     rooms,
     decode,
     window_features,
     baselines,
     multivariate,
-    alert_encoding
+    alert_encoding,
+    pipeline
 );
 criterion_main!(rooms);

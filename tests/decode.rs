@@ -246,6 +246,15 @@ fn every_bad_input_class_has_its_reason() {
             b"{\"ts\": 1764230400125, \"machine\": \"a\\u0000b\", \"readings\": {}}",
             Reason::BadName,
         ),
+        // DEL, and a C1 control (two bytes in UTF-8), in a metric name.
+        (
+            b"{\"ts\": 1764230400125, \"readings\": {\"a\\u007fb\": 1}}",
+            Reason::BadName,
+        ),
+        (
+            b"{\"ts\": 1764230400125, \"readings\": {\"temp\\u0085\": 1}}",
+            Reason::BadName,
+        ),
     ];
     for (payload, want) in cases {
         assert_eq!(

@@ -241,6 +241,7 @@ struct Params {
     warmup: Millis,
     taus: Taus,
     reference_tau: f64,
+    reference_decay: spike::Decay,
     min_surprise: f64,
     spike: bool,
     shift: bool,
@@ -277,12 +278,9 @@ impl Detectors {
         Detectors {
             p: Params {
                 warmup: b.warmup,
-                taus: Taus {
-                    level: s(b.level_tau),
-                    trend: s(b.trend_tau),
-                    scale: s(b.scale_tau),
-                },
+                taus: Taus::new(s(b.level_tau), s(b.trend_tau), s(b.scale_tau)),
                 reference_tau: s(b.reference_tau),
+                reference_decay: spike::Decay::new(s(b.reference_tau)),
                 min_surprise: surprise_from_score(cfg.alerts.min_score),
                 spike: d.spike.enabled,
                 shift: d.shift.enabled,
@@ -595,5 +593,6 @@ fn learn(p: &Params, ts: Millis, x: f64, in_transition: bool, s: &mut MetricStat
         }
         return;
     }
-    s.drift.update(ts, x, dt, p.reference_tau, sigma, p.slack);
+    s.drift
+        .update(ts, x, p.reference_decay.after(dt), sigma, p.slack);
 }

@@ -98,10 +98,11 @@ impl Drift {
         crate::score::surprise_from_score(0.7) * statistic / threshold
     }
 
-    /// Commits `x`: accumulates, then lets the reference follow slowly.
-    /// `dt` in seconds. Only readings judged normal in steady operation come here,
-    /// so the deviation estimate learns from them too.
-    pub fn update(&mut self, ts: Millis, x: f64, dt: f64, tau: f64, noise_sigma: f64, slack: f64) {
+    /// Commits `x`: accumulates, then lets the reference follow slowly;
+    /// `kept` is what the old reference keeps, `exp(-dt / tau)` for the gap
+    /// since the last reading. Only readings judged normal in steady operation
+    /// come here, so the deviation estimate learns from them too.
+    pub fn update(&mut self, ts: Millis, x: f64, kept: f64, noise_sigma: f64, slack: f64) {
         let c = self.peek(ts, x, noise_sigma, slack);
         let sigma = c.sigma;
         let u = ((x - self.reference) / sigma).clamp(-slack - 3.0, slack + 3.0);
@@ -111,7 +112,7 @@ impl Drift {
         if was_zero {
             self.since = ts;
         }
-        let a = 1.0 - (-dt / tau).exp();
+        let a = 1.0 - kept;
         let dev = (x - self.reference).abs().min(4.0 * sigma);
         let w = a.max(1.0 / (self.deviations as f64 + 1.0));
         self.abs_deviation += w * (dev - self.abs_deviation);
@@ -124,6 +125,11 @@ impl Drift {
 mod tests {
     use super::*;
 
+    /// What a reference with a 600 s time constant keeps after 1 s.
+    fn kept() -> f64 {
+        (-1.0f64 / 600.0).exp()
+    }
+
     #[test]
     fn a_slow_drift_accumulates_and_noise_does_not() {
         let mut d = Drift::default();
@@ -133,7 +139,7 @@ mod tests {
             let x = 50.0 + if i % 2 == 0 { 0.2 } else { -0.2 };
             let c = d.peek(i * 1000, x, 0.2, 2.0);
             worst_noise = worst_noise.max(c.statistic);
-            d.update(i * 1000, x, 1.0, 600.0, 0.2, 2.0);
+            d.update(i * 1000, x, kept(), 0.2, 2.0);
         }
         assert!(worst_noise < 1.0, "{worst_noise}");
         assert_eq!(Drift::surprise(worst_noise, 20.0), 0.0);
@@ -145,7 +151,7 @@ mod tests {
                 hit = Some(i);
                 assert!(c.upward);
             }
-            d.update((1800 + i) * 1000, x, 1.0, 600.0, 0.2, 2.0);
+            d.update((1800 + i) * 1000, x, kept(), 0.2, 2.0);
         }
         let hit = hit.expect("a drift of 12 units over 10 minutes must be found");
         assert!(hit < 300, "found after {hit} s");
@@ -156,12 +162,12 @@ mod tests {
         let mut d = Drift::default();
         d.anchor(0.0, 0);
         for i in 1..120i64 {
-            d.update(i * 1000, 0.0, 1.0, 600.0, 1.0, 2.0);
+            d.update(i * 1000, 0.0, kept(), 1.0, 2.0);
         }
         for i in 120..124i64 {
             let c = d.peek(i * 1000, 50.0, 1.0, 2.0);
             assert!(c.statistic < 20.0);
-            d.update(i * 1000, 50.0, 1.0, 600.0, 1.0, 2.0);
+            d.update(i * 1000, 50.0, kept(), 1.0, 2.0);
         }
         assert!(Drift::surprise(40.0, 20.0) > Drift::surprise(20.0, 20.0));
     }
