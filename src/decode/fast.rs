@@ -80,13 +80,8 @@ impl<'a> Cursor<'a> {
                 if out.objects.len() > max {
                     return None;
                 }
-                match self.peek()? {
-                    b',' => self.at += 1,
-                    b']' => {
-                        self.at += 1;
-                        break;
-                    }
-                    _ => return None,
+                if !self.more(b']')? {
+                    break;
                 }
             }
         } else {
@@ -136,16 +131,12 @@ impl<'a> Cursor<'a> {
                     readings = start..out.readings.len();
                 }
             }
-            match self.peek()? {
-                b',' => self.at += 1,
-                b'}' => {
-                    self.at += 1;
-                    break;
-                }
-                _ => return None,
+            if !self.more(b'}')? {
+                break;
             }
         }
-        if seen & (TS | READINGS) != TS | READINGS {
+        // A missing `ts` is `None` below.
+        if seen & READINGS == 0 {
             return None;
         }
         out.objects.push(RawTelemetry {
@@ -173,14 +164,21 @@ impl<'a> Cursor<'a> {
                 Some(self.reading()?)
             };
             out.readings.push((Cow::Borrowed(key), value));
-            match self.peek()? {
-                b',' => self.at += 1,
-                b'}' => {
-                    self.at += 1;
-                    return Some(());
-                }
-                _ => return None,
+            if !self.more(b'}')? {
+                return Some(());
             }
+        }
+    }
+
+    /// After an element of an object or array: true at a `,` (another
+    /// follows), false at `close` (the end); `None` at anything else.
+    fn more(&mut self, close: u8) -> Option<bool> {
+        let c = self.peek()?;
+        self.at += 1;
+        match c {
+            b',' => Some(true),
+            _ if c == close => Some(false),
+            _ => None,
         }
     }
 

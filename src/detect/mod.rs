@@ -240,8 +240,8 @@ pub struct MachineState {
 struct Params {
     warmup: Millis,
     taus: Taus,
-    reference_tau: f64,
-    reference_decay: spike::Decay,
+    /// The shift detector's reference level follows at this pace.
+    reference: spike::Decay,
     min_surprise: f64,
     spike: bool,
     shift: bool,
@@ -279,8 +279,7 @@ impl Detectors {
             p: Params {
                 warmup: b.warmup,
                 taus: Taus::new(s(b.level_tau), s(b.trend_tau), s(b.scale_tau)),
-                reference_tau: s(b.reference_tau),
-                reference_decay: spike::Decay::new(s(b.reference_tau)),
+                reference: spike::Decay::new(s(b.reference_tau)),
                 min_surprise: surprise_from_score(cfg.alerts.min_score),
                 spike: d.spike.enabled,
                 shift: d.shift.enabled,
@@ -567,7 +566,7 @@ fn judge(
 
 /// Lets a reading judged normal update the (machine, metric) baseline.
 fn learn(p: &Params, ts: Millis, x: f64, in_transition: bool, s: &mut MetricState) {
-    let dt = ((ts - s.predictor.last_ts) as f64 / 1000.0).clamp(0.0, p.reference_tau);
+    let dt = ((ts - s.predictor.last_ts) as f64 / 1000.0).clamp(0.0, p.reference.tau());
     s.predictor.update(ts, x, &p.taus, in_transition);
     s.envelope.learn(x);
     let sigma = s.predictor.sigma();
@@ -580,7 +579,7 @@ fn learn(p: &Params, ts: Millis, x: f64, in_transition: bool, s: &mut MetricStat
         // Follow the new level until this sensor has settled — moved less than
         // two sigmas over a trend time constant — then start afresh from it.
         s.drift.reference = s.predictor.level;
-        let probe_every = (p.taus.trend * 1000.0) as Millis;
+        let probe_every = (p.taus.trend() * 1000.0) as Millis;
         if !in_transition && s.predictor.ready() && ts - s.probe_ts >= probe_every {
             let still = (s.predictor.level - s.probe_level).abs() < 2.0 * sigma;
             if still || ts - s.unsettled_since >= p.settle_max {
@@ -593,6 +592,5 @@ fn learn(p: &Params, ts: Millis, x: f64, in_transition: bool, s: &mut MetricStat
         }
         return;
     }
-    s.drift
-        .update(ts, x, p.reference_decay.after(dt), sigma, p.slack);
+    s.drift.update(ts, x, p.reference.after(dt), sigma, p.slack);
 }

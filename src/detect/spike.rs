@@ -24,30 +24,29 @@ const CLIP_Z: f64 = 4.0;
 /// Readings before the baseline is trusted enough to compute z at all.
 pub const MIN_SAMPLES: u32 = 10;
 
-/// Time constants (seconds) of the predictor, each with its decay.
+/// Time constants (seconds) of the predictor, as decays.
 #[derive(Debug, Clone)]
 pub struct Taus {
-    pub level: f64,
-    pub trend: f64,
-    pub scale: f64,
-    level_decay: Decay,
-    trend_decay: Decay,
+    level: Decay,
+    trend: Decay,
     /// The trend's while following a mode change (a sixth of its time constant).
-    follow_decay: Decay,
-    scale_decay: Decay,
+    follow: Decay,
+    scale: Decay,
 }
 
 impl Taus {
     pub fn new(level: f64, trend: f64, scale: f64) -> Self {
         Taus {
-            level,
-            trend,
-            scale,
-            level_decay: Decay::new(level),
-            trend_decay: Decay::new(trend),
-            follow_decay: Decay::new(trend / 6.0),
-            scale_decay: Decay::new(scale),
+            level: Decay::new(level),
+            trend: Decay::new(trend),
+            follow: Decay::new(trend / 6.0),
+            scale: Decay::new(scale),
         }
+    }
+
+    /// The trend's time constant, seconds.
+    pub fn trend(&self) -> f64 {
+        self.trend.tau
     }
 }
 
@@ -71,6 +70,11 @@ impl Decay {
             tau,
             last: std::cell::Cell::new((f64::NAN, f64::NAN)),
         }
+    }
+
+    /// The time constant, seconds.
+    pub fn tau(&self) -> f64 {
+        self.tau
     }
 
     /// The fraction of an old estimate left after `dt` seconds.
@@ -113,7 +117,7 @@ fn weight(kept: f64, n: u32) -> f64 {
 impl Predictor {
     /// Seconds since the last reading, clamped to what a prediction may extrapolate.
     fn dt(&self, ts: Millis, taus: &Taus) -> f64 {
-        ((ts - self.last_ts) as f64 / 1000.0).clamp(0.001, taus.trend)
+        ((ts - self.last_ts) as f64 / 1000.0).clamp(0.001, taus.trend())
     }
 
     /// The expected value at `ts`.
@@ -173,18 +177,18 @@ impl Predictor {
         // seconds, or it would extrapolate the ramp once the machine settles.
         let b = weight(
             if follow {
-                taus.follow_decay.after(dt)
+                taus.follow.after(dt)
             } else {
-                taus.trend_decay.after(dt)
+                taus.trend.after(dt)
             },
             self.n,
         );
         if follow {
             self.level = x;
         } else {
-            let a = weight(taus.level_decay.after(dt), self.n);
+            let a = weight(taus.level.after(dt), self.n);
             self.level = pred + a * r;
-            let s = weight(taus.scale_decay.after(dt), self.n);
+            let s = weight(taus.scale.after(dt), self.n);
             self.abs_residual += s * (r.abs() - self.abs_residual);
         }
         if self.n >= 2 || follow {
@@ -206,7 +210,7 @@ impl Predictor {
         }
         let dt = self.dt(ts, taus);
         self.level = self.predict(ts, taus);
-        self.trend *= taus.level_decay.after(dt);
+        self.trend *= taus.level.after(dt);
         self.last_ts = ts;
     }
 
@@ -297,7 +301,7 @@ mod tests {
             let x = 20.0 + 0.01 * i as f64 + noise(i);
             p.update(ts, x, &a, i % 97 == 0);
             // New time constants each time: nothing remembered, a fresh exp.
-            let fresh = Taus::new(a.level, a.trend, a.scale);
+            let fresh = taus();
             q.update(ts, x, &fresh, i % 97 == 0);
         }
         assert_eq!(
