@@ -6,7 +6,8 @@
 //! machine that has learned), the learned model scoring one vector,
 //! encoding one alert as the JSON the sinks publish, and the whole
 //! synchronous pipeline (every room a live batch walks through but the
-//! source and the query thread) on the `bench` command's default traffic.
+//! source and the query thread) on the `bench` command's default traffic and
+//! on its array traffic.
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
@@ -25,18 +26,23 @@ const T0: i64 = 1_795_766_400_000;
 
 /// A telemetry message of about 180 bytes with 4 readings, as the contract's example.
 fn message(machine: usize, second: i64) -> Envelope {
-    let n = ((second as usize * 7919 + machine * 31) % 97) as f64 * 0.01;
     let ts = T0 + second * 1000;
     Envelope::new(
         format!("twin.telemetry.bench.m-{machine:05}"),
         Some(ts + 3),
-        format!(
-            r#"{{"ts":{ts},"device":"plc-{machine:05}","seq":{second},"readings":{{"temperature_c":{:.2},"vibration_mm_s":{:.3},"spindle_rpm":{:.1},"motor_current_a":{:.2}}}}}"#,
-            70.0 + n,
-            2.3 + n / 10.0,
-            1198.0 + n * 10.0,
-            24.0 + n
-        ),
+        object(machine, second as u64, ts),
+    )
+}
+
+/// One telemetry object of 4 readings: the `seq`-th of `machine`, sent at `ts`.
+fn object(machine: usize, seq: u64, ts: i64) -> String {
+    let n = ((seq as usize * 7919 + machine * 31) % 97) as f64 * 0.01;
+    format!(
+        r#"{{"ts":{ts},"device":"plc-{machine:05}","seq":{seq},"readings":{{"temperature_c":{:.2},"vibration_mm_s":{:.3},"spindle_rpm":{:.1},"motor_current_a":{:.2}}}}}"#,
+        70.0 + n,
+        2.3 + n / 10.0,
+        1198.0 + n * 10.0,
+        24.0 + n
     )
 }
 
@@ -80,7 +86,7 @@ fn decode(c: &mut Criterion) {
     let arrays: Vec<Envelope> = (0..20)
         .map(|m| {
             let objects: Vec<String> = (0..100)
-                .map(|s| String::from_utf8(message(m, s).payload.to_vec()).expect("UTF-8"))
+                .map(|s| object(m, s as u64, T0 + s * 1000))
                 .collect();
             Envelope::new(
                 format!("twin.telemetry.bench.m-{m:05}"),
@@ -231,10 +237,9 @@ fn alert_encoding(c: &mut Criterion) {
 fn pipeline(c: &mut Criterion) {
     const MACHINES: usize = 1000;
     const BATCH: usize = 1500;
-    let mut p = Pipeline::new(&Config::default());
     // The next message in the order `bench` publishes: machines in turn.
     let mut sent = 0usize;
-    let mut next_batch = move || -> Vec<Envelope> {
+    let next_batch = move || -> Vec<Envelope> {
         (0..BATCH)
             .map(|_| {
                 let e = message(sent % MACHINES, (sent / MACHINES) as i64);
@@ -244,14 +249,68 @@ fn pipeline(c: &mut Criterion) {
             .collect()
     };
     // Ten minutes of event time: the default warm-up.
-    for _ in 0..(600 * MACHINES / BATCH) {
-        let b = next_batch();
-        black_box(p.process(&b, 0));
-    }
-    let mut g = c.benchmark_group("pipeline");
-    g.throughput(Throughput::Elements(BATCH as u64));
+    let warm_up = 600 * MACHINES / BATCH;
+    let name = "batch of 1500 messages of 1000 machines";
+    whole_pipeline(c, "pipeline", name, BATCH as u64, warm_up, next_batch);
+}
+
+/// The `bench` command's array traffic through `Pipeline::process`
+/// (`--batch 100 --interval 100ms`): messages of 100 objects of 4 readings,
+/// 1,000 machines in turn, each message 10 s of its machine's event time,
+/// 20 messages (8,000 readings) a batch, every machine past its warm-up.
+fn pipeline_arrays(c: &mut Criterion) {
+    const MACHINES: usize = 1000;
+    const OBJECTS: u64 = 100;
+    const BATCH: usize = 20;
+    let mut sent = 0usize;
+    let next_batch = move || -> Vec<Envelope> {
+        (0..BATCH)
+            .map(|_| {
+                let m = sent % MACHINES;
+                let first = (sent / MACHINES) as u64 * OBJECTS;
+                sent += 1;
+                let ts = |seq: u64| T0 + seq as i64 * 100;
+                let objects: Vec<String> = (first..first + OBJECTS)
+                    .map(|seq| object(m, seq, ts(seq)))
+                    .collect();
+                Envelope::new(
+                    format!("twin.telemetry.bench.m-{m:05}"),
+                    Some(ts(first + OBJECTS - 1) + 3),
+                    format!("[{}]", objects.join(",")),
+                )
+            })
+            .collect()
+    };
+    // Ten minutes of event time and one message more.
+    let warm_up = 61 * MACHINES / BATCH;
+    let name = "batch of 20 messages of 100 objects (readings)";
+    let readings = BATCH as u64 * OBJECTS * 4;
+    whole_pipeline(c, "pipeline arrays", name, readings, warm_up, next_batch);
+}
+
+/// Batches from `next_batch` through a fresh pipeline, timed once
+/// `warm_up` batches have gone through it. The warm-up runs only when the
+/// group is asked for, so a profile of one group is not the other's.
+fn whole_pipeline(
+    c: &mut Criterion,
+    group: &str,
+    name: &str,
+    elements: u64,
+    warm_up: usize,
+    mut next_batch: impl FnMut() -> Vec<Envelope>,
+) {
+    let mut p = Pipeline::new(&Config::default());
+    let mut g = c.benchmark_group(group);
+    g.throughput(Throughput::Elements(elements));
     g.sample_size(30);
-    g.bench_function("batch of 1500 messages of 1000 machines", |b| {
+    let mut warm = false;
+    g.bench_function(name, |b| {
+        if !std::mem::replace(&mut warm, true) {
+            for _ in 0..warm_up {
+                let batch = next_batch();
+                black_box(p.process(&batch, 0));
+            }
+        }
         b.iter_batched(
             &mut next_batch,
             |batch| black_box(p.process(&batch, 0).alerts.len()),
@@ -268,6 +327,7 @@ criterion_group!(
     baselines,
     multivariate,
     alert_encoding,
-    pipeline
+    pipeline,
+    pipeline_arrays
 );
 criterion_main!(rooms);

@@ -133,9 +133,54 @@ pub fn z_for_surprise(surprise: f64) -> f64 {
     0.5 * (lo + hi)
 }
 
+/// The |z| below which [`normal_two_sided_surprise`] stays under `surprise`
+/// (0 when any z may reach it), so a caller can skip the tail for ordinary
+/// readings. It lies 0.01 below the crossing — the surprise rises by more
+/// than 0.004 over that step anywhere past z = 1, against the fit's error of
+/// 1.2e-7 — so no z whose surprise reaches `surprise` falls under it.
+pub fn z_floor_for_surprise(surprise: f64) -> f64 {
+    if !(surprise > 0.0 && surprise.is_finite()) {
+        return 0.0;
+    }
+    (z_for_surprise(surprise) - 0.01).max(0.0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Under the floor no z reaches the surprise (checked on a fine grid for
+    /// the scores an operator may set), and the tail rises all the way.
+    #[test]
+    fn no_z_under_the_floor_reaches_the_surprise() {
+        let mut last = -1.0;
+        for i in 0..=600_000 {
+            let z = i as f64 * 1e-4;
+            let s = normal_two_sided_surprise(z);
+            assert!(s >= last, "the tail falls at z = {z}");
+            last = s;
+        }
+        for score in [0.0, 0.01, 0.3, 0.5, 0.75, 0.9, 0.95, 0.99, 0.999_999] {
+            let bar = surprise_from_score(score);
+            let floor = z_floor_for_surprise(bar);
+            let mut z = 0.0;
+            while z < floor {
+                assert!(normal_two_sided_surprise(z) < bar, "score {score}, z {z}");
+                assert!(normal_two_sided_surprise(-z) < bar, "score {score}, z -{z}");
+                z += 1e-4;
+            }
+            // And it is close: just past the crossing the bar is met.
+            if bar > 0.0 {
+                assert!(
+                    normal_two_sided_surprise(floor + 0.02) >= bar,
+                    "score {score}"
+                );
+            }
+        }
+        assert_eq!(z_floor_for_surprise(0.0), 0.0);
+        assert_eq!(z_floor_for_surprise(f64::INFINITY), 0.0);
+        assert_eq!(z_floor_for_surprise(f64::NAN), 0.0);
+    }
 
     #[test]
     fn normal_tail_matches_known_values() {

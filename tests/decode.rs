@@ -321,6 +321,21 @@ fn deep_nesting_is_rejected_not_a_stack_overflow() {
         reason_of(&mut d, "twin.telemetry.s.m", balanced.as_bytes()),
         Reason::TooDeep
     );
+    // Nesting where the fast reader looks first (it gives up, and the depth
+    // check it skips for what it accepts still refuses these): arrays around
+    // the objects, and in place of a reading's value.
+    let (open, close) = ("[".repeat(40), "]".repeat(40));
+    for deep in [
+        format!("{open}{{\"ts\": 1764230400125, \"readings\": {{\"x\": 1}}}}{close}"),
+        format!("{{\"ts\": 1764230400125, \"readings\": {{\"x\": {open}1{close}}}}}"),
+        format!("[{{\"ts\": 1764230400125, \"readings\": {{\"x\": 1}}}}, {open}{close}]"),
+    ] {
+        assert_eq!(
+            reason_of(&mut d, "twin.telemetry.s.m", deep.as_bytes()),
+            Reason::TooDeep,
+            "{deep}"
+        );
+    }
 }
 
 #[test]

@@ -187,14 +187,7 @@ impl<'a> Cursor<'a> {
         self.eat(b'"')?;
         let b = self.bytes();
         let start = self.at;
-        let mut end = start;
-        // Names are short: a table lookup a byte beats a vector search's set-up.
-        while let Some(&c) = b.get(end) {
-            if ENDS_PLAIN[c as usize] {
-                break;
-            }
-            end += 1;
-        }
+        let end = plain_end(b, start);
         if b.get(end) != Some(&b'"') {
             return None;
         }
@@ -308,6 +301,41 @@ impl<'a> Cursor<'a> {
     }
 }
 
+/// Where a plain string that starts at `at` stops: the first byte at or
+/// after `at` that [`ENDS_PLAIN`] marks, or the end of `b`.
+///
+/// Eight bytes at a time (names such as `temperature_c` are one or two
+/// words): a word's bytes are flagged when equal to a quote or a backslash
+/// or below 0x20, by the zero-byte test of "Bit Twiddling Hacks". That test
+/// may also flag a byte above a flagged one, never one below the first, so
+/// the lowest flag is exact.
+fn plain_end(b: &[u8], mut at: usize) -> usize {
+    const ONES: u64 = u64::from_le_bytes([1; 8]);
+    const HIGHS: u64 = ONES << 7;
+    while let Some(word) = b.get(at..at + 8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        let x = u64::from_le_bytes(w);
+        let quote = x ^ (ONES * u64::from(b'"'));
+        let slash = x ^ (ONES * u64::from(b'\\'));
+        let flags = (quote.wrapping_sub(ONES) & !quote)
+            | (slash.wrapping_sub(ONES) & !slash)
+            | (x.wrapping_sub(ONES * 0x20) & !x);
+        let flags = flags & HIGHS;
+        if flags != 0 {
+            return at + (flags.trailing_zeros() / 8) as usize;
+        }
+        at += 8;
+    }
+    while let Some(&c) = b.get(at) {
+        if ENDS_PLAIN[c as usize] {
+            break;
+        }
+        at += 1;
+    }
+    at
+}
+
 /// The bytes a plain string stops at: its closing quote, an escape, a
 /// control character (which JSON refuses inside strings).
 const ENDS_PLAIN: [bool; 256] = {
@@ -331,7 +359,7 @@ const POW10: [f64; 23] = [
 #[cfg(test)]
 mod tests {
     use super::super::{Payload, parse_payload};
-    use super::telemetry;
+    use super::{ENDS_PLAIN, plain_end, telemetry};
 
     /// What a parse gave, in bits: objects and readings.
     type Parsed = (
@@ -463,6 +491,48 @@ mod tests {
         }
         let sep = [",", ", ", " ,\n\t", ",\r\n"][r.below(4) as usize];
         format!("{{{}}}", fields.join(sep))
+    }
+
+    /// The word-at-a-time scan stops where a byte-at-a-time one does, for
+    /// every stopping byte at every place in a word, after any bytes.
+    #[test]
+    fn a_plain_string_ends_where_the_byte_walk_says() {
+        let walk = |b: &[u8], at: usize| {
+            (at..b.len())
+                .find(|&i| ENDS_PLAIN[b[i] as usize])
+                .unwrap_or(b.len())
+        };
+        let mut r = Rng(0x2545_F491_4F6C_DD1D);
+        let fillers = b"az_-.09AZ~\x7f\x80\xc3\xa9\xff !#[]{}";
+        for _ in 0..20_000 {
+            let len = r.below(40) as usize;
+            let mut b: Vec<u8> = (0..len)
+                .map(|_| fillers[r.below(fillers.len() as u64) as usize])
+                .collect();
+            // Zero to three stopping bytes (any of the 34) at random places.
+            for _ in 0..r.below(4) {
+                if b.is_empty() {
+                    break;
+                }
+                let stop = match r.below(34) {
+                    32 => b'"',
+                    33 => b'\\',
+                    c => c as u8,
+                };
+                let at = r.below(b.len() as u64) as usize;
+                b[at] = stop;
+            }
+            let at = r.below(b.len() as u64 + 1) as usize;
+            assert_eq!(plain_end(&b, at), walk(&b, at), "{b:?} from {at}");
+        }
+        // Each stopping byte alone, at each place of a word, after a clean word.
+        for stop in (0u8..0x20).chain([b'"', b'\\']) {
+            for place in 0..16 {
+                let mut b = vec![b'x'; 24];
+                b[place] = stop;
+                assert_eq!(plain_end(&b, 0), place, "{stop:#x} at {place}");
+            }
+        }
     }
 
     #[test]

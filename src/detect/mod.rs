@@ -243,6 +243,8 @@ struct Params {
     /// The shift detector's reference level follows at this pace.
     reference: spike::Decay,
     min_surprise: f64,
+    /// The |z| below which a spike cannot reach `min_surprise` (its tail is not computed).
+    spike_z_floor: f64,
     spike: bool,
     shift: bool,
     slack: f64,
@@ -281,6 +283,9 @@ impl Detectors {
                 taus: Taus::new(s(b.level_tau), s(b.trend_tau), s(b.scale_tau)),
                 reference: spike::Decay::new(s(b.reference_tau)),
                 min_surprise: surprise_from_score(cfg.alerts.min_score),
+                spike_z_floor: crate::score::z_floor_for_surprise(surprise_from_score(
+                    cfg.alerts.min_score,
+                )),
                 spike: d.spike.enabled,
                 shift: d.shift.enabled,
                 slack: d.shift.slack,
@@ -518,8 +523,11 @@ fn judge(
     };
     if p.spike && !in_transition {
         let z = if s.settled { z } else { z / p.settling_sigma };
-        let surprise = normal_two_sided_surprise(z);
-        if surprise >= p.min_surprise {
+        // Nearly every reading is ordinary: its tail (a logarithm and a
+        // division) need not be computed to know it is under the bar.
+        let ordinary = z.abs() < p.spike_z_floor;
+        let surprise = (!ordinary).then(|| normal_two_sided_surprise(z));
+        if let Some(surprise) = surprise.filter(|&s| s >= p.min_surprise) {
             out.push(finding(
                 Kind::SensorSpike,
                 "holt_z",
