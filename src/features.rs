@@ -47,6 +47,8 @@ use crate::score::Severity;
 use crate::time::Millis;
 use crate::window::ClosedWindows;
 
+mod views;
+
 /// Most result rows one file may return per run; the rest is dropped (and logged).
 pub const MAX_ROWS_PER_RUN: usize = 1_000_000;
 
@@ -189,17 +191,20 @@ fn held_name(name: &str) -> String {
 /// The window table as the queries see it: a view over the held table whose
 /// name columns are string views. DataFusion groups view columns column by
 /// column; dictionary columns sent every GROUP BY through its row format, a
-/// third of the query thread's time. The cast is part of each file's plan,
-/// so it runs a batch at a time as the scan reads it, on the columns the file
-/// reads: a run never holds a second, cast copy of its tables.
+/// third of the query thread's time. The conversion (`names_as_views`, see
+/// [`views`]) is part of each file's plan, so it runs a batch at a time as
+/// the scan reads it, on the columns the file reads: a run never holds a
+/// second, converted copy of its tables.
 fn as_views(name: &str, held: &Arc<MemTable>) -> ViewTable {
-    use datafusion::logical_expr::{LogicalPlanBuilder, cast, col};
+    use datafusion::logical_expr::{LogicalPlanBuilder, ScalarUDF, cast, col};
     let provider: Arc<dyn datafusion::catalog::TableProvider> = held.clone();
     let schema = provider.schema();
+    let names_as_views = ScalarUDF::from(views::NamesAsViews::new());
     let columns = schema.fields().iter().map(|f| {
         // A Column, not a string: names are taken as they are, unparsed.
         let c = col(datafusion::common::Column::new_unqualified(f.name()));
         match f.data_type() {
+            t if *t == views::held_type() => names_as_views.call(vec![c]).alias(f.name()),
             DataType::Dictionary(_, v) if **v == DataType::Utf8 => {
                 cast(c, DataType::Utf8View).alias(f.name())
             }
