@@ -1290,7 +1290,8 @@ struct Part {
     readings: ReadingsBuilder,
     messages: MessagesBuilder,
     flows: FlowsBuilder,
-    /// The metric names of the last object's readings, in order, with their ids.
+    /// Metric names met at each place of an object's readings, with their
+    /// ids: the last object's, unless a payload mixed its keys.
     last_keys: Vec<(Arc<str>, u32)>,
     /// Scratch of one payload: (machine, device) per object and metric id per reading.
     ids: Vec<(u32, u32)>,
@@ -1593,6 +1594,13 @@ impl Part {
     /// Checks every object of a payload and interns its names into
     /// `self.ids` ((machine, device) per object) and `self.metric_ids` (one
     /// id per reading).
+    ///
+    /// The objects of an array payload nearly always share their machine,
+    /// device and keys: a name equal to the object before's is neither
+    /// checked nor looked up again, and a key equal to the last object's at
+    /// the same place takes that key's id at once. Each object is checked
+    /// whole before its names are interned, and keys that differ only once
+    /// every object was checked, as before.
     fn check_and_intern(
         &mut self,
         names: &mut impl Resolve,
@@ -1601,15 +1609,25 @@ impl Part {
     ) -> Result<(), DecodeError> {
         self.ids.clear();
         self.metric_ids.clear();
+        // The last machine and device names met in the payload's objects
+        // (checked), and the last machine and device ids looked up.
+        let (mut named_machine, mut named_device) = (None::<&str>, None::<&str>);
+        let (mut last_machine, mut last_device) = (None::<(&str, u32)>, None::<(&str, u32)>);
+        // (place in `metric_ids`, place in its object, key) of keys still to intern.
+        let mut deferred: Vec<(usize, usize, &str)> = Vec::new();
         for m in &scratch.objects {
             check_ts(m.ts.0)?;
-            let machine = match m
+            let named = m
                 .machine
                 .as_ref()
                 .map(|n| n.0.as_ref())
-                .filter(|s| !s.is_empty())
-            {
-                Some(name) => check_name("machine", name)?,
+                .filter(|s| !s.is_empty());
+            let machine = match named {
+                Some(name) if named_machine == Some(name) => name,
+                Some(name) => {
+                    named_machine = Some(check_name("machine", name)?);
+                    name
+                }
                 None => default_machine.ok_or_else(|| {
                     DecodeError::new(
                         Reason::MissingField,
@@ -1622,30 +1640,49 @@ impl Part {
                 .as_ref()
                 .map(|n| n.0.as_ref())
                 .filter(|s| !s.is_empty());
-            if let Some(name) = device {
-                check_name("device", name)?;
+            if let Some(name) = device
+                && named_device != Some(name)
+            {
+                named_device = Some(check_name("device", name)?);
             }
             for (i, (k, _)) in scratch.readings_of(m).iter().enumerate() {
-                // A key the last object had at the same place was checked then.
-                if self.last_keys.get(i).is_none_or(|(name, _)| **name != **k) {
-                    check_name("readings key", k)?;
+                match self.last_keys.get(i) {
+                    // Checked when it was met; its id is final.
+                    Some((name, id)) if **name == **k => self.metric_ids.push(*id),
+                    _ => {
+                        check_name("readings key", k)?;
+                        deferred.push((self.metric_ids.len(), i, k));
+                        self.metric_ids.push(u32::MAX);
+                    }
                 }
             }
-            let machine_id = names
-                .machine(machine)
-                .ok_or_else(|| capacity("machines", "input.max_machines"))?;
-            let device_id = match device {
-                Some(name) => names.device(name),
-                None => names.own_device(machine_id),
-            }
-            .ok_or_else(|| capacity("devices", "input.max_devices"))?;
+            let machine_id = match last_machine {
+                Some((last, id)) if last == machine => id,
+                _ => {
+                    let id = names
+                        .machine(machine)
+                        .ok_or_else(|| capacity("machines", "input.max_machines"))?;
+                    last_machine = Some((machine, id));
+                    id
+                }
+            };
+            let device_id = match (device, last_device) {
+                (Some(name), Some((last, id))) if name == last => id,
+                (Some(name), _) => {
+                    let id = names
+                        .device(name)
+                        .ok_or_else(|| capacity("devices", "input.max_devices"))?;
+                    last_device = Some((name, id));
+                    id
+                }
+                (None, _) => names
+                    .own_device(machine_id)
+                    .ok_or_else(|| capacity("devices", "input.max_devices"))?,
+            };
             self.ids.push((machine_id, device_id));
         }
-        for m in &scratch.objects {
-            for (i, (k, _)) in scratch.readings_of(m).iter().enumerate() {
-                let id = self.metric_id(names, i, k)?;
-                self.metric_ids.push(id);
-            }
+        for (at, i, k) in deferred {
+            self.metric_ids[at] = self.metric_id(names, i, k)?;
         }
         Ok(())
     }

@@ -713,3 +713,84 @@ fn a_batch_whose_new_names_pass_a_cap_is_decoded_in_one_piece() {
     assert_eq!(got, want);
     assert_eq!(split.machines.refused(), whole.machines.refused());
 }
+
+/// The objects of an array payload that share names, and those that do not:
+/// each row keeps its own machine, device and metric, whatever the objects
+/// before it said, and every distinct name is still checked.
+#[test]
+fn objects_of_one_payload_keep_their_own_names() {
+    let mut d = decoder();
+    let t = "twin.telemetry.s.press-01";
+    let payload = br#"[
+        {"ts": 1764230400000, "device": "plc-a", "readings": {"x": 1, "y": 2}},
+        {"ts": 1764230401000, "device": "plc-a", "readings": {"x": 3, "y": 4}},
+        {"ts": 1764230402000, "machine": "press-02", "device": "plc-b", "readings": {"y": 5, "x": 6}},
+        {"ts": 1764230403000, "machine": "press-02", "readings": {"x": 7, "z": 8}},
+        {"ts": 1764230404000, "device": "plc-a", "readings": {"x": 9, "y": 10}}
+    ]"#;
+    let b = d.decode(&[env(t, payload)]);
+    assert!(b.rejected.is_empty(), "{:?}", b.rejected);
+    let r = &b.readings;
+    let m = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    assert_eq!(
+        strings(r, "metric"),
+        m(&["x", "y", "x", "y", "y", "x", "x", "z", "x", "y"])
+    );
+    assert_eq!(
+        strings(r, "machine"),
+        m(&[
+            "press-01", "press-01", "press-01", "press-01", "press-02", "press-02", "press-02",
+            "press-02", "press-01", "press-01"
+        ])
+    );
+    // A device named once, another, none (the machine's own name), the first again.
+    assert_eq!(
+        strings(&b.messages, "device"),
+        m(&["plc-a", "plc-a", "plc-b", "press-02", "plc-a"])
+    );
+    let values = col::<Float64Array>(r, "value");
+    assert_eq!(
+        (0..values.len())
+            .map(|i| values.value(i))
+            .collect::<Vec<_>>(),
+        (1..=10).map(f64::from).collect::<Vec<_>>()
+    );
+    // The same keys again in the next payload, then a changed one.
+    let b = d.decode(&[env(
+        t,
+        br#"[{"ts": 1764230405000, "readings": {"x": 1, "y": 2}}, {"ts": 1764230406000, "readings": {"x": 1, "w": 2}}]"#,
+    )]);
+    assert_eq!(strings(&b.readings, "metric"), m(&["x", "y", "x", "w"]));
+}
+
+/// A name the object before had passed is not a pass for a different one:
+/// a bad machine, device or key after good ones rejects the payload.
+#[test]
+fn a_bad_name_after_good_ones_is_still_refused() {
+    let mut d = decoder();
+    let t = "twin.telemetry.s.press-01";
+    let long = "p".repeat(300);
+    for bad in [
+        format!(r#"{{"ts": 1764230401000, "machine": "{long}", "readings": {{"x": 1}}}}"#),
+        r#"{"ts": 1764230401000, "machine": "press-\u0007", "readings": {"x": 1}}"#.to_string(),
+        r#"{"ts": 1764230401000, "device": "plc-\u0001", "readings": {"x": 1}}"#.to_string(),
+        r#"{"ts": 1764230401000, "device": "plc-a", "readings": {"x\u0002": 1}}"#.to_string(),
+    ] {
+        let good = r#"{"ts": 1764230400000, "machine": "press-01", "device": "plc-a", "readings": {"x": 1}}"#;
+        let payload = format!("[{good}, {good}, {bad}]");
+        assert_eq!(
+            reason_of(&mut d, t, payload.as_bytes()),
+            Reason::BadName,
+            "{bad}"
+        );
+    }
+    // The subject's machine is not a checked name: spelt out too long, it is refused.
+    let subject = format!("twin.telemetry.s.{long}");
+    let payload = format!(
+        r#"[{{"ts": 1764230400000, "readings": {{"x": 1}}}}, {{"ts": 1764230401000, "machine": "{long}", "readings": {{"x": 1}}}}]"#
+    );
+    assert_eq!(
+        reason_of(&mut d, &subject, payload.as_bytes()),
+        Reason::BadName
+    );
+}
