@@ -34,6 +34,21 @@ fn message(machine: usize, second: i64) -> Envelope {
     )
 }
 
+/// An array payload of `objects` objects of `machine`, the first the
+/// `first`-th it sends, `step` ms of event time apart; it arrives 3 ms after
+/// the last.
+fn array_message(machine: usize, first: u64, objects: u64, step: i64) -> Envelope {
+    let ts = |seq: u64| T0 + seq as i64 * step;
+    let body: Vec<String> = (first..first + objects)
+        .map(|seq| object(machine, seq, ts(seq)))
+        .collect();
+    Envelope::new(
+        format!("twin.telemetry.bench.m-{machine:05}"),
+        Some(ts(first + objects - 1) + 3),
+        format!("[{}]", body.join(",")),
+    )
+}
+
 /// One telemetry object of 4 readings: the `seq`-th of `machine`, sent at `ts`.
 fn object(machine: usize, seq: u64, ts: i64) -> String {
     let n = ((seq as usize * 7919 + machine * 31) % 97) as f64 * 0.01;
@@ -83,18 +98,7 @@ fn decode(c: &mut Criterion) {
         });
     }
     // Array payloads: 100 objects of 4 readings in each of 20 envelopes.
-    let arrays: Vec<Envelope> = (0..20)
-        .map(|m| {
-            let objects: Vec<String> = (0..100)
-                .map(|s| object(m, s as u64, T0 + s * 1000))
-                .collect();
-            Envelope::new(
-                format!("twin.telemetry.bench.m-{m:05}"),
-                Some(T0 + 100_000),
-                format!("[{}]", objects.join(",")),
-            )
-        })
-        .collect();
+    let arrays: Vec<Envelope> = (0..20).map(|m| array_message(m, 0, 100, 1000)).collect();
     let mut d = Decoder::new(cfg.input.clone());
     g.throughput(Throughput::Elements(20 * 100 * 4));
     g.bench_function("20 array payloads of 100 objects (readings)", |b| {
@@ -269,15 +273,7 @@ fn pipeline_arrays(c: &mut Criterion) {
                 let m = sent % MACHINES;
                 let first = (sent / MACHINES) as u64 * OBJECTS;
                 sent += 1;
-                let ts = |seq: u64| T0 + seq as i64 * 100;
-                let objects: Vec<String> = (first..first + OBJECTS)
-                    .map(|seq| object(m, seq, ts(seq)))
-                    .collect();
-                Envelope::new(
-                    format!("twin.telemetry.bench.m-{m:05}"),
-                    Some(ts(first + OBJECTS - 1) + 3),
-                    format!("[{}]", objects.join(",")),
-                )
+                array_message(m, first, OBJECTS, 100)
             })
             .collect()
     };

@@ -1609,9 +1609,10 @@ impl Part {
     ) -> Result<(), DecodeError> {
         self.ids.clear();
         self.metric_ids.clear();
-        // The last machine and device names met in the payload's objects
-        // (checked), and the last machine and device ids looked up.
-        let (mut named_machine, mut named_device) = (None::<&str>, None::<&str>);
+        // The last machine name an object gave (checked), and the last
+        // machine and device names looked up with their ids (a machine may
+        // be the subject's, which is not checked; a device is always named).
+        let mut named_machine = None::<&str>;
         let (mut last_machine, mut last_device) = (None::<(&str, u32)>, None::<(&str, u32)>);
         // (place in `metric_ids`, place in its object, key) of keys still to intern.
         let mut deferred: Vec<(usize, usize, &str)> = Vec::new();
@@ -1641,9 +1642,9 @@ impl Part {
                 .map(|n| n.0.as_ref())
                 .filter(|s| !s.is_empty());
             if let Some(name) = device
-                && named_device != Some(name)
+                && last_device.is_none_or(|(last, _)| last != name)
             {
-                named_device = Some(check_name("device", name)?);
+                check_name("device", name)?;
             }
             for (i, (k, _)) in scratch.readings_of(m).iter().enumerate() {
                 match self.last_keys.get(i) {

@@ -196,19 +196,17 @@ fn held_name(name: &str) -> String {
 /// the scan reads it, on the columns the file reads: a run never holds a
 /// second, converted copy of its tables.
 fn as_views(name: &str, held: &Arc<MemTable>) -> ViewTable {
-    use datafusion::logical_expr::{LogicalPlanBuilder, ScalarUDF, cast, col};
+    use datafusion::logical_expr::{LogicalPlanBuilder, ScalarUDF, col};
     let provider: Arc<dyn datafusion::catalog::TableProvider> = held.clone();
     let schema = provider.schema();
     let names_as_views = ScalarUDF::from(views::NamesAsViews::new());
     let columns = schema.fields().iter().map(|f| {
         // A Column, not a string: names are taken as they are, unparsed.
         let c = col(datafusion::common::Column::new_unqualified(f.name()));
-        match f.data_type() {
-            t if *t == views::held_type() => names_as_views.call(vec![c]).alias(f.name()),
-            DataType::Dictionary(_, v) if **v == DataType::Utf8 => {
-                cast(c, DataType::Utf8View).alias(f.name())
-            }
-            _ => c,
+        if *f.data_type() == crate::decode::name_type() {
+            names_as_views.call(vec![c]).alias(f.name())
+        } else {
+            c
         }
     });
     let plan = LogicalPlanBuilder::scan(held_name(name), provider_as_source(provider), None)

@@ -277,15 +277,14 @@ impl Detectors {
         let s = |ms: Millis| ms as f64 / 1000.0;
         let b = &cfg.baseline;
         let d = &cfg.detect;
+        let min_surprise = surprise_from_score(cfg.alerts.min_score);
         Detectors {
             p: Params {
                 warmup: b.warmup,
                 taus: Taus::new(s(b.level_tau), s(b.trend_tau), s(b.scale_tau)),
                 reference: spike::Decay::new(s(b.reference_tau)),
-                min_surprise: surprise_from_score(cfg.alerts.min_score),
-                spike_z_floor: crate::score::z_floor_for_surprise(surprise_from_score(
-                    cfg.alerts.min_score,
-                )),
+                min_surprise,
+                spike_z_floor: crate::score::z_floor_for_surprise(min_surprise),
                 spike: d.spike.enabled,
                 shift: d.shift.enabled,
                 slack: d.shift.slack,

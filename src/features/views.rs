@@ -33,17 +33,29 @@ const REMEMBERED: usize = 8;
 impl NamesAsViews {
     pub(super) fn new() -> Self {
         NamesAsViews {
-            signature: Signature::exact(vec![held_type()], Volatility::Immutable),
+            signature: Signature::exact(vec![crate::decode::name_type()], Volatility::Immutable),
             made: Mutex::new(Vec::new()),
         }
     }
 
-    /// The views of every name in `names`, from the last call when the array is the same.
-    fn views_of(&self, names: &ArrayRef, strings: &StringArray) -> Arc<[u128]> {
+    /// The views of every name in `names` (`strings`, the same array):
+    /// remembered from an earlier call with the same array, else made now —
+    /// unless the names outnumber the rows about to use them by far (a small
+    /// part of a big plant, first seen), when `None` leaves the part to the
+    /// cast, which looks only at the names it uses.
+    fn views_of(
+        &self,
+        names: &ArrayRef,
+        strings: &StringArray,
+        rows: usize,
+    ) -> Option<Arc<[u128]>> {
         let mut made = self.made.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(i) = made.iter().position(|(held, _)| Arc::ptr_eq(held, names)) {
             made[..=i].rotate_right(1);
-            return made[0].1.clone();
+            return Some(made[0].1.clone());
+        }
+        if strings.len() > 4 * rows + 1024 {
+            return None;
         }
         let offsets = strings.value_offsets();
         let views: Arc<[u128]> = (0..strings.len())
@@ -55,28 +67,24 @@ impl NamesAsViews {
             .collect();
         made.insert(0, (names.clone(), views.clone()));
         made.truncate(REMEMBERED);
-        views
+        Some(views)
     }
 
     fn convert(&self, column: &ArrayRef) -> Result<ArrayRef> {
         let dict = column.as_dictionary::<UInt32Type>();
         let names = dict.values();
-        match names.as_string_opt::<i32>() {
-            // Names are never null; a names array of more than about four
-            // times the rows (a small part of a big plant, first seen) is
-            // left to the cast, which looks only at the names it uses.
-            Some(strings)
-                if strings.null_count() == 0
-                    && u32::try_from(strings.values().len()).is_ok()
-                    && (strings.len() <= 4 * dict.len() + 1024 || self.is_made_for(names)) =>
-            {
-                let views = self.views_of(names, strings);
-                Ok(Arc::new(gather(dict, strings, &views)))
-            }
-            _ => Ok(arrow::compute::cast(column, &DataType::Utf8View)?),
+        // Names are never null, and their bytes are addressed by u32 offsets.
+        let views = names
+            .as_string_opt::<i32>()
+            .filter(|s| s.null_count() == 0 && u32::try_from(s.values().len()).is_ok())
+            .and_then(|strings| Some((strings, self.views_of(names, strings, dict.len())?)));
+        match views {
+            Some((strings, views)) => Ok(Arc::new(gather(dict, strings, &views))),
+            None => Ok(arrow::compute::cast(column, &DataType::Utf8View)?),
         }
     }
 
+    #[cfg(test)]
     fn is_made_for(&self, names: &ArrayRef) -> bool {
         let made = self.made.lock().unwrap_or_else(|e| e.into_inner());
         made.iter().any(|(held, _)| Arc::ptr_eq(held, names))
@@ -102,11 +110,6 @@ fn gather(
     // buffer 0, which is `strings`' value buffer (its length fits in u32,
     // checked by the caller); a null row's view is the empty string's.
     unsafe { StringViewArray::new_unchecked(rows, vec![strings.values().clone()], nulls) }
-}
-
-/// The type of a held name column.
-pub(super) fn held_type() -> DataType {
-    DataType::Dictionary(Box::new(DataType::UInt32), Box::new(DataType::Utf8))
 }
 
 impl PartialEq for NamesAsViews {
