@@ -3,7 +3,8 @@
 //! 4,096 in one piece and in two parts on two threads), the window
 //! features (the shipped query files over one closed 10-second window of 100
 //! machines), the per-reading baselines (one message of 4 readings into a
-//! machine that has learned), the learned model scoring one vector,
+//! machine that has learned, and a window's 43 query features for each of
+//! 1,000 machines), the learned model scoring one vector,
 //! encoding one alert as the JSON the sinks publish, and the whole
 //! synchronous pipeline (every room a live batch walks through but the
 //! source and the query thread) on the `bench` command's default traffic and
@@ -158,6 +159,47 @@ fn baselines(c: &mut Criterion) {
             second += 1;
             out.clear();
             d.observe(0, 0, T0 + second * 1000, true, &reading(second), &mut out);
+            black_box(out.len())
+        })
+    });
+    // What a query run hands the loop: each machine's 43 features of one
+    // window (the shipped files' count) as one group, 1,000 machines.
+    const FEATURES: u32 = 43;
+    const MACHINES: u32 = 1_000;
+    let mut features = Detectors::new(&cfg);
+    let group = |m: u32, w: i64| -> Vec<(u32, f64)> {
+        (0..FEATURES)
+            .map(|k| {
+                (
+                    k,
+                    10.0 * k as f64 + ((w * 7919 + (m * 31 + k) as i64) % 97) as f64 * 0.01,
+                )
+            })
+            .collect()
+    };
+    let mut window = 0i64;
+    while window < 90 {
+        for m in 0..MACHINES {
+            features.observe(
+                m,
+                0,
+                T0 + window * 10_000,
+                true,
+                &group(m, window),
+                &mut out,
+            );
+        }
+        window += 1;
+    }
+    let groups: Vec<Vec<(u32, f64)>> = (0..MACHINES).map(|m| group(m, 0)).collect();
+    g.throughput(Throughput::Elements((FEATURES * MACHINES) as u64));
+    g.bench_function("a window of 43 features for 1000 machines", |b| {
+        b.iter(|| {
+            window += 1;
+            out.clear();
+            for (m, values) in groups.iter().enumerate() {
+                features.observe(m as u32, 0, T0 + window * 10_000, true, values, &mut out);
+            }
             black_box(out.len())
         })
     });

@@ -122,7 +122,7 @@ pub async fn run_live<S: Source, K: Sink>(
         if batch.is_empty() {
             continue;
         }
-        let mut out = pipeline.process(&batch, wall_now());
+        let mut out = compute(|| pipeline.process(&batch, wall_now()));
         for (i, e) in &out.rejected {
             sink.dead_letter(&batch[*i], e).await?;
         }
@@ -133,7 +133,7 @@ pub async fn run_live<S: Source, K: Sink>(
                     t.query_run(&run.timings);
                 }
                 out.alerts
-                    .extend(pipeline.observe_features(&run, wall_now()));
+                    .extend(compute(|| pipeline.observe_features(&run, wall_now())));
             }
         }
         if let Some(t) = telemetry {
@@ -209,6 +209,21 @@ pub async fn run_live<S: Source, K: Sink>(
     Ok(summary)
 }
 
+/// Runs a stretch of the pipeline's own work (milliseconds of CPU) so that
+/// the runtime's other tasks — the NATS connection reading the next messages
+/// and writing alerts, the inbox — are not held up behind it: on a
+/// multi-thread runtime this worker hands its queue to another thread for the
+/// duration ([`tokio::task::block_in_place`]); elsewhere it just runs.
+fn compute<T>(work: impl FnOnce() -> T) -> T {
+    let multi = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    if multi {
+        tokio::task::block_in_place(work)
+    } else {
+        work()
+    }
+}
+
 /// The next query run's output (pending forever without a stage, for `select!`).
 async fn next_run(features: &mut Option<BackgroundStage>) -> Option<crate::features::RunOutput> {
     match features {
@@ -241,7 +256,7 @@ async fn publish_run<K: Sink>(
     telemetry: Option<&Telemetry>,
     run: &crate::features::RunOutput,
 ) -> Result<(), RunError> {
-    let alerts = pipeline.observe_features(run, wall_now());
+    let alerts = compute(|| pipeline.observe_features(run, wall_now()));
     if let Some(t) = telemetry {
         t.query_run(&run.timings);
         t.alerts(&alerts);
@@ -271,4 +286,49 @@ async fn checkpoint<S: Source, K: Sink>(
         Err(e) => warn!(error = %e, "state snapshot failed; messages stay unacknowledged"),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::compute;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::{Duration, Instant};
+
+    /// Whether a task spawned beside a long `compute` ran while it computed,
+    /// on a runtime of one worker (where only a handed-over queue lets it).
+    fn others_run_meanwhile(rt: &tokio::runtime::Runtime) -> bool {
+        let flag = Arc::new(AtomicBool::new(false));
+        let seen = flag.clone();
+        let work = rt.spawn(async move {
+            compute(|| {
+                let until = Instant::now() + Duration::from_secs(5);
+                while !seen.load(Ordering::Acquire) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                seen.load(Ordering::Acquire)
+            })
+        });
+        // Spawned once the work holds the worker: it can only run elsewhere.
+        std::thread::sleep(Duration::from_millis(50));
+        rt.spawn(async move { flag.store(true, Ordering::Release) });
+        rt.block_on(work).expect("the work task ends")
+    }
+
+    #[test]
+    fn the_runtime_goes_on_while_the_pipeline_computes() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .build()
+            .expect("a runtime");
+        assert!(others_run_meanwhile(&rt));
+    }
+
+    #[test]
+    fn on_a_current_thread_runtime_the_work_just_runs() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("a runtime");
+        assert_eq!(rt.block_on(async { compute(|| 6 * 7) }), 42);
+    }
 }

@@ -425,3 +425,60 @@ fn a_machine_holds_room_for_the_metrics_it_has() {
     let m = d.machine(8).expect("the machine is known");
     assert_eq!((m.metrics.len(), m.metrics.capacity()), (2, 2));
 }
+
+/// A reading is judged against its own sensor's baseline wherever it stands
+/// in the message: the same series with its readings rotated message after
+/// message, and with one sensor missing now and then, gives the same findings
+/// as in a fixed order (the k-th reading is first looked for in slot k).
+#[test]
+fn readings_in_any_order_meet_their_own_baselines() {
+    type Key = (i64, u32, Kind, u64, u64);
+    let play = |rotate: bool| -> Vec<Key> {
+        let mut d = Detectors::new(&config());
+        let mut out = Vec::new();
+        let tamper = |s: i64, v: &mut [f64; 4]| {
+            if s == 1500 {
+                v[2] += 40.0 * SIGMA[2];
+            }
+            if (2000..2200).contains(&s) {
+                v[3] = 20.0;
+            }
+        };
+        drive(2400, 11, tamper, |ts, r| {
+            let s = (ts - T0) / 1000;
+            let mut r: Vec<(u32, f64)> = r.to_vec();
+            if s % 7 == 3 {
+                r.remove(1);
+            }
+            if rotate {
+                let n = r.len();
+                r.rotate_left(s as usize % n);
+            }
+            d.observe(0, 0, ts, true, &r, &mut out);
+        });
+        let mut keys: Vec<Key> = out
+            .iter()
+            .map(|f| {
+                (
+                    f.ts,
+                    f.metric,
+                    f.kind,
+                    f.value.to_bits(),
+                    f.surprise.to_bits(),
+                )
+            })
+            .collect();
+        keys.sort();
+        keys
+    };
+    let fixed = play(false);
+    assert!(
+        fixed.iter().any(|k| k.2 == Kind::SensorSpike && k.1 == 2),
+        "the spike on sensor 2 is found: {fixed:?}"
+    );
+    assert!(
+        fixed.iter().any(|k| k.1 == 3),
+        "the tampered sensor 3 is found"
+    );
+    assert_eq!(play(true), fixed);
+}

@@ -386,7 +386,17 @@ impl Detectors {
         scratch.clear();
         let mut moving = 0;
         for (k, &(metric, x)) in readings.iter().enumerate() {
-            let slot = match m.metrics.iter().position(|s| s.metric == metric) {
+            // A machine's readings (and a run's features) come in the same
+            // order message after message, so the k-th reading is nearly
+            // always in slot k: looked up there first, a group of 43 query
+            // features costs 43 comparisons instead of some 900.
+            let hinted = m.metrics.get(k).is_some_and(|s| s.metric == metric);
+            let found = if hinted {
+                Some(k)
+            } else {
+                m.metrics.iter().position(|s| s.metric == metric)
+            };
+            let slot = match found {
                 Some(slot) => slot,
                 None if m.metrics.len() < MAX_METRICS_PER_MACHINE => {
                     // Room for this message's readings still to come: a
