@@ -153,6 +153,38 @@ pub struct PipelineState {
     pub learned: Vec<Option<crate::learn::machines::MachineModel>>,
 }
 
+/// Where [`Pipeline::observe_features_part`] stands in one query run: the
+/// next feature row, and the run's name indices already interned.
+#[derive(Debug)]
+pub struct FeatureCursor {
+    next: usize,
+    machine_ids: Vec<Option<Option<u32>>>,
+    feature_ids: Vec<Option<Option<u32>>>,
+    done: bool,
+}
+
+impl FeatureCursor {
+    /// At the start of `run`.
+    pub fn new(run: &crate::features::RunOutput) -> Self {
+        FeatureCursor {
+            next: 0,
+            machine_ids: vec![None; run.names.machines.len()],
+            feature_ids: vec![None; run.names.features.len()],
+            done: false,
+        }
+    }
+
+    /// Feature rows of `run` not yet observed.
+    pub fn left(&self, run: &crate::features::RunOutput) -> usize {
+        run.features.len().saturating_sub(self.next)
+    }
+
+    /// Whether every row of the run, rules too, was observed.
+    pub fn done(&self) -> bool {
+        self.done
+    }
+}
+
 /// The detection pipeline.
 pub struct Pipeline {
     cfg: Config,
@@ -333,9 +365,31 @@ impl Pipeline {
         run: &crate::features::RunOutput,
         emitted_at: Millis,
     ) -> Vec<Alert> {
+        let mut cursor = FeatureCursor::new(run);
+        self.observe_features_part(run, &mut cursor, usize::MAX, emitted_at)
+    }
+
+    /// [`Pipeline::observe_features`] a part at a time: the feature rows of
+    /// whole (machine, window) groups from where `cursor` stands, until at
+    /// least `budget` rows were taken (at least one group), then the run's
+    /// rule rows once every feature row is in. Parts of any size, in turn,
+    /// give the alerts and baselines the whole run gives at once; the live
+    /// loop takes a part between input batches, so a large run (430,000 rows
+    /// at 10,000 machines) does not hold up the fast path's alerts.
+    pub fn observe_features_part(
+        &mut self,
+        run: &crate::features::RunOutput,
+        cursor: &mut FeatureCursor,
+        budget: usize,
+        emitted_at: Millis,
+    ) -> Vec<Alert> {
+        if cursor.done {
+            return Vec::new();
+        }
         let _s = debug_span!(
             "features",
             features = run.features.len(),
+            from = cursor.next,
             rules = run.rules.len()
         )
         .entered();
@@ -343,27 +397,31 @@ impl Pipeline {
         // ([`crate::features::Queries::run`]), so the same input gives the
         // same alerts in the same order (and the same ids); a machine's
         // features of one window are consecutive rows.
-        // Windows keep from now on only what the files read.
-        self.windows.read_only(&run.columns_read);
+        if cursor.next == 0 {
+            // Windows keep from now on only what the files read.
+            self.windows.read_only(&run.columns_read);
+        }
         let mut findings = Vec::new();
         let mut group: Vec<(u32, f64)> = Vec::new();
-        // The run's name indices to the pipeline's interned ids, each name
-        // interned when first met (in row order, as the rows name them).
-        let mut machine_ids: Vec<Option<Option<u32>>> = vec![None; run.names.machines.len()];
-        let mut feature_ids: Vec<Option<Option<u32>>> = vec![None; run.names.features.len()];
-        let mut rows = run.features.iter().peekable();
-        while let Some(first) = rows.next() {
+        let rows = &run.features;
+        let until = cursor.next.saturating_add(budget.max(1));
+        while cursor.next < rows.len() && cursor.next < until {
+            let first = &rows[cursor.next];
             group.clear();
-            let machine = *machine_ids[first.machine as usize]
+            // The run's name indices to the pipeline's interned ids, each
+            // name interned when first met (in row order, as the rows name them).
+            let machine = *cursor.machine_ids[first.machine as usize]
                 .get_or_insert_with(|| self.decoder.machines.intern(run.machine(first)));
-            let mut row = Some(first);
-            while let Some(r) = row {
-                let feature = *feature_ids[r.feature as usize]
+            while let Some(r) = rows
+                .get(cursor.next)
+                .filter(|r| r.ts == first.ts && r.machine == first.machine)
+            {
+                let feature = *cursor.feature_ids[r.feature as usize]
                     .get_or_insert_with(|| self.features.intern(run.feature(r)));
                 if let Some(feature) = feature {
                     group.push((feature, r.value));
                 }
-                row = rows.next_if(|n| n.ts == first.ts && n.machine == first.machine);
+                cursor.next += 1;
             }
             if let Some(machine) = machine {
                 self.feature_detectors.observe(
@@ -377,33 +435,36 @@ impl Pipeline {
             }
         }
         self.feature_detectors.take_newly_protecting();
-        for r in &run.rules {
-            let (Some(machine), Some(rule)) = (
-                self.decoder.machines.intern(&r.machine),
-                self.features.intern(&r.file),
-            ) else {
-                continue;
-            };
-            let score = r
-                .score
-                .unwrap_or_else(|| crate::alerts::rule_score(r.severity));
-            findings.push(Finding {
-                machine,
-                device: crate::alerts::NO_DEVICE,
-                metric: rule,
-                kind: crate::detect::Kind::Rule,
-                detector: "rule",
-                ts: r.ts,
-                value: r.value.unwrap_or(0.0),
-                expected: 0.0,
-                surprise: crate::score::surprise_from_score(score),
-                detail: crate::detect::Detail::Rule {
-                    value: r.value,
-                    explanation: r.explanation.clone(),
-                },
-                severity: Some(r.severity),
-                subject: None,
-            });
+        if cursor.next >= rows.len() {
+            cursor.done = true;
+            for r in &run.rules {
+                let (Some(machine), Some(rule)) = (
+                    self.decoder.machines.intern(&r.machine),
+                    self.features.intern(&r.file),
+                ) else {
+                    continue;
+                };
+                let score = r
+                    .score
+                    .unwrap_or_else(|| crate::alerts::rule_score(r.severity));
+                findings.push(Finding {
+                    machine,
+                    device: crate::alerts::NO_DEVICE,
+                    metric: rule,
+                    kind: crate::detect::Kind::Rule,
+                    detector: "rule",
+                    ts: r.ts,
+                    value: r.value.unwrap_or(0.0),
+                    expected: 0.0,
+                    surprise: crate::score::surprise_from_score(score),
+                    detail: crate::detect::Detail::Rule {
+                        value: r.value,
+                        explanation: r.explanation.clone(),
+                    },
+                    severity: Some(r.severity),
+                    subject: None,
+                });
+            }
         }
         self.stats.findings += findings.len() as u64;
         let names = Names {
@@ -415,6 +476,11 @@ impl Pipeline {
             .iter()
             .filter_map(|f| self.feature_book.offer(f, &names, emitted_at))
             .collect()
+    }
+
+    /// The configuration it runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
     }
 
     /// The detectors' state (for inspection and tests).

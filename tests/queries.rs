@@ -734,3 +734,100 @@ fn a_run_makes_room_for_as_many_feature_rows_as_the_last_run_gave() {
         "room made once, exactly the rows of the run before"
     );
 }
+
+/// Query runs of 40 machines × 6 features a window (and a rule row each
+/// window), with a jump on one machine's feature late on.
+fn synthetic_runs() -> Vec<RunOutput> {
+    use std::sync::Arc;
+    let machines: Vec<Arc<str>> = (0..40).map(|m| Arc::from(format!("m-{m:02}"))).collect();
+    let features: Vec<Arc<str>> = (0..6).map(|k| Arc::from(format!("f.sql:x{k}"))).collect();
+    (0..120i64)
+        .map(|w| {
+            let ts = T0 + w * 10_000;
+            let mut rows = Vec::new();
+            for m in 0..machines.len() as u32 {
+                for k in 0..features.len() as u32 {
+                    let noise = ((w * 7919 + i64::from(m * 31 + k)) % 97) as f64 * 0.01;
+                    let jump = if w >= 100 && m == 7 && k == 2 {
+                        50.0
+                    } else {
+                        0.0
+                    };
+                    rows.push(FeatureRow {
+                        machine: m,
+                        feature: k,
+                        value: 10.0 * f64::from(k) + noise + jump,
+                        ts,
+                    });
+                }
+            }
+            RunOutput {
+                features: rows,
+                names: twinwatch::features::RunNames {
+                    machines: machines.clone(),
+                    features: features.clone(),
+                },
+                rules: vec![twinwatch::features::RuleRow {
+                    file: "r.sql".into(),
+                    severity: Severity::High,
+                    machine: format!("m-{:02}", w % 40),
+                    value: Some(w as f64),
+                    score: None,
+                    explanation: Some(format!("window {w}")),
+                    ts,
+                }],
+                ..RunOutput::default()
+            }
+        })
+        .collect()
+}
+
+/// Every run observed in parts of `budget` rows (`None`: each run whole);
+/// the alerts as JSON and the feature baselines afterwards.
+fn observe_in_parts(runs: &[RunOutput], budget: Option<usize>) -> (Vec<String>, String) {
+    let mut cfg = Config::default();
+    cfg.baseline.warmup = 300_000;
+    let mut p = Pipeline::new(&cfg);
+    let mut alerts = Vec::new();
+    for run in runs {
+        let got = match budget {
+            None => p.observe_features(run, 0),
+            Some(b) => {
+                let mut cursor = twinwatch::pipeline::FeatureCursor::new(run);
+                let mut got = Vec::new();
+                while !cursor.done() {
+                    let left = cursor.left(run);
+                    got.extend(p.observe_features_part(run, &mut cursor, b, 0));
+                    assert!(
+                        cursor.left(run) < left || cursor.done(),
+                        "each part takes a row, or the rules at the end"
+                    );
+                }
+                got
+            }
+        };
+        alerts.extend(got.iter().map(|a| serde_json::to_string(a).unwrap()));
+    }
+    let snapshot = p.snapshot();
+    let baselines = serde_json::to_string(&snapshot.feature_detectors).unwrap();
+    (alerts, baselines)
+}
+
+#[test]
+fn a_run_observed_in_parts_gives_what_it_gives_whole() {
+    let runs = synthetic_runs();
+    let (whole, baselines) = observe_in_parts(&runs, None);
+    assert!(
+        whole.iter().any(|a| a.contains("m-07") && a.contains("x2")),
+        "the jump on m-07's x2 is an alert: {whole:?}"
+    );
+    assert!(
+        whole.iter().any(|a| a.contains("window ")),
+        "rule rows are alerts"
+    );
+    for budget in [1, 5, 6, 7, 100, 239, 240, 10_000] {
+        let (parts, b) = observe_in_parts(&runs, Some(budget));
+        assert_eq!(parts, whole, "parts of {budget} rows");
+        assert_eq!(b, baselines, "parts of {budget} rows");
+    }
+}
