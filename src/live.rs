@@ -107,12 +107,7 @@ pub async fn run_live<S: Source, K: Sink>(
                 run = next_run(&mut features), if in_flight(&features) => {
                     if let Some(run) = run {
                         answered.push(run, telemetry);
-                        let alerts = compute(|| answered.observe_part(pipeline));
-                        if let Some(t) = telemetry {
-                            t.alerts(&alerts);
-                        }
-                        sink.publish(&alerts).await?;
-                        sink.flush().await?;
+                        take_answered(pipeline, sink, &mut answered, telemetry, false).await?;
                     }
                     continue;
                 }
@@ -139,12 +134,7 @@ pub async fn run_live<S: Source, K: Sink>(
                 // the answered runs goes through now. (A branch that is always
                 // ready would cut short every batch still filling.)
                 _ = tokio::time::sleep(quiet), if !answered.is_empty() => {
-                    let alerts = compute(|| answered.observe_all(pipeline));
-                    if let Some(t) = telemetry {
-                        t.alerts(&alerts);
-                    }
-                    sink.publish(&alerts).await?;
-                    sink.flush().await?;
+                    take_answered(pipeline, sink, &mut answered, telemetry, true).await?;
                     continue;
                 }
             }
@@ -183,12 +173,7 @@ pub async fn run_live<S: Source, K: Sink>(
         sink.flush().await?;
         // The batch's own alerts are out: a part of the answered runs now.
         if !answered.is_empty() {
-            let alerts = compute(|| answered.observe_part(pipeline));
-            if let Some(t) = telemetry {
-                t.alerts(&alerts);
-            }
-            sink.publish(&alerts).await?;
-            sink.flush().await?;
+            take_answered(pipeline, sink, &mut answered, telemetry, false).await?;
         }
         summary.batches += 1;
         match &checkpoints {
@@ -341,6 +326,27 @@ impl Answered {
         self.left = 0;
         alerts
     }
+}
+
+/// A part of the answered runs (`all`: every one of them) through the
+/// feature baselines, its alerts published and flushed.
+async fn take_answered<K: Sink>(
+    pipeline: &mut Pipeline,
+    sink: &mut K,
+    answered: &mut Answered,
+    telemetry: Option<&Telemetry>,
+    all: bool,
+) -> Result<(), RunError> {
+    let alerts = compute(|| match all {
+        true => answered.observe_all(pipeline),
+        false => answered.observe_part(pipeline),
+    });
+    if let Some(t) = telemetry {
+        t.alerts(&alerts);
+    }
+    sink.publish(&alerts).await?;
+    sink.flush().await?;
+    Ok(())
 }
 
 /// Takes every answered run and waits for every query run in flight, and
