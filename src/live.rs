@@ -84,8 +84,7 @@ pub async fn run_live<S: Source, K: Sink>(
     let in_flight = |f: &Option<BackgroundStage>| f.as_ref().is_some_and(|f| f.in_flight() > 0);
     // Input counts as quiet after twice the time a batch may wait to fill
     // without one.
-    let quiet = Duration::from_millis(2 * pipeline.config().source.max_latency.max(0) as u64)
-        .max(QUIET_AT_LEAST);
+    let quiet = (2 * source.fill_wait()).max(QUIET_AT_LEAST);
     let mut answered = Answered::default();
     loop {
         pipeline.poll_registry();
@@ -107,7 +106,7 @@ pub async fn run_live<S: Source, K: Sink>(
                 run = next_run(&mut features), if in_flight(&features) => {
                     if let Some(run) = run {
                         answered.push(run, telemetry);
-                        take_answered(pipeline, sink, &mut answered, telemetry, false).await?;
+                        take_answered(pipeline, sink, &mut answered, telemetry, Part::Next).await?;
                     }
                     continue;
                 }
@@ -130,11 +129,11 @@ pub async fn run_live<S: Source, K: Sink>(
                 }
                 b = source.next_batch() => b?,
                 // No batch for longer than the source waits to fill one
-                // (`source.max_latency`): input is quiet, so what is left of
+                // (`Source::fill_wait`): input is quiet, so what is left of
                 // the answered runs goes through now. (A branch that is always
                 // ready would cut short every batch still filling.)
                 _ = tokio::time::sleep(quiet), if !answered.is_empty() => {
-                    take_answered(pipeline, sink, &mut answered, telemetry, true).await?;
+                    take_answered(pipeline, sink, &mut answered, telemetry, Part::All).await?;
                     continue;
                 }
             }
@@ -173,7 +172,7 @@ pub async fn run_live<S: Source, K: Sink>(
         sink.flush().await?;
         // The batch's own alerts are out: a part of the answered runs now.
         if !answered.is_empty() {
-            take_answered(pipeline, sink, &mut answered, telemetry, false).await?;
+            take_answered(pipeline, sink, &mut answered, telemetry, Part::Next).await?;
         }
         summary.batches += 1;
         match &checkpoints {
@@ -248,7 +247,7 @@ fn compute<T>(work: impl FnOnce() -> T) -> T {
 }
 
 /// The next query run's output (pending forever without a stage, for `select!`).
-async fn next_run(features: &mut Option<BackgroundStage>) -> Option<crate::features::RunOutput> {
+async fn next_run(features: &mut Option<BackgroundStage>) -> Option<RunOutput> {
     match features {
         Some(f) => f.next().await,
         None => std::future::pending().await,
@@ -260,8 +259,16 @@ async fn next_run(features: &mut Option<BackgroundStage>) -> Option<crate::featu
 #[derive(Default)]
 struct Answered {
     runs: VecDeque<(RunOutput, FeatureCursor)>,
-    /// Feature rows of every run here not yet observed.
-    left: usize,
+}
+
+/// How much of the answered runs to take.
+#[derive(Clone, Copy)]
+enum Part {
+    /// The next part: the whole backlog up to [`Answered::WHOLE`] feature
+    /// rows, an [`Answered::SPREAD`]th of it past that.
+    Next,
+    /// Everything answered.
+    All,
 }
 
 impl Answered {
@@ -283,25 +290,26 @@ impl Answered {
             t.query_run(&run.timings);
         }
         let cursor = FeatureCursor::new(&run);
-        self.left += cursor.left(&run);
         self.runs.push_back((run, cursor));
     }
 
-    /// One part, from the oldest run on: the whole backlog up to
-    /// [`Answered::WHOLE`] rows, an eighth of it past that; the alerts it raised.
-    fn observe_part(&mut self, pipeline: &mut Pipeline) -> Vec<crate::alerts::Alert> {
-        let mut budget = if self.left <= Self::WHOLE {
-            usize::MAX
-        } else {
-            self.left.div_ceil(Self::SPREAD)
+    /// Feature rows not yet observed (a handful of runs at most are here).
+    fn left(&self) -> usize {
+        self.runs.iter().map(|(run, cursor)| cursor.left(run)).sum()
+    }
+
+    /// Takes `part` of the runs, oldest first; the alerts it raised.
+    fn observe(&mut self, pipeline: &mut Pipeline, part: Part) -> Vec<crate::alerts::Alert> {
+        let left = self.left();
+        let mut budget = match part {
+            Part::Next if left > Self::WHOLE => left.div_ceil(Self::SPREAD),
+            _ => usize::MAX,
         };
         let mut alerts = Vec::new();
         while let Some((run, cursor)) = self.runs.front_mut() {
             let before = cursor.left(run);
             alerts.extend(pipeline.observe_features_part(run, cursor, budget, wall_now()));
-            let taken = before - cursor.left(run);
-            self.left -= taken;
-            budget = budget.saturating_sub(taken);
+            budget = budget.saturating_sub(before - cursor.left(run));
             if cursor.done() {
                 self.runs.pop_front();
             }
@@ -311,36 +319,18 @@ impl Answered {
         }
         alerts
     }
-
-    /// Every run here, whole.
-    fn observe_all(&mut self, pipeline: &mut Pipeline) -> Vec<crate::alerts::Alert> {
-        let mut alerts = Vec::new();
-        for (run, mut cursor) in self.runs.drain(..) {
-            alerts.extend(pipeline.observe_features_part(
-                &run,
-                &mut cursor,
-                usize::MAX,
-                wall_now(),
-            ));
-        }
-        self.left = 0;
-        alerts
-    }
 }
 
-/// A part of the answered runs (`all`: every one of them) through the
-/// feature baselines, its alerts published and flushed.
+/// `part` of the answered runs through the feature baselines, its alerts
+/// published and flushed.
 async fn take_answered<K: Sink>(
     pipeline: &mut Pipeline,
     sink: &mut K,
     answered: &mut Answered,
     telemetry: Option<&Telemetry>,
-    all: bool,
+    part: Part,
 ) -> Result<(), RunError> {
-    let alerts = compute(|| match all {
-        true => answered.observe_all(pipeline),
-        false => answered.observe_part(pipeline),
-    });
+    let alerts = compute(|| answered.observe(pipeline, part));
     if let Some(t) = telemetry {
         t.alerts(&alerts);
     }
@@ -349,7 +339,7 @@ async fn take_answered<K: Sink>(
     Ok(())
 }
 
-/// Takes every answered run and waits for every query run in flight, and
+/// Waits for every query run in flight, then takes every answered run and
 /// publishes their alerts, so that what a snapshot saves (feature baselines,
 /// alert books) includes them.
 async fn answer_runs<K: Sink>(
@@ -359,22 +349,12 @@ async fn answer_runs<K: Sink>(
     answered: &mut Answered,
     telemetry: Option<&Telemetry>,
 ) -> Result<(), RunError> {
-    loop {
-        let alerts = compute(|| answered.observe_all(pipeline));
-        if let Some(t) = telemetry {
-            t.alerts(&alerts);
-        }
-        sink.publish(&alerts).await?;
-        match features.as_mut() {
-            Some(f) => match f.next().await {
-                Some(run) => answered.push(run, telemetry),
-                None => break,
-            },
-            None => break,
+    if let Some(f) = features.as_mut() {
+        while let Some(run) = f.next().await {
+            answered.push(run, telemetry);
         }
     }
-    sink.flush().await?;
-    Ok(())
+    take_answered(pipeline, sink, answered, telemetry, Part::All).await
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -404,7 +384,9 @@ async fn checkpoint<S: Source, K: Sink>(
 
 #[cfg(test)]
 mod tests {
-    use super::compute;
+    use super::{Answered, Part, compute};
+    use crate::features::{FeatureRow, RunNames, RunOutput};
+    use crate::pipeline::Pipeline;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::{Duration, Instant};
@@ -444,5 +426,49 @@ mod tests {
             .build()
             .expect("a runtime");
         assert_eq!(rt.block_on(async { compute(|| 6 * 7) }), 42);
+    }
+
+    /// A query run of `machines` × `features` rows, one window.
+    fn run(machines: u32, features: u32) -> RunOutput {
+        let rows = (0..machines)
+            .flat_map(|m| {
+                (0..features).map(move |k| FeatureRow {
+                    machine: m,
+                    feature: k,
+                    value: f64::from(k),
+                    ts: 1_795_766_400_000,
+                })
+            })
+            .collect();
+        RunOutput {
+            features: rows,
+            names: RunNames {
+                machines: (0..machines).map(|m| format!("m-{m}").into()).collect(),
+                features: (0..features)
+                    .map(|k| format!("f.sql:x{k}").into())
+                    .collect(),
+            },
+            ..RunOutput::default()
+        }
+    }
+
+    #[test]
+    fn a_large_backlog_is_taken_in_eighths_and_a_small_one_at_once() {
+        let mut p = Pipeline::new(&crate::config::Config::default());
+        let mut answered = Answered::default();
+        // 100,000 rows, groups of 10: an eighth is 12,500 rows, then an
+        // eighth of what is left, up to the end of a group.
+        answered.push(run(10_000, 10), None);
+        answered.observe(&mut p, Part::Next);
+        assert_eq!(answered.left(), 87_500);
+        answered.observe(&mut p, Part::Next);
+        assert_eq!(answered.left(), 87_500 - 10_940);
+        // Behind it, a run the size of the default plant's window.
+        answered.push(run(1_000, 43), None);
+        answered.observe(&mut p, Part::All);
+        assert!(answered.is_empty());
+        answered.push(run(1_000, 43), None);
+        answered.observe(&mut p, Part::Next);
+        assert!(answered.is_empty(), "43,000 rows go at once");
     }
 }

@@ -437,34 +437,7 @@ impl Pipeline {
         self.feature_detectors.take_newly_protecting();
         if cursor.next >= rows.len() {
             cursor.done = true;
-            for r in &run.rules {
-                let (Some(machine), Some(rule)) = (
-                    self.decoder.machines.intern(&r.machine),
-                    self.features.intern(&r.file),
-                ) else {
-                    continue;
-                };
-                let score = r
-                    .score
-                    .unwrap_or_else(|| crate::alerts::rule_score(r.severity));
-                findings.push(Finding {
-                    machine,
-                    device: crate::alerts::NO_DEVICE,
-                    metric: rule,
-                    kind: crate::detect::Kind::Rule,
-                    detector: "rule",
-                    ts: r.ts,
-                    value: r.value.unwrap_or(0.0),
-                    expected: 0.0,
-                    surprise: crate::score::surprise_from_score(score),
-                    detail: crate::detect::Detail::Rule {
-                        value: r.value,
-                        explanation: r.explanation.clone(),
-                    },
-                    severity: Some(r.severity),
-                    subject: None,
-                });
-            }
+            self.rule_findings(run, &mut findings);
         }
         self.stats.findings += findings.len() as u64;
         let names = Names {
@@ -478,9 +451,36 @@ impl Pipeline {
             .collect()
     }
 
-    /// The configuration it runs with.
-    pub fn config(&self) -> &Config {
-        &self.cfg
+    /// A run's rule rows as findings, each with its file's severity.
+    fn rule_findings(&mut self, run: &crate::features::RunOutput, findings: &mut Vec<Finding>) {
+        for r in &run.rules {
+            let (Some(machine), Some(rule)) = (
+                self.decoder.machines.intern(&r.machine),
+                self.features.intern(&r.file),
+            ) else {
+                continue;
+            };
+            let score = r
+                .score
+                .unwrap_or_else(|| crate::alerts::rule_score(r.severity));
+            findings.push(Finding {
+                machine,
+                device: crate::alerts::NO_DEVICE,
+                metric: rule,
+                kind: crate::detect::Kind::Rule,
+                detector: "rule",
+                ts: r.ts,
+                value: r.value.unwrap_or(0.0),
+                expected: 0.0,
+                surprise: crate::score::surprise_from_score(score),
+                detail: crate::detect::Detail::Rule {
+                    value: r.value,
+                    explanation: r.explanation.clone(),
+                },
+                severity: Some(r.severity),
+                subject: None,
+            });
+        }
     }
 
     /// The detectors' state (for inspection and tests).

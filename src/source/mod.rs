@@ -113,6 +113,13 @@ pub trait Source: Send {
         None
     }
 
+    /// How long `next_batch` may wait for more after a batch's first message
+    /// (core NATS and JetStream: `source.max_latency`); longer than this
+    /// without a batch, input is quiet.
+    fn fill_wait(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
+
     /// Stop taking new input; later calls to `next_batch` hand out what is in hand, then `None`.
     fn stop(&mut self) {}
 }

@@ -404,6 +404,10 @@ impl Source for NatsSource {
         self.position
     }
 
+    fn fill_wait(&self) -> Duration {
+        self.max_latency
+    }
+
     fn pending(&self) -> Option<u64> {
         self.js_pending
     }
