@@ -72,6 +72,12 @@ pub struct QueriesConfig {
     /// constant by design and spreads are skewed, so spike and drift checks
     /// (which follow the feature's own variability) are what fit them.
     pub range_and_stuck: bool,
+    /// Plain group-bys over `readings` (names and window as keys; count,
+    /// sum, avg, min, max, var, stddev of `value`) computed by twinwatch on
+    /// the 4-byte name keys instead of by DataFusion on the name strings:
+    /// the same results to the bit, in a fraction of the query thread's time.
+    /// false leaves every group-by to DataFusion.
+    pub own_group_by: bool,
 }
 
 impl Default for QueriesConfig {
@@ -83,6 +89,7 @@ impl Default for QueriesConfig {
             max_rows: 100_000,
             min_score: 0.9,
             range_and_stuck: false,
+            own_group_by: true,
         }
     }
 }
@@ -664,6 +671,9 @@ max_rows = 100000
 min_score = 0.9
 # Out-of-range and stuck checks on features (off: counts are constant by design, spreads skewed).
 range_and_stuck = false
+# Plain group-bys over readings (name and window keys; count, sum, avg, min, max, var, stddev
+# of value) are computed by twinwatch on name keys, the same to the bit; false leaves them to DataFusion.
+own_group_by = true
 
 [nats]
 # Server URL(s), comma-separated. tls:// requires TLS. NATS_URL and --nats-url override it.

@@ -47,6 +47,7 @@ use crate::score::Severity;
 use crate::time::Millis;
 use crate::window::ClosedWindows;
 
+mod grouped;
 mod views;
 
 /// Most result rows one file may return per run; the rest is dropped (and logged).
@@ -157,7 +158,10 @@ impl RunOutput {
 struct QueryFile {
     kind: QueryKind,
     text: String,
+    /// The plan as DataFusion made it (what the file reads is found in it).
     plan: LogicalPlan,
+    /// The plan run instead, when some of its group-bys are computed here.
+    grouped: Option<grouped::Grouped>,
     columns: Vec<String>,
 }
 
@@ -177,6 +181,8 @@ pub struct Queries {
     /// next (windows of a plant are alike), since results are taken as they
     /// stream and their count is known only at the end.
     feature_rows_hint: usize,
+    /// Whether plain group-bys over `readings` are computed here ([`grouped`]).
+    own_group_by: bool,
 }
 
 /// Prefix of the names the window tables are registered under as they are
@@ -339,7 +345,25 @@ impl Queries {
             refusals: 0,
             columns_read: BTreeMap::new(),
             feature_rows_hint: 0,
+            own_group_by: true,
         }
+    }
+
+    /// Whether plain group-bys over `readings` are computed by twinwatch
+    /// (`queries.own_group_by`, on by default) or left to DataFusion; applies
+    /// to files planned from now on.
+    pub fn with_own_group_by(mut self, on: bool) -> Self {
+        self.own_group_by = on;
+        self
+    }
+
+    /// How many of a file's group-bys are computed by twinwatch (0 when the
+    /// file is unknown or has none).
+    pub fn own_group_bys(&self, file: &str) -> usize {
+        self.files
+            .get(file)
+            .and_then(|f| f.grouped.as_ref())
+            .map_or(0, grouped::Grouped::count)
     }
 
     /// The columns of each window table that the active files read (what the
@@ -423,6 +447,16 @@ impl Queries {
         Ok((kind, plan))
     }
 
+    /// `plan` with its plain group-bys over `readings` computed here (see [`grouped`]).
+    fn grouped(&self, plan: &LogicalPlan) -> Option<grouped::Grouped> {
+        if !self.own_group_by {
+            return None;
+        }
+        let (_, readings) = self.tables.iter().find(|(n, _)| *n == "readings")?;
+        let schema = datafusion::catalog::TableProvider::schema(readings.as_ref());
+        grouped::Grouped::of(plan, &held_name("readings"), &schema)
+    }
+
     /// Looks at the folder: plans new and changed files, forgets removed ones.
     /// Returns the refusals of this look (each bad version is reported once).
     pub async fn reload(&mut self) -> Vec<QueryError> {
@@ -460,6 +494,7 @@ impl Queries {
                         .iter()
                         .map(|f| f.name().clone())
                         .collect();
+                    let grouped = self.grouped(&plan);
                     let replaced = self
                         .files
                         .insert(
@@ -468,6 +503,7 @@ impl Queries {
                                 kind,
                                 text,
                                 plan,
+                                grouped,
                                 columns,
                             },
                         )
@@ -531,9 +567,16 @@ impl Queries {
             let before = (out.features.len(), out.rules.len());
             let mut rows = 0;
             let result = async {
+                let plan = match &file.grouped {
+                    Some(g) => {
+                        g.fill(&closed.readings).await;
+                        &g.plan
+                    }
+                    None => &file.plan,
+                };
                 let physical = state
                     .query_planner()
-                    .create_physical_plan(&file.plan, &state)
+                    .create_physical_plan(plan, &state)
                     .await?;
                 let mut stream = datafusion::physical_plan::execute_stream(physical, task.clone())?;
                 while let Some(batch) = stream.next().await {
@@ -544,6 +587,9 @@ impl Queries {
                 Ok(())
             }
             .await;
+            if let Some(g) = &file.grouped {
+                g.clear().await;
+            }
             out.timings.push((name.clone(), started.elapsed()));
             match result {
                 Ok(()) => {}
@@ -637,6 +683,12 @@ impl Queries {
                     severity.as_str()
                 ));
             }
+        }
+        if let Some(g) = q.grouped(&plan) {
+            s.push_str(&format!(
+                "\ngroup-bys over readings computed by twinwatch on name keys: {}\n",
+                g.count()
+            ));
         }
         s.push_str(&format!("\nplan:\n{}\n", plan.display_indent()));
         Ok(s)
@@ -952,7 +1004,7 @@ impl FeatureStage {
     pub fn new(cfg: &crate::config::QueriesConfig) -> Self {
         FeatureStage {
             gather: Gather::new(cfg),
-            queries: Queries::new(&cfg.dir),
+            queries: Queries::new(&cfg.dir).with_own_group_by(cfg.own_group_by),
             runs: 0,
             busy: Duration::ZERO,
         }

@@ -27,6 +27,9 @@ pub(super) struct NamesAsViews {
     made: Mutex<Vec<(ArrayRef, Arc<[u128]>)>>,
 }
 
+/// The function's name in plans ([`super::grouped`] looks for it).
+pub(super) const NAME: &str = "names_as_views";
+
 /// Names arrays whose views are remembered.
 const REMEMBERED: usize = 8;
 
@@ -129,7 +132,7 @@ impl std::hash::Hash for NamesAsViews {
 
 impl ScalarUDFImpl for NamesAsViews {
     fn name(&self) -> &str {
-        "names_as_views"
+        NAME
     }
 
     fn signature(&self) -> &Signature {
