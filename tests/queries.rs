@@ -368,6 +368,15 @@ fn check_and_explain_commands() {
         shipped.join("modbus_writes.sql").to_str().unwrap(),
     ]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("severity high"));
+    // Which group-bys twinwatch computes itself: reading_stats' one; none of messages'.
+    let own = "group-bys over readings computed by twinwatch on name keys: 1";
+    assert!(!text.contains("computed by twinwatch"), "{text}");
+    let out = twinwatch(&[
+        "queries",
+        "explain",
+        shipped.join("reading_stats.sql").to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains(own));
 }
 
 #[test]
@@ -830,4 +839,36 @@ fn a_run_observed_in_parts_gives_what_it_gives_whole() {
         assert_eq!(parts, whole, "parts of {budget} rows");
         assert_eq!(b, baselines, "parts of {budget} rows");
     }
+}
+
+/// `queries.own_group_by`: the shipped files give the same feature values, to
+/// the bit, whether twinwatch or DataFusion computes their group-bys.
+#[test]
+fn the_shipped_files_answer_the_same_with_own_group_by_off() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("queries");
+    let w = window();
+    let answers = |out: &RunOutput| -> Vec<(String, String, i64, u64)> {
+        out.features
+            .iter()
+            .map(|f| {
+                (
+                    out.machine(f).to_string(),
+                    out.feature(f).to_string(),
+                    f.ts,
+                    f.value.to_bits(),
+                )
+            })
+            .collect()
+    };
+    let (on, off) = rt().block_on(async {
+        let mut on = Queries::new(&shipped);
+        let mut off = Queries::new(&shipped).with_own_group_by(false);
+        assert!(on.reload().await.is_empty() && off.reload().await.is_empty());
+        assert_eq!(on.own_group_bys("reading_stats.sql"), 1);
+        assert_eq!(off.own_group_bys("reading_stats.sql"), 0);
+        (on.run(&w).await, off.run(&w).await)
+    });
+    assert!(on.features.len() >= 15, "{}", on.features.len());
+    assert_eq!(answers(&on), answers(&off));
+    assert_eq!(on.rules.len(), off.rules.len());
 }
