@@ -539,20 +539,30 @@ impl Queries {
         errors
     }
 
+    /// Puts the closed windows' tables where the plans read them (`None`
+    /// empties them: a run's rows are not held until the next).
+    async fn hold(&self, closed: Option<&ClosedWindows>) {
+        for (name, table) in &self.tables {
+            let parts = closed.map_or_else(Vec::new, |c| {
+                match *name {
+                    "readings" => &c.readings,
+                    "messages" => &c.messages,
+                    _ => &c.flows,
+                }
+                .parts
+                .clone()
+            });
+            *table.batches[0].write().await = parts;
+        }
+    }
+
     /// Runs every active file over the closed windows.
     pub async fn run(&mut self, closed: &ClosedWindows) -> RunOutput {
         let mut out = RunOutput::default();
         if self.files.is_empty() {
             return out;
         }
-        for (name, table) in &self.tables {
-            let batch = match *name {
-                "readings" => &closed.readings,
-                "messages" => &closed.messages,
-                _ => &closed.flows,
-            };
-            *table.batches[0].write().await = batch.parts.clone();
-        }
+        self.hold(Some(closed)).await;
         let newest = closed.span.1;
         let mut names = Names::default();
         let state = self.ctx.state();
@@ -568,11 +578,8 @@ impl Queries {
             let mut rows = 0;
             let result = async {
                 let plan = match &file.grouped {
-                    Some(g) => {
-                        g.fill(&closed.readings).await;
-                        &g.plan
-                    }
-                    None => &file.plan,
+                    Some(g) if g.fill(&closed.readings).await => &g.plan,
+                    _ => &file.plan,
                 };
                 let physical = state
                     .query_planner()
@@ -605,9 +612,7 @@ impl Queries {
             }
         }
         self.feature_rows_hint = out.features.len();
-        for (_, table) in &self.tables {
-            table.batches[0].write().await.clear();
-        }
+        self.hold(None).await;
         for (file, why) in &out.failures {
             warn!(file = %file, "query failed on this window: {why}");
         }

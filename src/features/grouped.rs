@@ -24,14 +24,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use arrow::array::{
-    Array, ArrayRef, AsArray, Float64Array, Int64Array, StringArray, StringViewBuilder,
-    TimestampMillisecondArray,
+    Array, ArrayRef, AsArray, DictionaryArray, Float64Array, Int64Array, TimestampMillisecondArray,
+    UInt32Array,
 };
 use arrow::buffer::NullBuffer;
 use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit, UInt32Type};
 use arrow::record_batch::RecordBatch;
+use datafusion::common::Column;
 use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::common::{Column, DFSchema};
 use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, col};
@@ -115,15 +115,13 @@ impl Shape {
     /// table (`held`: its name in the plan), `None` otherwise.
     fn of(agg: &datafusion::logical_expr::Aggregate, held: &str, table: &Schema) -> Option<Shape> {
         let mut not_null = Vec::new();
-        let resolve = |e: &Expr, not_null: &mut Vec<usize>| -> Option<Source> {
-            resolve(&agg.input, e, held, not_null)
-        };
+        let source = |e: &Expr, not_null: &mut Vec<usize>| resolve(&agg.input, e, held, not_null);
         if agg.group_expr.is_empty() || agg.group_expr.len() > MAX_KEYS {
             return None;
         }
         let mut keys = Vec::new();
         for e in &agg.group_expr {
-            let (i, viewed) = resolve(e, &mut not_null)?;
+            let (i, viewed) = source(e, &mut not_null)?;
             let kind = match table.field(i).data_type() {
                 t if *t == crate::decode::name_type() && viewed => KeyKind::Name,
                 DataType::Timestamp(TimeUnit::Millisecond, _)
@@ -158,7 +156,7 @@ impl Shape {
                     func = Func::CountRows
                 }
                 arg => {
-                    let (i, viewed) = resolve(arg, &mut not_null)?;
+                    let (i, viewed) = source(arg, &mut not_null)?;
                     if viewed || i != value {
                         // Only the count of a column that is never NULL
                         // needs nothing of the column itself.
@@ -318,8 +316,7 @@ impl Grouped {
             .transform_up(|node| node.recompute_schema().map(Transformed::yes))
             .ok()?
             .data;
-        let same = |a: &DFSchema, b: &DFSchema| a.as_arrow().fields() == b.as_arrow().fields();
-        if !same(rewritten.schema(), plan.schema()) {
+        if rewritten.schema().as_arrow().fields() != plan.schema().as_arrow().fields() {
             return None;
         }
         Some(Grouped {
@@ -334,12 +331,18 @@ impl Grouped {
     }
 
     /// Computes every replaced group-by over `readings` and puts its groups
-    /// in its table, for the next execution of [`Grouped::plan`].
-    pub async fn fill(&self, readings: &Table) {
+    /// in its table, for the next execution of [`Grouped::plan`]. `false`
+    /// (the tables left empty) when some name key cannot be read as one set
+    /// of names ([`aggregate`]): the run then takes the file's own plan.
+    pub async fn fill(&self, readings: &Table) -> bool {
         for (shape, provider) in &self.groups {
-            let batch = aggregate(shape, readings);
+            let Some(batch) = aggregate(shape, readings) else {
+                self.clear().await;
+                return false;
+            };
             *provider.batches[0].write().await = vec![batch];
         }
+        true
     }
 
     /// Empties the tables (the groups of a run are not held until the next).
@@ -456,8 +459,19 @@ impl TimeCodes {
     }
 }
 
-/// The groups of `shape` over the rows of `readings`, in first-seen order.
-fn aggregate(shape: &Shape, readings: &Table) -> RecordBatch {
+/// Whether two names arrays give every key they both hold the same name:
+/// the same array, or one an older copy of the other (the interner only adds
+/// names). A name column no file read when its rows arrived holds
+/// placeholders (key 0 for `""`, see [`crate::window`]), which is neither.
+fn same_names(a: &ArrayRef, b: &ArrayRef) -> bool {
+    let n = a.len().min(b.len());
+    Arc::ptr_eq(a, b) || a.slice(0, n).as_ref() == b.slice(0, n).as_ref()
+}
+
+/// The groups of `shape` over the rows of `readings`, in first-seen order;
+/// `None` when the parts of a name key do not share their names (the
+/// groups of keys would not be the groups of names).
+fn aggregate(shape: &Shape, readings: &Table) -> Option<RecordBatch> {
     let welford = shape.funcs.iter().any(|f| {
         matches!(
             f,
@@ -471,18 +485,22 @@ fn aggregate(shape: &Shape, readings: &Table) -> RecordBatch {
     let mut keys: Vec<u128> = Vec::new();
     let mut states: Vec<State> = Vec::new();
     let mut times: Vec<TimeCodes> = shape.keys.iter().map(|_| TimeCodes::default()).collect();
-    // The names of each name key: the newest part's (the interner only
-    // adds names, so its array holds every key of the earlier parts).
+    // The names of each name key: the longest array of its parts, which
+    // holds every key of the others (checked by `same_names`).
     let mut names: Vec<Option<ArrayRef>> = vec![None; shape.keys.len()];
     for part in &readings.parts {
-        let columns: Vec<KeyColumn> = shape
-            .keys
-            .iter()
-            .enumerate()
-            .map(|(k, &(i, kind))| match kind {
+        let mut columns: Vec<KeyColumn> = Vec::with_capacity(shape.keys.len());
+        for (k, &(i, kind)) in shape.keys.iter().enumerate() {
+            columns.push(match kind {
                 KeyKind::Name => {
                     let d = part.column(i).as_dictionary::<UInt32Type>();
-                    names[k] = Some(d.values().clone());
+                    let held = names[k].get_or_insert_with(|| d.values().clone());
+                    if !same_names(held, d.values()) {
+                        return None;
+                    }
+                    if d.values().len() > held.len() {
+                        *held = d.values().clone();
+                    }
                     KeyColumn::Name(d.keys().values())
                 }
                 KeyKind::Time => KeyColumn::Time(
@@ -490,8 +508,8 @@ fn aggregate(shape: &Shape, readings: &Table) -> RecordBatch {
                         .as_primitive::<arrow::datatypes::TimestampMillisecondType>()
                         .values(),
                 ),
-            })
-            .collect();
+            });
+        }
         let values = part
             .column(shape.value)
             .as_primitive::<arrow::datatypes::Float64Type>();
@@ -525,17 +543,16 @@ fn aggregate(shape: &Shape, readings: &Table) -> RecordBatch {
     let mut columns: Vec<ArrayRef> = Vec::new();
     for (k, &(_, kind)) in shape.keys.iter().enumerate() {
         columns.push(match kind {
-            KeyKind::Name => {
-                let strings = names[k].as_ref().map(|a| a.as_string::<i32>().clone());
-                let mut b = StringViewBuilder::with_capacity(keys.len());
-                for &key in &keys {
-                    let s = strings
-                        .as_ref()
-                        .map_or("", |s: &StringArray| s.value(code(key, k) as usize));
-                    b.append_value(s);
+            // As the view of the window table shows them: the names of the
+            // keys, cast to string views.
+            KeyKind::Name => match &names[k] {
+                Some(names) => {
+                    let codes = UInt32Array::from_iter_values(keys.iter().map(|&key| code(key, k)));
+                    let dict = DictionaryArray::<UInt32Type>::try_new(codes, names.clone()).ok()?;
+                    arrow::compute::cast(&dict, &DataType::Utf8View).ok()?
                 }
-                Arc::new(b.finish())
-            }
+                None => arrow::array::new_empty_array(&DataType::Utf8View),
+            },
             KeyKind::Time => Arc::new(
                 TimestampMillisecondArray::from_iter_values(
                     keys.iter()
@@ -556,8 +573,10 @@ fn aggregate(shape: &Shape, readings: &Table) -> RecordBatch {
             f => Arc::new(Float64Array::from_iter(states.iter().map(|s| s.value(f)))),
         });
     }
-    RecordBatch::try_new(shape.schema.clone(), columns)
-        .expect("the groups are built to the aggregate's schema")
+    Some(
+        RecordBatch::try_new(shape.schema.clone(), columns)
+            .expect("the groups are built to the aggregate's schema"),
+    )
 }
 
 /// Which rows of `part` pass the `IS NOT NULL` filters (`None`: all of them).
@@ -637,23 +656,8 @@ mod tests {
 
     /// The rows `plan` gives over `closed`, each as text (floats printed to
     /// round-trip), sorted.
-    async fn rows(
-        q: &Queries,
-        plan: &LogicalPlan,
-        grouped: Option<&Grouped>,
-        closed: &ClosedWindows,
-    ) -> Vec<String> {
-        for (name, table) in &q.tables {
-            let t = match *name {
-                "readings" => &closed.readings,
-                "messages" => &closed.messages,
-                _ => &closed.flows,
-            };
-            *table.batches[0].write().await = t.parts.clone();
-        }
-        if let Some(g) = grouped {
-            g.fill(&closed.readings).await;
-        }
+    async fn rows(q: &Queries, plan: &LogicalPlan, closed: &ClosedWindows) -> Vec<String> {
+        q.hold(Some(closed)).await;
         let state = q.ctx.state();
         let physical = state
             .query_planner()
@@ -704,8 +708,9 @@ mod tests {
                 return 0;
             };
             for closed in &windows {
-                let theirs = rows(&q, &file.plan, None, closed).await;
-                let ours = rows(&q, &g.plan, Some(g), closed).await;
+                let theirs = rows(&q, &file.plan, closed).await;
+                assert!(g.fill(&closed.readings).await, "{sql}");
+                let ours = rows(&q, &g.plan, closed).await;
                 assert!(!theirs.is_empty());
                 assert_eq!(ours, theirs, "{sql}");
             }
@@ -774,5 +779,63 @@ mod tests {
         ] {
             assert_eq!(compare(sql), 0, "{sql}");
         }
+    }
+
+    /// A name column no file read while a window's first rows arrived holds
+    /// placeholders there (key 0 for `""`): grouped by key, those rows would
+    /// join the group of the name whose id is 0. Such a run takes the file's
+    /// own plan, and gives what DataFusion gives.
+    #[test]
+    fn placeholder_names_in_early_parts_leave_the_run_to_datafusion() {
+        use arrow::array::StringArray;
+        let mut closed = closed_windows()
+            .into_iter()
+            .find(|c| c.readings.parts.len() > 1)
+            .unwrap();
+        let first = &closed.readings.parts[0];
+        let device = first.schema().index_of("device").unwrap();
+        let placeholder = DictionaryArray::<UInt32Type>::try_new(
+            UInt32Array::from(vec![0; first.num_rows()]),
+            Arc::new(StringArray::from(vec![""])),
+        )
+        .unwrap();
+        let mut columns = first.columns().to_vec();
+        columns[device] = Arc::new(placeholder);
+        closed.readings.parts[0] = RecordBatch::try_new(first.schema(), columns).unwrap();
+
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("f.sql"),
+            "-- twinwatch: features\n\
+             SELECT machine, window_start, 'd:' || device AS feature, avg(value) AS value\n\
+             FROM readings GROUP BY machine, window_start, device",
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let answers = |out: &crate::features::RunOutput| -> Vec<(String, String, i64, u64)> {
+            out.features
+                .iter()
+                .map(|f| {
+                    let (m, n) = (out.machine(f).to_string(), out.feature(f).to_string());
+                    (m, n, f.ts, f.value.to_bits())
+                })
+                .collect()
+        };
+        let (on, off) = rt.block_on(async {
+            let mut on = Queries::new(dir.path());
+            let mut off = Queries::new(dir.path()).with_own_group_by(false);
+            assert!(on.reload().await.is_empty() && off.reload().await.is_empty());
+            let g = on.files["f.sql"].grouped.as_ref().unwrap();
+            assert!(!g.fill(&closed.readings).await, "placeholders are seen");
+            (on.run(&closed).await, off.run(&closed).await)
+        });
+        assert!(
+            answers(&off).iter().any(|(_, n, _, _)| n == "f:d:"),
+            "the placeholder rows form a group of their own: {:?}",
+            answers(&off)
+        );
+        assert_eq!(answers(&on), answers(&off));
     }
 }
