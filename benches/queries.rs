@@ -6,12 +6,14 @@
 //! array payloads of `twinwatch bench --batch 100 --interval 100ms`: groups
 //! of 100 readings). Each first with every group-by left to
 //! DataFusion, then with the plain ones over `readings` computed by twinwatch
-//! (`queries.own_group_by`, the default).
+//! (`queries.own_group_by`, the default) over the window's rows, then over
+//! the sums the window kept instead of its rows (what a run gets when every
+//! file reads `readings` only through such group-bys, as the shipped ones do).
 
 use std::time::{Duration, Instant};
 
 use twinwatch::config::Config;
-use twinwatch::features::Queries;
+use twinwatch::features::{Queries, RunOutput};
 use twinwatch::pipeline::Pipeline;
 use twinwatch::source::Envelope;
 
@@ -61,29 +63,37 @@ fn measure(machines: i64, sensors: i64, hz: i64) {
             }
         }
     }
-    let mut p = Pipeline::new(&Config::default());
-    p.process(&envs, 0);
-    let window = p.finish().closed.expect("one window");
-    println!(
-        "window: {} readings, {} messages, {} flow records, {} machine-windows",
-        window.readings.num_rows(),
-        window.messages.num_rows(),
-        window.flows.num_rows(),
-        window.machine_windows
-    );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
     rt.block_on(async {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("queries");
-        for own in [false, true] {
-            println!("own_group_by = {own}");
+        for (own, summed) in [(false, false), (true, false), (true, true)] {
             let mut q = Queries::new(&dir).with_own_group_by(own);
             let t = Instant::now();
             let refused = q.reload().await;
             assert!(refused.is_empty(), "{refused:?}");
-            println!("planning {} files once: {:.1} ms", q.active().len(), t.elapsed().as_secs_f64() * 1000.0);
+            let planning = t.elapsed();
+            let mut p = Pipeline::new(&Config::default());
+            if summed {
+                p.keep_for(&RunOutput {
+                    grouping: q.grouping().to_vec(),
+                    ..Default::default()
+                });
+            }
+            p.process(&envs, 0);
+            let window = p.finish().closed.expect("one window");
+            let groups: usize = window.groups.iter().map(|g| g.groups.len()).sum();
+            println!(
+                "own_group_by = {own}, readings {}: {} reading rows, {groups} groups, {} messages, {} flow records, {} machine-windows",
+                if summed { "summed as they arrive" } else { "kept as rows" },
+                window.readings.num_rows(),
+                window.messages.num_rows(),
+                window.flows.num_rows(),
+                window.machine_windows
+            );
+            println!("planning {} files once: {:.1} ms", q.active().len(), planning.as_secs_f64() * 1000.0);
             let mut runs: Vec<Duration> = Vec::new();
             let mut per_file: std::collections::BTreeMap<String, Vec<Duration>> = Default::default();
             let mut features = 0;

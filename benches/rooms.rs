@@ -12,12 +12,13 @@
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use std::hint::black_box;
+use std::path::Path;
 
 use twinwatch::alerts::{AlertBook, Names};
 use twinwatch::config::Config;
 use twinwatch::decode::Decoder;
 use twinwatch::detect::{Detectors, Finding, Kind};
-use twinwatch::features::Queries;
+use twinwatch::features::{Queries, RunOutput};
 use twinwatch::intern::Interner;
 use twinwatch::learn::model::{FitParams, Modes, Scorer};
 use twinwatch::pipeline::Pipeline;
@@ -327,8 +328,11 @@ fn pipeline_arrays(c: &mut Criterion) {
 }
 
 /// Batches from `next_batch` through a fresh pipeline, timed once
-/// `warm_up` batches have gone through it. The warm-up runs only when the
-/// group is asked for, so a profile of one group is not the other's.
+/// `warm_up` batches have gone through it: once with the windows keeping
+/// the readings as rows, once keeping the sums of the shipped files'
+/// group-bys instead (what a live run does once its first query run is in).
+/// The warm-up runs only when a case is asked for, so a profile of one case
+/// is not the other's.
 fn whole_pipeline(
     c: &mut Criterion,
     group: &str,
@@ -337,24 +341,38 @@ fn whole_pipeline(
     warm_up: usize,
     mut next_batch: impl FnMut() -> Vec<Envelope>,
 ) {
-    let mut p = Pipeline::new(&Config::default());
+    let grouping = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let mut q = Queries::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("queries"));
+            assert!(q.reload().await.is_empty());
+            q.grouping().to_vec()
+        });
     let mut g = c.benchmark_group(group);
     g.throughput(Throughput::Elements(elements));
     g.sample_size(30);
-    let mut warm = false;
-    g.bench_function(name, |b| {
-        if !std::mem::replace(&mut warm, true) {
-            for _ in 0..warm_up {
-                let batch = next_batch();
-                black_box(p.process(&batch, 0));
+    for (kept, grouping) in [("rows", Vec::new()), ("sums", grouping)] {
+        let mut p = Pipeline::new(&Config::default());
+        p.keep_for(&RunOutput {
+            grouping,
+            ..Default::default()
+        });
+        let mut warm = false;
+        g.bench_function(format!("{name}, readings kept as {kept}"), |b| {
+            if !std::mem::replace(&mut warm, true) {
+                for _ in 0..warm_up {
+                    let batch = next_batch();
+                    black_box(p.process(&batch, 0));
+                }
             }
-        }
-        b.iter_batched(
-            &mut next_batch,
-            |batch| black_box(p.process(&batch, 0).alerts.len()),
-            BatchSize::PerIteration,
-        )
-    });
+            b.iter_batched(
+                &mut next_batch,
+                |batch| black_box(p.process(&batch, 0).alerts.len()),
+                BatchSize::PerIteration,
+            )
+        });
+    }
     g.finish();
 }
 

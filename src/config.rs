@@ -60,7 +60,8 @@ pub struct QueriesConfig {
     /// Closed windows are gathered and queried together once they span this much event time ...
     #[serde(with = "serde_duration")]
     pub every: Millis,
-    /// ... or as soon as this many rows have gathered. 100,000 by default: at
+    /// ... or as soon as this many rows have gathered (a group of readings
+    /// summed up as they arrived counts as one). 100,000 by default: at
     /// 10,000 machines the query thread lags the loop, and what gathers
     /// meanwhile (up to four times this) is much of the process's memory;
     /// runs of 100,000 rows took less query time in all than runs of 500,000.
@@ -76,8 +77,11 @@ pub struct QueriesConfig {
     /// sum, avg, min, max, var, stddev of `value`) computed by twinwatch on
     /// the 4-byte name keys instead of by DataFusion on the name strings:
     /// the same results to the bit, the shipped reading_stats.sql 6–19 %
-    /// faster (`cargo bench --bench queries`). false leaves every group-by
-    /// to DataFusion.
+    /// faster (`cargo bench --bench queries`). When every use of `readings`
+    /// in the active files is such a group-by keyed by `machine` and a
+    /// window column, the windows keep each group's sums instead of its
+    /// rows, added as the rows arrive. false leaves every group-by to
+    /// DataFusion (and the rows in the windows).
     pub own_group_by: bool,
 }
 
@@ -673,7 +677,8 @@ min_score = 0.9
 # Out-of-range and stuck checks on features (off: counts are constant by design, spreads skewed).
 range_and_stuck = false
 # Plain group-bys over readings (name and window keys; count, sum, avg, min, max, var, stddev
-# of value) are computed by twinwatch on name keys, the same to the bit; false leaves them to DataFusion.
+# of value) are computed by twinwatch on name keys, the same to the bit; when every file reads readings
+# only so, keyed by machine and window, the windows keep sums instead of rows. false leaves them to DataFusion.
 own_group_by = true
 
 [nats]

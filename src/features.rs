@@ -45,7 +45,7 @@ use tracing::{debug, info, warn};
 
 use crate::score::Severity;
 use crate::time::Millis;
-use crate::window::ClosedWindows;
+use crate::window::{ClosedWindows, GroupSpec};
 
 mod grouped;
 mod views;
@@ -136,6 +136,11 @@ pub struct RunOutput {
     /// The columns of each window table that the active files read, for the
     /// windows to keep ([`crate::window::Windows::read_only`]).
     pub columns_read: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// The group-bys of `readings` the windows may sum up as rows arrive,
+    /// keeping no rows ([`crate::window::Windows::group_readings`]): every
+    /// group-by of the active files over `readings` when each is computed
+    /// here and keyed by machine and window, none otherwise.
+    pub grouping: Vec<GroupSpec>,
     pub rules: Vec<RuleRow>,
     /// Files that failed at run time, with why.
     pub failures: Vec<(String, String)>,
@@ -177,12 +182,19 @@ pub struct Queries {
     pub refusals: u64,
     /// What the active files read ([`Queries::columns_read`]), worked out when they change.
     columns_read: BTreeMap<String, std::collections::BTreeSet<String>>,
+    /// What the windows may sum up ([`RunOutput::grouping`]), worked out when the files change.
+    grouping: Vec<GroupSpec>,
     /// Feature rows of the last run: room made for as many at the start of the
     /// next (windows of a plant are alike), since results are taken as they
     /// stream and their count is known only at the end.
     feature_rows_hint: usize,
     /// Whether plain group-bys over `readings` are computed here ([`grouped`]).
     own_group_by: bool,
+}
+
+/// Whether two kept group-bys form the same groups (one sum serves both).
+fn same_groups(a: &GroupSpec, b: &GroupSpec) -> bool {
+    a.names == b.names && a.value == b.value && a.not_null == b.not_null
 }
 
 /// Prefix of the names the window tables are registered under as they are
@@ -344,6 +356,7 @@ impl Queries {
             refused: BTreeMap::new(),
             refusals: 0,
             columns_read: BTreeMap::new(),
+            grouping: Vec::new(),
             feature_rows_hint: 0,
             own_group_by: true,
         }
@@ -401,6 +414,47 @@ impl Queries {
             });
         }
         out
+    }
+
+    /// The group-bys the windows may sum up as rows arrive ([`RunOutput::grouping`]).
+    pub fn grouping(&self) -> &[GroupSpec] {
+        &self.grouping
+    }
+
+    fn find_grouping(&self) -> Vec<GroupSpec> {
+        use datafusion::common::tree_node::TreeNodeRecursion;
+        let held = held_name("readings");
+        let mut specs: Vec<GroupSpec> = Vec::new();
+        for file in self.files.values() {
+            // The plan that runs must not read the rows themselves.
+            let plan = file.grouped.as_ref().map_or(&file.plan, |g| &g.plan);
+            let mut reads_rows = false;
+            let _ = plan.apply_with_subqueries(|node| {
+                if let LogicalPlan::TableScan(scan) = node
+                    && scan.table_name.table() == held
+                {
+                    reads_rows = true;
+                    return Ok(TreeNodeRecursion::Stop);
+                }
+                Ok(TreeNodeRecursion::Continue)
+            });
+            if reads_rows {
+                return Vec::new();
+            }
+            let Some(grouped) = &file.grouped else {
+                continue;
+            };
+            let Some(file_specs) = grouped.specs() else {
+                return Vec::new();
+            };
+            for spec in file_specs {
+                match specs.iter_mut().find(|s| same_groups(s, &spec)) {
+                    Some(s) => s.welford |= spec.welford,
+                    None => specs.push(spec),
+                }
+            }
+        }
+        specs
     }
 
     /// Names and kinds of the active files.
@@ -535,6 +589,7 @@ impl Queries {
         self.refused.retain(|n, _| seen.contains(n));
         if changed {
             self.columns_read = self.find_columns_read();
+            self.grouping = self.find_grouping();
         }
         errors
     }
@@ -578,7 +633,7 @@ impl Queries {
             let mut rows = 0;
             let result = async {
                 let plan = match &file.grouped {
-                    Some(g) if g.fill(&closed.readings).await => &g.plan,
+                    Some(g) if g.fill(&closed.readings, &closed.groups).await => &g.plan,
                     _ => &file.plan,
                 };
                 let physical = state
@@ -628,6 +683,7 @@ impl Queries {
         }
         out.names = RunNames { machines, features };
         out.columns_read = self.columns_read.clone();
+        out.grouping = self.grouping.clone();
         out.features.sort_by_key(|r| (r.ts, r.machine, r.feature));
         out.rules
             .sort_by(|a, b| (a.ts, &a.machine, &a.file).cmp(&(b.ts, &b.machine, &b.file)));
@@ -694,6 +750,12 @@ impl Queries {
                 "\ngroup-bys over readings computed by twinwatch on name keys: {}\n",
                 g.count()
             ));
+            if g.specs().is_some() {
+                s.push_str(
+                    "each keyed by machine and window: summed up as readings arrive \
+                     (no rows kept) when every file reads readings only so\n",
+                );
+            }
         }
         s.push_str(&format!("\nplan:\n{}\n", plan.display_indent()));
         Ok(s)
@@ -947,7 +1009,10 @@ impl Gather {
 
     fn offer(&mut self, closed: Option<ClosedWindows>) {
         if let Some(c) = closed {
-            self.rows += c.readings.num_rows() + c.messages.num_rows() + c.flows.num_rows();
+            // A group summed up as its rows arrived counts as one row.
+            let groups: usize = c.groups.iter().map(|g| g.groups.len()).sum();
+            self.rows +=
+                c.readings.num_rows() + c.messages.num_rows() + c.flows.num_rows() + groups;
             self.pending.push(c);
         }
     }
@@ -1187,6 +1252,7 @@ fn merge(parts: Vec<ClosedWindows>) -> ClosedWindows {
         all.readings.extend(c.readings);
         all.messages.extend(c.messages);
         all.flows.extend(c.flows);
+        all.groups.extend(c.groups);
         all.machine_windows += c.machine_windows;
         all.span = crate::window::span_union(all.span, c.span);
     }

@@ -358,6 +358,13 @@ impl Pipeline {
         p
     }
 
+    /// Windows keep from now on only what the files of `run` read: the
+    /// columns they name, and of `readings` only sums where its group-bys allow.
+    pub fn keep_for(&mut self, run: &crate::features::RunOutput) {
+        self.windows.read_only(&run.columns_read);
+        self.windows.group_readings(&run.grouping);
+    }
+
     /// Feeds the rows of a query run to the feature baselines and turns rule
     /// rows into alerts. Feature and rule alerts keep their own dedup book.
     pub fn observe_features(
@@ -398,8 +405,7 @@ impl Pipeline {
         // same alerts in the same order (and the same ids); a machine's
         // features of one window are consecutive rows.
         if cursor.next == 0 {
-            // Windows keep from now on only what the files read.
-            self.windows.read_only(&run.columns_read);
+            self.keep_for(run);
         }
         let mut findings = Vec::new();
         let mut group: Vec<(u32, f64)> = Vec::new();

@@ -24,6 +24,10 @@
 //! over its closed rows and keeps only its open ones. Only the columns the
 //! query files read are kept ([`Windows::read_only`]); the others are zeros
 //! sliced from one shared buffer, so a waiting row costs what the queries use.
+//! When the files read `readings` only through plain group-bys by machine and
+//! window, its rows are not kept at all: [`groups`] sums them up as they arrive.
+
+mod groups;
 
 use std::sync::Arc;
 
@@ -35,6 +39,8 @@ use arrow::record_batch::RecordBatch;
 use crate::config::WindowConfig;
 use crate::decode::DecodedBatch;
 use crate::time::{Millis, window_start};
+
+pub use groups::{Acc, ClosedGroup, ClosedGroups, GroupSpec, MAX_NAMES};
 
 /// How an event stands against its machine's watermark.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +107,9 @@ pub struct ClosedWindows {
     pub messages: Table,
     /// `flows` rows plus `window_start`, `window_end`.
     pub flows: Table,
+    /// Group-bys of `readings` summed up as the rows arrived (see [`groups`]),
+    /// for windows whose rows were not kept.
+    pub groups: Vec<ClosedGroups>,
     /// How many distinct (machine, window) pairs closed.
     pub machine_windows: usize,
     /// The oldest window start and the newest window end among them (the
@@ -446,6 +455,8 @@ pub struct Windows {
     readings: TableBuffer,
     messages: TableBuffer,
     flows: TableBuffer,
+    /// Which group-bys of `readings` are summed up instead of kept as rows.
+    grouping: groups::Grouping,
     /// Events that arrived after their window closed.
     pub late: u64,
     /// Events dated too far ahead of their arrival.
@@ -461,6 +472,7 @@ impl Windows {
             readings: TableBuffer::new(&source_schema("readings"), DROPPED[0].1),
             messages: TableBuffer::new(&source_schema("messages"), DROPPED[1].1),
             flows: TableBuffer::new(&source_schema("flows"), DROPPED[2].1),
+            grouping: groups::Grouping::default(),
             late: 0,
             future: 0,
         }
@@ -507,7 +519,11 @@ impl Windows {
         };
         if ts > clock.newest {
             clock.newest = ts;
-            clock.closed_upto = window_start(ts - cfg.allowed_lateness, cfg.size);
+            let upto = window_start(ts - cfg.allowed_lateness, cfg.size);
+            if upto != clock.closed_upto && !flows {
+                self.grouping.advanced(machine);
+            }
+            clock.closed_upto = upto;
         }
         admission
     }
@@ -526,11 +542,13 @@ impl Windows {
         let size = self.cfg.size;
         let on_time = |a: &Admission| *a == Admission::OnTime;
         let msg_of = column::<UInt32Array>(&batch.readings, "message");
-        let readings: Vec<bool> = msg_of
+        let mut readings: Vec<bool> = msg_of
             .values()
             .iter()
             .map(|&m| on_time(&messages[m as usize]))
             .collect();
+        self.grouping
+            .add(&batch.readings, &mut readings, &self.readings.keep, size);
         self.readings.push(&batch.readings, readings, size);
         self.messages.push(
             &batch.messages,
@@ -575,9 +593,31 @@ impl Windows {
         self.flows.read_only(columns.get("flows"));
     }
 
-    /// Rows waiting in open windows (all tables).
+    /// From the next window no row has reached yet, sums up these group-bys
+    /// of `readings` as rows arrive and keeps no `readings` rows (none: keeps
+    /// the rows again). The query stage says which ([`crate::features::RunOutput::grouping`]);
+    /// windows already open finish as they began.
+    pub fn group_readings(&mut self, specs: &[GroupSpec]) {
+        if self.grouping.keep(specs, self.cfg.size) {
+            tracing::info!(
+                group_bys = specs.len(),
+                "readings of the next windows {}",
+                if specs.is_empty() {
+                    "kept as rows"
+                } else {
+                    "summed up as they arrive (no rows kept)"
+                }
+            );
+        }
+    }
+
+    /// Rows waiting in open windows (all tables), and groups of `readings`
+    /// summed up in their stead.
     pub fn rows_waiting(&self) -> usize {
-        self.readings.rows_waiting() + self.messages.rows_waiting() + self.flows.rows_waiting()
+        self.readings.rows_waiting()
+            + self.messages.rows_waiting()
+            + self.flows.rows_waiting()
+            + self.grouping.open()
     }
 
     fn take(&mut self, all: bool) -> Option<ClosedWindows> {
@@ -586,6 +626,13 @@ impl Windows {
         let readings = self.readings.take(&self.clocks, size, all, &mut windows);
         let messages = self.messages.take(&self.clocks, size, all, &mut windows);
         let flows = self.flows.take(&self.flow_clocks, size, all, &mut windows);
+        let clocks = &self.clocks;
+        let closed_upto = |m: u32| {
+            clocks
+                .get(m as usize)
+                .map_or(Millis::MIN, |c| c.closed_upto)
+        };
+        let groups = self.grouping.close(&closed_upto, all, size, &mut windows);
         if windows.is_empty() {
             return None;
         }
@@ -599,6 +646,7 @@ impl Windows {
             readings,
             messages,
             flows,
+            groups,
             machine_windows: windows.len(),
             span,
         })

@@ -173,6 +173,67 @@ fn replay_is_deterministic_and_alerts_follow_the_contract() {
     }
 }
 
+/// The shipped files read `readings` only through a group-by by machine,
+/// window and metric, so a replay keeps its sums, not its rows: the alerts
+/// are those of a replay that keeps the rows and leaves the group-by to
+/// DataFusion, to the last bit of every score and value.
+#[test]
+fn readings_summed_as_they_arrive_give_the_alerts_of_the_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let (capture, _) = simulate(dir.path(), 23, &["--duration", "40m", "--machines", "4"]);
+    let rows_cfg = dir.path().join("rows.toml");
+    std::fs::write(&rows_cfg, "[queries]\nown_group_by = false\n").unwrap();
+    let replay = |out: &Path, extra: &[&str]| {
+        let mut args = vec!["replay", "--input", &capture, "-o", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let run = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
+            .args(&args)
+            .env("TWINWATCH_LOG", "info")
+            .output()
+            .unwrap();
+        assert!(
+            run.status.success(),
+            "{}",
+            String::from_utf8_lossy(&run.stderr)
+        );
+        let log = String::from_utf8_lossy(&run.stderr).to_string();
+        let alerts: Vec<serde_json::Value> = std::fs::read_to_string(out)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("emitted_at");
+                v
+            })
+            .collect();
+        (log, alerts)
+    };
+    let (log, summed) = replay(&dir.path().join("sums.ndjson"), &[]);
+    assert!(
+        log.contains("readings of the next windows summed up as they arrive"),
+        "{log}"
+    );
+    let (log, kept) = replay(
+        &dir.path().join("rows.ndjson"),
+        &["--config", rows_cfg.to_str().unwrap()],
+    );
+    assert!(!log.contains("summed up as they arrive"), "{log}");
+    let from_stats = |a: &serde_json::Value| {
+        a["contributions"].as_array().is_some_and(|c| {
+            c.iter().any(|c| {
+                c["feature"]
+                    .as_str()
+                    .is_some_and(|f| f.starts_with("reading_stats:"))
+            })
+        })
+    };
+    assert!(
+        summed.iter().any(from_stats),
+        "some alerts come from reading_stats' features"
+    );
+    assert_eq!(summed, kept);
+}
+
 #[test]
 fn a_plant_without_incidents_stays_quiet_through_its_mode_changes() {
     let dir = tempfile::tempdir().unwrap();

@@ -376,7 +376,12 @@ fn check_and_explain_commands() {
         "explain",
         shipped.join("reading_stats.sql").to_str().unwrap(),
     ]);
-    assert!(String::from_utf8_lossy(&out.stdout).contains(own));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(own), "{text}");
+    assert!(
+        text.contains("each keyed by machine and window: summed up as readings arrive"),
+        "{text}"
+    );
 }
 
 #[test]

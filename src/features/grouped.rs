@@ -36,7 +36,7 @@ use datafusion::datasource::{MemTable, provider_as_source};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, col};
 
-use crate::window::Table;
+use crate::window::{Acc, ClosedGroups, GroupSpec, MAX_NAMES, Table};
 
 /// How a group key is read from the window table and shown to the file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +80,14 @@ impl Func {
         })
     }
 
+    /// Whether it needs the variance step.
+    fn welford(self) -> bool {
+        matches!(
+            self,
+            Func::VarPop | Func::VarSamp | Func::StddevPop | Func::StddevSamp
+        )
+    }
+
     fn output_type(self) -> DataType {
         match self {
             Func::Count | Func::CountRows => DataType::Int64,
@@ -101,6 +109,12 @@ pub(super) struct Shape {
     not_null: Vec<usize>,
     /// The aggregate's output, with columns named `c0`, `c1`, ...
     schema: SchemaRef,
+    /// The window table's `machine` and `window_end` columns.
+    machine: usize,
+    window_end: usize,
+    /// What the windows sum up for it as rows arrive, when it is keyed by
+    /// machine and window ([`crate::window::Windows::group_readings`]).
+    spec: Option<GroupSpec>,
 }
 
 /// Most group keys handled here (a key packs four 32-bit codes).
@@ -198,12 +212,51 @@ impl Shape {
                 .map(|(i, f)| Field::new(format!("c{i}"), f.data_type().clone(), f.is_nullable()))
                 .collect::<Vec<_>>(),
         ));
+        let machine = table.index_of("machine").ok()?;
+        let window_end = table.index_of("window_end").ok()?;
+        let spec = Self::spec(&keys, &funcs, value, &not_null, machine);
         Some(Shape {
             keys,
             funcs,
             value,
             not_null,
             schema,
+            machine,
+            window_end,
+            spec,
+        })
+    }
+
+    /// The groups to sum up as rows arrive: keyed by `machine` and a window
+    /// column, every other key a name.
+    fn spec(
+        keys: &[(usize, KeyKind)],
+        funcs: &[Func],
+        value: usize,
+        not_null: &[usize],
+        machine: usize,
+    ) -> Option<GroupSpec> {
+        let has = |want: &dyn Fn(&(usize, KeyKind)) -> bool| keys.iter().any(want);
+        if !has(&|&(i, k)| i == machine && k == KeyKind::Name)
+            || !has(&|&(_, k)| k == KeyKind::Time)
+        {
+            return None;
+        }
+        let mut names: Vec<usize> = keys
+            .iter()
+            .filter(|&&(i, k)| k == KeyKind::Name && i != machine)
+            .map(|&(i, _)| i)
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        if names.len() > MAX_NAMES {
+            return None;
+        }
+        Some(GroupSpec {
+            names,
+            value,
+            not_null: not_null.to_vec(),
+            welford: funcs.iter().any(|f| f.welford()),
         })
     }
 }
@@ -325,22 +378,43 @@ impl Grouped {
         })
     }
 
+    /// What the windows may sum up as rows arrive for these group-bys;
+    /// `None` when some of them cannot be (not keyed by machine and window).
+    pub fn specs(&self) -> Option<Vec<GroupSpec>> {
+        self.groups.iter().map(|(s, _)| s.spec.clone()).collect()
+    }
+
     /// How many group-bys are computed here.
     pub fn count(&self) -> usize {
         self.groups.len()
     }
 
-    /// Computes every replaced group-by over `readings` and puts its groups
-    /// in its table, for the next execution of [`Grouped::plan`]. `false`
-    /// (the tables left empty) when some name key cannot be read as one set
-    /// of names ([`aggregate`]): the run then takes the file's own plan.
-    pub async fn fill(&self, readings: &Table) -> bool {
+    /// Computes every replaced group-by over the rows of `readings`, takes
+    /// the groups the windows summed up for it (`summed`), and puts them in
+    /// its table for the next execution of [`Grouped::plan`]. `false` (the
+    /// tables left empty) when some name key of the rows cannot be read as
+    /// one set of names ([`aggregate`]): the run then takes the file's own plan.
+    pub async fn fill(&self, readings: &Table, summed: &[ClosedGroups]) -> bool {
         for (shape, provider) in &self.groups {
-            let Some(batch) = aggregate(shape, readings) else {
-                self.clear().await;
-                return false;
-            };
-            *provider.batches[0].write().await = vec![batch];
+            let mut batches = Vec::new();
+            if !readings.parts.is_empty() {
+                let Some(batch) = aggregate(shape, readings) else {
+                    self.clear().await;
+                    return false;
+                };
+                batches.push(batch);
+            }
+            if let Some(spec) = &shape.spec {
+                for g in summed {
+                    if super::same_groups(&g.spec, spec) && (g.spec.welford || !spec.welford) {
+                        match from_sums(shape, g) {
+                            Some(batch) => batches.push(batch),
+                            None => tracing::warn!("summed groups without their names; left out"),
+                        }
+                    }
+                }
+            }
+            *provider.batches[0].write().await = batches;
         }
         true
     }
@@ -353,75 +427,19 @@ impl Grouped {
     }
 }
 
-/// One group's running state.
-#[derive(Debug, Clone, Copy)]
-struct State {
-    rows: u64,
-    /// Values that were not NULL.
-    count: u64,
-    sum: f64,
-    mean: f64,
-    m2: f64,
-    min: f64,
-    max: f64,
-}
-
-const EMPTY: State = State {
-    rows: 0,
-    count: 0,
-    sum: 0.0,
-    mean: 0.0,
-    m2: 0.0,
-    min: f64::NAN,
-    max: f64::NAN,
-};
-
-impl State {
-    #[inline]
-    fn add(&mut self, v: f64, welford: bool) {
-        self.count += 1;
-        self.sum += v;
-        if welford {
-            // As DataFusion's variance accumulator updates, step for step.
-            let delta1 = v - self.mean;
-            self.mean += delta1 / self.count as f64;
-            self.m2 += delta1 * (v - self.mean);
-        }
-        if self.count == 1 {
-            self.min = v;
-            self.max = v;
-        } else {
-            if v.total_cmp(&self.min).is_lt() {
-                self.min = v;
-            }
-            if v.total_cmp(&self.max).is_gt() {
-                self.max = v;
-            }
-        }
-    }
-
-    fn variance(&self, sample: bool) -> Option<f64> {
-        let n = if sample {
-            self.count.saturating_sub(1)
-        } else {
-            self.count
-        };
-        (n > 0).then(|| self.m2 / n as f64)
-    }
-
-    fn value(&self, f: Func) -> Option<f64> {
-        let some = self.count > 0;
-        match f {
-            Func::Count | Func::CountRows => None,
-            Func::Sum => some.then_some(self.sum),
-            Func::Avg => some.then(|| self.sum / self.count as f64),
-            Func::Min => some.then_some(self.min),
-            Func::Max => some.then_some(self.max),
-            Func::VarPop => self.variance(false),
-            Func::VarSamp => self.variance(true),
-            Func::StddevPop => self.variance(false).map(f64::sqrt),
-            Func::StddevSamp => self.variance(true).map(f64::sqrt),
-        }
+/// An aggregate's value from a group's sums (counts are read directly).
+fn value(acc: &Acc, f: Func) -> Option<f64> {
+    let some = acc.count > 0;
+    match f {
+        Func::Count | Func::CountRows => None,
+        Func::Sum => some.then_some(acc.sum),
+        Func::Avg => some.then(|| acc.sum / acc.count as f64),
+        Func::Min => some.then_some(acc.min),
+        Func::Max => some.then_some(acc.max),
+        Func::VarPop => acc.variance(false),
+        Func::VarSamp => acc.variance(true),
+        Func::StddevPop => acc.variance(false).map(f64::sqrt),
+        Func::StddevSamp => acc.variance(true).map(f64::sqrt),
     }
 }
 
@@ -472,18 +490,13 @@ fn same_names(a: &ArrayRef, b: &ArrayRef) -> bool {
 /// `None` when the parts of a name key do not share their names (the
 /// groups of keys would not be the groups of names).
 fn aggregate(shape: &Shape, readings: &Table) -> Option<RecordBatch> {
-    let welford = shape.funcs.iter().any(|f| {
-        matches!(
-            f,
-            Func::VarPop | Func::VarSamp | Func::StddevPop | Func::StddevSamp
-        )
-    });
+    let welford = shape.funcs.iter().any(|f| f.welford());
     // A group's key: the 32-bit code of each key column side by side (four
     // at most), hashed as one 128-bit word. Seeded per process: event times
     // are the sender's to choose.
     let mut index: HashMap<u128, u32, foldhash::fast::RandomState> = HashMap::default();
     let mut keys: Vec<u128> = Vec::new();
-    let mut states: Vec<State> = Vec::new();
+    let mut states: Vec<Acc> = Vec::new();
     let mut times: Vec<TimeCodes> = shape.keys.iter().map(|_| TimeCodes::default()).collect();
     // The names of each name key: the longest array of its parts, which
     // holds every key of the others (checked by `same_names`).
@@ -529,7 +542,7 @@ fn aggregate(shape: &Shape, readings: &Table) -> Option<RecordBatch> {
             }
             let g = *index.entry(key).or_insert_with(|| {
                 keys.push(key);
-                states.push(EMPTY);
+                states.push(Acc::default());
                 (states.len() - 1) as u32
             });
             let s = &mut states[g as usize];
@@ -546,11 +559,7 @@ fn aggregate(shape: &Shape, readings: &Table) -> Option<RecordBatch> {
             // As the view of the window table shows them: the names of the
             // keys, cast to string views.
             KeyKind::Name => match &names[k] {
-                Some(names) => {
-                    let codes = UInt32Array::from_iter_values(keys.iter().map(|&key| code(key, k)));
-                    let dict = DictionaryArray::<UInt32Type>::try_new(codes, names.clone()).ok()?;
-                    arrow::compute::cast(&dict, &DataType::Utf8View).ok()?
-                }
+                Some(names) => name_column(keys.iter().map(|&key| code(key, k)), names)?,
                 None => arrow::array::new_empty_array(&DataType::Utf8View),
             },
             KeyKind::Time => Arc::new(
@@ -562,21 +571,71 @@ fn aggregate(shape: &Shape, readings: &Table) -> Option<RecordBatch> {
             ),
         });
     }
+    Some(output(shape, columns, states.iter()))
+}
+
+/// Names of keys as the view of the window table shows them: the
+/// dictionary of the keys over `names`, cast to string views.
+fn name_column(codes: impl Iterator<Item = u32>, names: &ArrayRef) -> Option<ArrayRef> {
+    let codes = UInt32Array::from_iter_values(codes);
+    let dict = DictionaryArray::<UInt32Type>::try_new(codes, names.clone()).ok()?;
+    arrow::compute::cast(&dict, &DataType::Utf8View).ok()
+}
+
+/// The aggregate's output: the key `columns`, then each function over the groups' sums.
+fn output<'a>(
+    shape: &Shape,
+    mut columns: Vec<ArrayRef>,
+    accs: impl Iterator<Item = &'a Acc> + Clone,
+) -> RecordBatch {
     for &f in &shape.funcs {
+        let accs = accs.clone();
         columns.push(match f {
-            Func::Count => Arc::new(Int64Array::from_iter_values(
-                states.iter().map(|s| s.count as i64),
-            )),
-            Func::CountRows => Arc::new(Int64Array::from_iter_values(
-                states.iter().map(|s| s.rows as i64),
-            )),
-            f => Arc::new(Float64Array::from_iter(states.iter().map(|s| s.value(f)))),
+            Func::Count => Arc::new(Int64Array::from_iter_values(accs.map(|s| s.count as i64))),
+            Func::CountRows => Arc::new(Int64Array::from_iter_values(accs.map(|s| s.rows as i64))),
+            f => Arc::new(Float64Array::from_iter(accs.map(|s| value(s, f)))),
         });
     }
-    Some(
-        RecordBatch::try_new(shape.schema.clone(), columns)
-            .expect("the groups are built to the aggregate's schema"),
-    )
+    RecordBatch::try_new(shape.schema.clone(), columns)
+        .expect("the groups are built to the aggregate's schema")
+}
+
+/// The groups the windows summed up for `shape`, as its output. Names come
+/// from the decoded tables (never placeholders), so every key has its name.
+fn from_sums(shape: &Shape, summed: &ClosedGroups) -> Option<RecordBatch> {
+    let groups = &summed.groups;
+    let spec = &summed.spec;
+    let mut columns: Vec<ArrayRef> = Vec::new();
+    for &(i, kind) in &shape.keys {
+        columns.push(match kind {
+            KeyKind::Name => {
+                let (codes, names): (Vec<u32>, _) = if i == shape.machine {
+                    (groups.iter().map(|g| g.machine).collect(), &summed.names[0])
+                } else {
+                    let k = spec.names.iter().position(|&n| n == i)?;
+                    (
+                        groups.iter().map(|g| g.names[k]).collect(),
+                        summed.names.get(k + 1)?,
+                    )
+                };
+                name_column(codes.into_iter(), names)?
+            }
+            KeyKind::Time => {
+                let shift = if i == shape.window_end {
+                    summed.size
+                } else {
+                    0
+                };
+                Arc::new(
+                    TimestampMillisecondArray::from_iter_values(
+                        groups.iter().map(|g| g.start + shift),
+                    )
+                    .with_timezone("UTC"),
+                )
+            }
+        });
+    }
+    Some(output(shape, columns, groups.iter().map(|g| &g.acc)))
 }
 
 /// Which rows of `part` pass the `IS NOT NULL` filters (`None`: all of them).
@@ -607,6 +666,19 @@ mod tests {
     /// with NULLs and repeated values, arriving over many batches (so the
     /// window tables come in several parts) and closing in several runs.
     fn closed_windows() -> Vec<ClosedWindows> {
+        let closed = windows_of(0, &[]);
+        assert!(closed.len() > 2, "several runs");
+        assert!(
+            closed.iter().any(|c| c.readings.parts.len() > 1),
+            "tables in parts"
+        );
+        closed
+    }
+
+    /// The windows of [`closed_windows`]' traffic, machine `m-i` running
+    /// `i * skew` ms ahead of `m-0`; before batch `b` of each `(b, specs)`
+    /// of `switches`, the windows are told to sum up `specs`.
+    fn windows_of(skew: i64, switches: &[(i64, Vec<GroupSpec>)]) -> Vec<ClosedWindows> {
         let mut p = Pipeline::new(&Config::default());
         let mut closed = Vec::new();
         let mut x: u64 = 7;
@@ -617,10 +689,16 @@ mod tests {
             x >> 33
         };
         for batch in 0..40 {
+            for (_, specs) in switches.iter().filter(|(b, _)| *b == batch) {
+                p.keep_for(&crate::features::RunOutput {
+                    grouping: specs.clone(),
+                    ..Default::default()
+                });
+            }
             let mut envelopes = Vec::new();
             for m in 0..3 {
                 for d in 0..2 {
-                    let ts = T0 + batch * 1_500 + d * 100;
+                    let ts = T0 + batch * 1_500 + d * 100 + m * skew;
                     let r = next();
                     let a = if r % 7 == 0 {
                         "null".to_string()
@@ -633,7 +711,7 @@ mod tests {
                         format!("{}", (r % 3) as f64 * 1e9 + 0.1)
                     };
                     let payload = format!(
-                        r#"{{"ts": {ts}, "device": "d{d}", "seq": {batch}, "readings": {{"a": {a}, "b": {b}, "c": {}}}}}"#,
+                        r#"{{"ts": {ts}, "device": "m{m}d{d}", "seq": {batch}, "readings": {{"a": {a}, "b": {b}, "c": {}}}}}"#,
                         r % 11
                     );
                     envelopes.push(Envelope::new(
@@ -646,11 +724,6 @@ mod tests {
             closed.extend(p.process(&envelopes, 0).closed);
         }
         closed.extend(p.finish().closed);
-        assert!(closed.len() > 2, "several runs");
-        assert!(
-            closed.iter().any(|c| c.readings.parts.len() > 1),
-            "tables in parts"
-        );
         closed
     }
 
@@ -709,13 +782,133 @@ mod tests {
             };
             for closed in &windows {
                 let theirs = rows(&q, &file.plan, closed).await;
-                assert!(g.fill(&closed.readings).await, "{sql}");
+                assert!(g.fill(&closed.readings, &closed.groups).await, "{sql}");
                 let ours = rows(&q, &g.plan, closed).await;
                 assert!(!theirs.is_empty());
                 assert_eq!(ours, theirs, "{sql}");
             }
             g.count()
         })
+    }
+
+    /// Runs `sql` over windows whose `readings` were summed up as they
+    /// arrived (switched on, off and on again while machines' windows are
+    /// open at different times) and over the same windows kept as rows, in
+    /// DataFusion; the answers must be the same to the bit. Returns how many
+    /// closed sets held sums only, and how many held both.
+    fn compare_sums(sql: &str) -> (usize, usize) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("f.sql"),
+            format!("-- twinwatch: features\n{sql}"),
+        )
+        .unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut q = Queries::new(dir.path());
+            assert!(q.reload().await.is_empty(), "{sql}");
+            let specs = q.grouping().to_vec();
+            assert!(!specs.is_empty(), "{sql}: summed up");
+            let kept = windows_of(9_000, &[]);
+            let sums = windows_of(
+                9_000,
+                &[(3, specs.clone()), (17, Vec::new()), (24, specs.clone())],
+            );
+            assert_eq!(kept.len(), sums.len());
+            let file = &q.files["f.sql"];
+            let g = file.grouped.as_ref().unwrap();
+            let (mut only, mut both) = (0, 0);
+            for (r, s) in kept.iter().zip(&sums) {
+                assert_eq!(r.machine_windows, s.machine_windows);
+                assert_eq!(r.span, s.span);
+                let theirs = rows(&q, &file.plan, r).await;
+                assert!(g.fill(&s.readings, &s.groups).await, "{sql}");
+                let ours = rows(&q, &g.plan, s).await;
+                assert!(!theirs.is_empty());
+                assert_eq!(ours, theirs, "{sql}");
+                let summed = s.groups.iter().any(|g| !g.groups.is_empty());
+                only += usize::from(summed && s.readings.num_rows() == 0);
+                both += usize::from(summed && s.readings.num_rows() > 0);
+            }
+            (only, both)
+        })
+    }
+
+    #[test]
+    fn sums_of_readings_as_they_arrive_give_what_the_rows_give() {
+        let every = "SELECT machine, window_start, metric,
+                count(value) AS c, count(*) AS n, sum(value) AS s, avg(value) AS a,
+                min(value) AS lo, max(value) AS hi, var_pop(value) AS vp, var(value) AS vs,
+                stddev(value) AS sd, stddev_pop(value) AS sp
+            FROM readings GROUP BY machine, window_start, metric";
+        let (only, both) = compare_sums(every);
+        assert!(only > 0 && both > 0, "sums alone {only}, with rows {both}");
+        compare_sums(&every.replace("GROUP BY", "WHERE value IS NOT NULL GROUP BY"));
+        compare_sums(
+            "SELECT device, window_end, machine, avg(value) AS a, stddev_pop(value) AS s
+             FROM readings WHERE value IS NOT NULL AND device IS NOT NULL
+             GROUP BY device, window_end, machine",
+        );
+        let shipped = std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/reading_stats.sql"),
+        )
+        .unwrap();
+        compare_sums(&shipped.lines().skip(1).collect::<Vec<_>>().join("\n"));
+        compare_sums(
+            "WITH s AS (SELECT machine, window_start, metric, max(value) AS hi
+                        FROM readings GROUP BY machine, window_start, metric),
+                  t AS (SELECT machine, window_start, device, count(*) AS n
+                        FROM readings GROUP BY machine, window_start, device)
+             SELECT s.machine, s.window_start, max(hi) AS top, sum(n) AS n
+             FROM s JOIN t ON s.machine = t.machine AND s.window_start = t.window_start
+             GROUP BY s.machine, s.window_start",
+        );
+    }
+
+    /// Group-bys not keyed by machine and window, or a file that reads the
+    /// rows some other way, keep the rows.
+    #[test]
+    fn rows_are_kept_unless_every_use_of_readings_can_be_summed() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let grouping = |files: &[&str]| {
+            let dir = tempfile::tempdir().unwrap();
+            for (i, sql) in files.iter().enumerate() {
+                std::fs::write(
+                    dir.path().join(format!("f{i}.sql")),
+                    format!("-- twinwatch: features\n{sql}"),
+                )
+                .unwrap();
+            }
+            rt.block_on(async {
+                let mut q = Queries::new(dir.path());
+                assert!(q.reload().await.is_empty(), "{files:?}");
+                q.grouping().to_vec()
+            })
+        };
+        let stats = "SELECT machine, window_start, metric, avg(value) AS a
+                     FROM readings GROUP BY machine, window_start, metric";
+        let spread = "SELECT machine, window_start, metric, stddev(value) AS s
+                      FROM readings GROUP BY machine, window_start, metric";
+        let both = grouping(&[stats, spread]);
+        assert_eq!(both.len(), 1, "one sum serves both: {both:?}");
+        assert!(both[0].welford);
+        assert!(!grouping(&[stats])[0].welford);
+        let messages = "SELECT machine, window_start, count(*) AS n FROM messages
+                        GROUP BY machine, window_start";
+        assert_eq!(grouping(&[stats, messages]).len(), 1);
+        for other in [
+            "SELECT machine, metric, avg(value) AS a FROM readings GROUP BY machine, metric",
+            "SELECT machine, window_start, count(DISTINCT metric) AS a FROM readings
+             GROUP BY machine, window_start",
+            "SELECT machine, window_start, sum(payload_bytes) AS a FROM readings
+             GROUP BY machine, window_start",
+        ] {
+            assert!(grouping(&[stats, other]).is_empty(), "{other}");
+        }
     }
 
     #[test]
@@ -828,7 +1021,10 @@ mod tests {
             let mut off = Queries::new(dir.path()).with_own_group_by(false);
             assert!(on.reload().await.is_empty() && off.reload().await.is_empty());
             let g = on.files["f.sql"].grouped.as_ref().unwrap();
-            assert!(!g.fill(&closed.readings).await, "placeholders are seen");
+            assert!(
+                !g.fill(&closed.readings, &closed.groups).await,
+                "placeholders are seen"
+            );
             (on.run(&closed).await, off.run(&closed).await)
         });
         assert!(
