@@ -160,11 +160,14 @@ impl Open {
     #[inline]
     fn find(&mut self, start: Millis, names: [u32; MAX_NAMES]) -> &mut Acc {
         let n = self.groups.len();
-        let found = match &self.index {
-            Some(index) => index.get(&(start, names)).map(|&i| i as usize),
-            None => (0..n)
-                .map(|k| (self.next + k) % n)
-                .find(|&i| self.groups[i].start == start && self.groups[i].names == names),
+        let is = |g: &Group| g.start == start && g.names == names;
+        let found = if self.groups.get(self.next).is_some_and(is) {
+            Some(self.next)
+        } else {
+            match &self.index {
+                Some(index) => index.get(&(start, names)).map(|&i| i as usize),
+                None => self.groups.iter().position(is),
+            }
         };
         let i = found.unwrap_or_else(|| {
             self.groups.push(Group {
@@ -441,7 +444,20 @@ impl Grouping {
             .map(|c| c.as_primitive::<TimestampMillisecondType>())
             .expect("readings have a ts column");
         let ts: &TimestampMillisecondArray = ts;
-        let starts: Vec<Millis> = ts.values().iter().map(|&t| window_start(t, size)).collect();
+        // Rows of a message, and consecutive objects of an array, mostly
+        // share a window: a division only when a row leaves the last one.
+        let mut window = (Millis::MAX, Millis::MIN);
+        let starts: Vec<Millis> = ts
+            .values()
+            .iter()
+            .map(|&t| {
+                if t < window.0 || t >= window.1 {
+                    let start = window_start(t, size);
+                    window = (start, start.saturating_add(size));
+                }
+                window.0
+            })
+            .collect();
         if let Some(newest) = starts
             .iter()
             .zip(admitted.iter())
