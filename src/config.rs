@@ -60,8 +60,8 @@ pub struct QueriesConfig {
     /// Closed windows are gathered and queried together once they span this much event time ...
     #[serde(with = "serde_duration")]
     pub every: Millis,
-    /// ... or as soon as this many rows have gathered (a group of readings
-    /// summed up as they arrived counts as one). 100,000 by default: at
+    /// ... or as soon as this many rows have gathered (readings summed up
+    /// as they arrived count as the rows they were). 100,000 by default: at
     /// 10,000 machines the query thread lags the loop, and what gathers
     /// meanwhile (up to four times this) is much of the process's memory;
     /// runs of 100,000 rows took less query time in all than runs of 500,000.

@@ -1009,10 +1009,17 @@ impl Gather {
 
     fn offer(&mut self, closed: Option<ClosedWindows>) {
         if let Some(c) = closed {
-            // A group summed up as its rows arrived counts as one row.
-            let groups: usize = c.groups.iter().map(|g| g.groups.len()).sum();
-            self.rows +=
-                c.readings.num_rows() + c.messages.num_rows() + c.flows.num_rows() + groups;
+            // Readings summed up as they arrived count as the rows they
+            // were (every kept group-by sums the same rows: one counts), so
+            // runs come at the same pace whether the windows keep rows or sums.
+            let summed: u64 = c
+                .groups
+                .first()
+                .map_or(0, |g| g.groups.iter().map(|g| g.acc.rows).sum());
+            self.rows += c.readings.num_rows()
+                + c.messages.num_rows()
+                + c.flows.num_rows()
+                + summed as usize;
             self.pending.push(c);
         }
     }
