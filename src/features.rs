@@ -184,10 +184,12 @@ pub struct Queries {
     columns_read: BTreeMap<String, std::collections::BTreeSet<String>>,
     /// What the windows may sum up ([`RunOutput::grouping`]), worked out when the files change.
     grouping: Vec<GroupSpec>,
-    /// Feature rows of the last run: room made for as many at the start of the
-    /// next (windows of a plant are alike), since results are taken as they
-    /// stream and their count is known only at the end.
-    feature_rows_hint: usize,
+    /// Feature rows per machine-window in the last run: room is made for as
+    /// many at the start of the next, times its machine-windows (windows of
+    /// a plant are alike, and a run that folds several of them in gives
+    /// rows for each), since results are taken as they stream and their
+    /// count is known only at the end.
+    feature_rows_hint: f64,
     /// Whether plain group-bys over `readings` are computed here ([`grouped`]).
     own_group_by: bool,
 }
@@ -357,7 +359,7 @@ impl Queries {
             refusals: 0,
             columns_read: BTreeMap::new(),
             grouping: Vec::new(),
-            feature_rows_hint: 0,
+            feature_rows_hint: 0.0,
             own_group_by: true,
         }
     }
@@ -622,7 +624,9 @@ impl Queries {
         let mut names = Names::default();
         let state = self.ctx.state();
         let task = self.ctx.task_ctx();
-        out.features.reserve_exact(self.feature_rows_hint);
+        out.features.reserve_exact(
+            (self.feature_rows_hint * closed.machine_windows as f64).ceil() as usize,
+        );
         // Each file's result is taken a batch at a time as the plan yields it:
         // collected whole, a 10,000-machine run held every file's result
         // batches (string views of every feature name) beside the rows taken
@@ -666,7 +670,7 @@ impl Queries {
                 Err(Failure::Extract(e)) => out.failures.push((name.clone(), e)),
             }
         }
-        self.feature_rows_hint = out.features.len();
+        self.feature_rows_hint = out.features.len() as f64 / closed.machine_windows.max(1) as f64;
         self.hold(None).await;
         for (file, why) in &out.failures {
             warn!(file = %file, "query failed on this window: {why}");
@@ -759,6 +763,15 @@ impl Queries {
         }
         s.push_str(&format!("\nplan:\n{}\n", plan.display_indent()));
         Ok(s)
+    }
+}
+
+/// Room for `n` more rows, made a quarter at a time past what the run
+/// started with: doubling left up to half of a 10,000-machine run's rows
+/// (35 MB) unused at the peak.
+fn make_room(rows: &mut Vec<FeatureRow>, n: usize) {
+    if rows.capacity() - rows.len() < n {
+        rows.reserve_exact(n.max(rows.len() / 4));
     }
 }
 
@@ -908,6 +921,7 @@ fn extract(
     }
     let take = batch.num_rows().min(MAX_ROWS_PER_RUN - *rows);
     *rows += take;
+
     let machine = strings(batch, "machine")?.ok_or("no `machine` column")?;
     let ts = times(batch);
     let ts_at = |i: usize| {
@@ -921,6 +935,7 @@ fn extract(
             if let (Some(feature), value) = &long
                 && value.is_some()
             {
+                make_room(&mut out.features, take);
                 for i in 0..take {
                     if machine.is_null(i) || feature.is_null(i) {
                         continue;
@@ -941,6 +956,7 @@ fn extract(
                     .filter(|c| feature_columns(batch.schema().as_ref()).contains(c))
                     .map(|c| Ok((names.feature(stem, c), floats(batch, c)?)))
                     .collect::<Result<_, String>>()?;
+                make_room(&mut out.features, take * cols.len());
                 for i in 0..take {
                     if machine.is_null(i) {
                         continue;
