@@ -444,6 +444,21 @@ impl Grouping {
             .map(|c| c.as_primitive::<TimestampMillisecondType>())
             .expect("readings have a ts column");
         let ts: &TimestampMillisecondArray = ts;
+        // The newest window reached (where a change of what is kept starts after).
+        if let Some(newest) = ts
+            .values()
+            .iter()
+            .zip(admitted.iter())
+            .filter(|(_, a)| **a)
+            .map(|(t, _)| *t)
+            .max()
+        {
+            let newest = window_start(newest, size);
+            self.newest = Some(self.newest.map_or(newest, |n| n.max(newest)));
+        }
+        if !self.active() {
+            return;
+        }
         // Rows of a message, and consecutive objects of an array, mostly
         // share a window: a division only when a row leaves the last one.
         let mut window = (Millis::MAX, Millis::MIN);
@@ -458,18 +473,6 @@ impl Grouping {
                 window.0
             })
             .collect();
-        if let Some(newest) = starts
-            .iter()
-            .zip(admitted.iter())
-            .filter(|(_, a)| **a)
-            .map(|(s, _)| *s)
-            .max()
-        {
-            self.newest = Some(self.newest.map_or(newest, |n| n.max(newest)));
-        }
-        if !self.active() {
-            return;
-        }
         let col = |i: usize| keep.get(i).copied();
         let mut until = Millis::MAX;
         for era in self.eras.iter_mut().rev() {
@@ -523,6 +526,16 @@ impl Grouping {
         self.eras.retain(|e| {
             i += 1;
             i - 1 == last || e.sets.is_empty() || e.sets.iter().any(|g| g.open > 0)
+        });
+        // Rows before the first era are kept anyway, and an era of rows
+        // after another adds nothing: so the list stays as short as the
+        // eras of sums still open, however often the files change.
+        let mut rows_before = true;
+        self.eras.retain(|e| {
+            let rows = e.sets.is_empty();
+            let keep = !(rows && rows_before);
+            rows_before = rows;
+            keep
         });
         out
     }
@@ -601,8 +614,19 @@ mod tests {
         let mut windows = Vec::new();
         let closed = g.close(&|_| Millis::MAX, false, 10_000, &mut windows);
         assert!(closed.is_empty() && windows.is_empty());
-        // The empty eras of sums went; the last (rows) stays.
-        assert_eq!(g.eras.iter().map(|e| e.from).collect::<Vec<_>>(), [50_000]);
+        // The empty eras of sums went, and with them the reason for the
+        // era of rows: rows are kept before the first era anyway.
+        assert!(g.eras.is_empty());
         assert!(!g.active());
+        assert!(!g.keep(&[], 10_000), "rows already");
+        // Switched on and off again and again, the list stays short.
+        for k in 0..10 {
+            g.newest = Some(60_000 + k * 20_000);
+            assert!(g.keep(std::slice::from_ref(&spec), 10_000));
+            g.newest = Some(70_000 + k * 20_000);
+            assert!(g.keep(&[], 10_000));
+            g.close(&|_| Millis::MAX, false, 10_000, &mut windows);
+        }
+        assert!(g.eras.is_empty(), "{:?}", g.eras.len());
     }
 }
