@@ -921,7 +921,6 @@ fn extract(
     }
     let take = batch.num_rows().min(MAX_ROWS_PER_RUN - *rows);
     *rows += take;
-
     let machine = strings(batch, "machine")?.ok_or("no `machine` column")?;
     let ts = times(batch);
     let ts_at = |i: usize| {

@@ -19,6 +19,13 @@
 //! aggregate of any other shape — a `DISTINCT`, a `FILTER`, an expression
 //! argument, another table, a key that is not a name or window column — is
 //! left to DataFusion untouched.
+//!
+//! When every use of `readings` in the active files is such a group-by keyed
+//! by `machine` and a window column ([`Grouped::specs`]), the windows keep
+//! each group's sums instead of its rows ([`crate::window::Windows::group_readings`]),
+//! added as the rows arrive with the same step; [`Grouped::fill`] then takes
+//! those groups (ordered by machine, window and keys) beside whatever rows
+//! the run still holds.
 
 use std::collections::HashMap;
 use std::sync::Arc;
