@@ -194,11 +194,6 @@ pub struct Queries {
     own_group_by: bool,
 }
 
-/// Whether two kept group-bys form the same groups (one sum serves both).
-fn same_groups(a: &GroupSpec, b: &GroupSpec) -> bool {
-    a.names == b.names && a.value == b.value && a.not_null == b.not_null
-}
-
 /// Prefix of the names the window tables are registered under as they are
 /// held: name columns as dictionaries (4 bytes a row), the very arrays the
 /// windows handed over. Files read the view of the plain name ([`as_views`]).
@@ -450,7 +445,7 @@ impl Queries {
                 return Vec::new();
             };
             for spec in file_specs {
-                match specs.iter_mut().find(|s| same_groups(s, &spec)) {
+                match specs.iter_mut().find(|s| s.same_groups(&spec)) {
                     Some(s) => s.welford |= spec.welford,
                     None => specs.push(spec),
                 }
@@ -1271,12 +1266,7 @@ fn merge(parts: Vec<ClosedWindows>) -> ClosedWindows {
     let mut parts = parts.into_iter();
     let mut all = parts.next().expect("merge is called with windows gathered");
     for c in parts {
-        all.readings.extend(c.readings);
-        all.messages.extend(c.messages);
-        all.flows.extend(c.flows);
-        all.groups.extend(c.groups);
-        all.machine_windows += c.machine_windows;
-        all.span = crate::window::span_union(all.span, c.span);
+        all.extend(c);
     }
     all
 }

@@ -117,6 +117,19 @@ pub struct ClosedWindows {
     pub span: (Millis, Millis),
 }
 
+impl ClosedWindows {
+    /// Adds another set's tables and groups after these (their parts, not
+    /// copied), as one run takes windows that closed apart.
+    pub fn extend(&mut self, other: ClosedWindows) {
+        self.readings.extend(other.readings);
+        self.messages.extend(other.messages);
+        self.flows.extend(other.flows);
+        self.groups.extend(other.groups);
+        self.machine_windows += other.machine_windows;
+        self.span = span_union(self.span, other.span);
+    }
+}
+
 /// The span covering two spans (oldest start, newest end).
 pub fn span_union(a: (Millis, Millis), b: (Millis, Millis)) -> (Millis, Millis) {
     (a.0.min(b.0), a.1.max(b.1))

@@ -10,9 +10,14 @@ use twinwatch::score::Severity;
 use twinwatch::sim::Label;
 
 fn twinwatch(args: &[&str]) -> Output {
+    twinwatch_logging(args, "warn")
+}
+
+/// `twinwatch` with its log at `level` (on standard error).
+fn twinwatch_logging(args: &[&str], level: &str) -> Output {
     Command::new(env!("CARGO_BIN_EXE_twinwatch"))
         .args(args)
-        .env("TWINWATCH_LOG", "warn")
+        .env("TWINWATCH_LOG", level)
         .output()
         .expect("running twinwatch")
 }
@@ -186,11 +191,7 @@ fn readings_summed_as_they_arrive_give_the_alerts_of_the_rows() {
     let replay = |out: &Path, extra: &[&str]| {
         let mut args = vec!["replay", "--input", &capture, "-o", out.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let run = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
-            .args(&args)
-            .env("TWINWATCH_LOG", "info")
-            .output()
-            .unwrap();
+        let run = twinwatch_logging(&args, "info");
         assert!(
             run.status.success(),
             "{}",
@@ -278,11 +279,7 @@ fn malformed_lines_are_rejected_not_fatal() {
     .unwrap();
     let out = twinwatch(&["replay", "--input", capture.to_str().unwrap()]);
     assert!(out.status.success());
-    let out = Command::new(env!("CARGO_BIN_EXE_twinwatch"))
-        .args(["replay", "--input", capture.to_str().unwrap()])
-        .env("TWINWATCH_LOG", "info")
-        .output()
-        .unwrap();
+    let out = twinwatch_logging(&["replay", "--input", capture.to_str().unwrap()], "info");
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(
         log.contains("2 rejected (invalid_json 1, bad_timestamp 1)"),

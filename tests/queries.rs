@@ -908,12 +908,7 @@ fn a_run_makes_room_for_the_rows_of_every_window_it_holds() {
             let mut parts = std::mem::take(&mut closed).into_iter();
             let mut all: ClosedWindows = parts.next().unwrap();
             for c in parts {
-                all.readings.extend(c.readings);
-                all.messages.extend(c.messages);
-                all.flows.extend(c.flows);
-                all.groups.extend(c.groups);
-                all.machine_windows += c.machine_windows;
-                all.span = twinwatch::window::span_union(all.span, c.span);
+                all.extend(c);
             }
             runs.push(all);
         }

@@ -243,10 +243,9 @@ impl Shape {
         not_null: &[usize],
         machine: usize,
     ) -> Option<GroupSpec> {
-        let has = |want: &dyn Fn(&(usize, KeyKind)) -> bool| keys.iter().any(want);
-        if !has(&|&(i, k)| i == machine && k == KeyKind::Name)
-            || !has(&|&(_, k)| k == KeyKind::Time)
-        {
+        let by_machine = keys.contains(&(machine, KeyKind::Name));
+        let by_window = keys.iter().any(|&(_, k)| k == KeyKind::Time);
+        if !(by_machine && by_window) {
             return None;
         }
         let mut names: Vec<usize> = keys
@@ -413,7 +412,7 @@ impl Grouped {
             }
             if let Some(spec) = &shape.spec {
                 for g in summed {
-                    if super::same_groups(&g.spec, spec) && (g.spec.welford || !spec.welford) {
+                    if g.spec.serves(spec) {
                         match from_sums(shape, g) {
                             Some(batch) => batches.push(batch),
                             None => tracing::warn!("summed groups without their names; left out"),
@@ -843,35 +842,50 @@ mod tests {
         })
     }
 
-    #[test]
-    fn sums_of_readings_as_they_arrive_give_what_the_rows_give() {
-        let every = "SELECT machine, window_start, metric,
-                count(value) AS c, count(*) AS n, sum(value) AS s, avg(value) AS a,
-                min(value) AS lo, max(value) AS hi, var_pop(value) AS vp, var(value) AS vs,
-                stddev(value) AS sd, stddev_pop(value) AS sp
-            FROM readings GROUP BY machine, window_start, metric";
-        let (only, both) = compare_sums(every);
-        assert!(only > 0 && both > 0, "sums alone {only}, with rows {both}");
-        compare_sums(&every.replace("GROUP BY", "WHERE value IS NOT NULL GROUP BY"));
-        compare_sums(
-            "SELECT device, window_end, machine, avg(value) AS a, stddev_pop(value) AS s
-             FROM readings WHERE value IS NOT NULL AND device IS NOT NULL
-             GROUP BY device, window_end, machine",
-        );
+    /// Every function this module computes, over every metric of each machine's window.
+    const EVERY: &str = "SELECT machine, window_start, metric,
+            count(value) AS c, count(*) AS n, count(machine) AS nm, sum(value) AS s,
+            avg(value) AS a, min(value) AS lo, max(value) AS hi,
+            var_pop(value) AS vp, var(value) AS vs, var_samp(value) AS vs2,
+            stddev(value) AS sd, stddev_samp(value) AS sd2, stddev_pop(value) AS sp
+        FROM readings GROUP BY machine, window_start, metric";
+
+    /// Other name and window keys, in another order, with NULL filters.
+    const OTHER_KEYS: &str =
+        "SELECT device, window_end, machine, avg(value) AS a, stddev_pop(value) AS s
+        FROM readings WHERE value IS NOT NULL AND device IS NOT NULL
+        GROUP BY device, window_end, machine";
+
+    /// Two group-bys of one file, one above the other.
+    const TWO_GROUP_BYS: &str = "WITH s AS (SELECT machine, window_start, metric, max(value) AS hi
+                    FROM readings GROUP BY machine, window_start, metric),
+              t AS (SELECT machine, window_start, device, count(*) AS n
+                    FROM readings GROUP BY machine, window_start, device)
+         SELECT s.machine, s.window_start, max(hi) AS top, sum(n) AS n
+         FROM s JOIN t ON s.machine = t.machine AND s.window_start = t.window_start
+         GROUP BY s.machine, s.window_start";
+
+    /// The shipped long-form file without its header line.
+    fn shipped_stats() -> String {
         let shipped = std::fs::read_to_string(
             Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/reading_stats.sql"),
         )
         .unwrap();
-        compare_sums(&shipped.lines().skip(1).collect::<Vec<_>>().join("\n"));
-        compare_sums(
-            "WITH s AS (SELECT machine, window_start, metric, max(value) AS hi
-                        FROM readings GROUP BY machine, window_start, metric),
-                  t AS (SELECT machine, window_start, device, count(*) AS n
-                        FROM readings GROUP BY machine, window_start, device)
-             SELECT s.machine, s.window_start, max(hi) AS top, sum(n) AS n
-             FROM s JOIN t ON s.machine = t.machine AND s.window_start = t.window_start
-             GROUP BY s.machine, s.window_start",
-        );
+        shipped.lines().skip(1).collect::<Vec<_>>().join("\n")
+    }
+
+    fn filtered(sql: &str) -> String {
+        sql.replace("GROUP BY", "WHERE value IS NOT NULL GROUP BY")
+    }
+
+    #[test]
+    fn sums_of_readings_as_they_arrive_give_what_the_rows_give() {
+        let (only, both) = compare_sums(EVERY);
+        assert!(only > 0 && both > 0, "sums alone {only}, with rows {both}");
+        compare_sums(&filtered(EVERY));
+        compare_sums(OTHER_KEYS);
+        compare_sums(&shipped_stats());
+        compare_sums(TWO_GROUP_BYS);
     }
 
     /// Group-bys not keyed by machine and window, or a file that reads the
@@ -920,47 +934,16 @@ mod tests {
 
     #[test]
     fn every_function_gives_datafusions_result_to_the_bit() {
-        let sql = "SELECT machine, window_start, metric,
-                count(value) AS c, count(*) AS n, count(machine) AS nm, sum(value) AS s,
-                avg(value) AS a, min(value) AS lo, max(value) AS hi,
-                var_pop(value) AS vp, var(value) AS vs, var_samp(value) AS vs2,
-                stddev(value) AS sd, stddev_samp(value) AS sd2, stddev_pop(value) AS sp
-            FROM readings GROUP BY machine, window_start, metric";
-        assert_eq!(compare(sql), 1);
-        let filtered = sql.replace("GROUP BY", "WHERE value IS NOT NULL GROUP BY");
-        assert_eq!(compare(&filtered), 1);
+        assert_eq!(compare(EVERY), 1);
+        assert_eq!(compare(&filtered(EVERY)), 1);
     }
 
     #[test]
     fn other_keys_and_nested_files() {
-        assert_eq!(
-            compare(
-                "SELECT device, window_end, machine, avg(value) AS a, stddev_pop(value) AS s
-                 FROM readings WHERE value IS NOT NULL AND device IS NOT NULL
-                 GROUP BY device, window_end, machine"
-            ),
-            1
-        );
+        assert_eq!(compare(OTHER_KEYS), 1);
         // The shipped long-form file: the group-by inside, the rest in DataFusion.
-        let shipped = std::fs::read_to_string(
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("queries/reading_stats.sql"),
-        )
-        .unwrap();
-        let body = shipped.lines().skip(1).collect::<Vec<_>>().join("\n");
-        assert_eq!(compare(&body), 1);
-        // Two group-bys of one file, one above the other.
-        assert_eq!(
-            compare(
-                "WITH s AS (SELECT machine, window_start, metric, max(value) AS hi
-                            FROM readings GROUP BY machine, window_start, metric),
-                      t AS (SELECT machine, window_start, device, count(*) AS n
-                            FROM readings GROUP BY machine, window_start, device)
-                 SELECT s.machine, s.window_start, max(hi) AS top, sum(n) AS n
-                 FROM s JOIN t ON s.machine = t.machine AND s.window_start = t.window_start
-                 GROUP BY s.machine, s.window_start"
-            ),
-            2
-        );
+        assert_eq!(compare(&shipped_stats()), 1);
+        assert_eq!(compare(TWO_GROUP_BYS), 2);
     }
 
     #[test]

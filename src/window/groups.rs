@@ -41,6 +41,18 @@ pub struct GroupSpec {
     pub welford: bool,
 }
 
+impl GroupSpec {
+    /// Whether the two form the same groups (one set of sums serves both).
+    pub fn same_groups(&self, other: &GroupSpec) -> bool {
+        self.names == other.names && self.value == other.value && self.not_null == other.not_null
+    }
+
+    /// Whether sums kept for `self` give what a group-by that `wanted` needs.
+    pub fn serves(&self, wanted: &GroupSpec) -> bool {
+        self.same_groups(wanted) && (self.welford || !wanted.welford)
+    }
+}
+
 /// Name keys besides `machine` a kept group-by may have.
 pub const MAX_NAMES: usize = 3;
 
