@@ -351,7 +351,7 @@ pub fn heap() -> Option<Heap> {
 }
 
 /// How often [`HeapWatch`] looks.
-pub const HEAP_SAMPLE: Duration = Duration::from_millis(10);
+pub const HEAP_SAMPLE: Duration = Duration::from_millis(100);
 
 /// The most heap in use while it lives, sampled on a thread of its own
 /// (peak RSS alone cannot tell live data from memory the allocator keeps).

@@ -1151,11 +1151,17 @@ impl FeatureStage {
                         return;
                     }
                 };
+                let mut release = crate::memory::Releaser::default();
                 rt.block_on(async move {
                     while let Some(closed) = inbox.recv().await {
                         let started = Instant::now();
                         queries.reload().await;
                         let out = queries.run(&closed).await;
+                        drop(closed);
+                        // The run's tables and the windows it read are freed
+                        // now: their pages go back (now and then) rather than
+                        // stay resident beside what other threads hold.
+                        release.after_work();
                         if done.send((out, started.elapsed())).is_err() {
                             break;
                         }

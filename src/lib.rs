@@ -26,6 +26,7 @@ pub mod http;
 pub mod intern;
 pub mod learn;
 pub mod live;
+pub mod memory;
 pub mod nats;
 pub mod ocsf;
 pub mod pipeline;

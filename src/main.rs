@@ -7,6 +7,8 @@ use tracing_subscriber::EnvFilter;
 use twinwatch::cli::{Cli, Command, UsageError, dispatch};
 
 fn main() {
+    // Before any thread starts (the runtime's, the query stage's).
+    let tuning = twinwatch::memory::tune();
     let cli = Cli::parse();
     let filter = EnvFilter::try_from_env("TWINWATCH_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
@@ -24,6 +26,7 @@ fn main() {
         // Colours on a terminal only: log files, journald and `docker logs` get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    tracing::debug!(?tuning, "allocator");
     if let Err(e) = dispatch(cli) {
         eprintln!("twinwatch: {e:#}");
         let code = if e.downcast_ref::<UsageError>().is_some() {
