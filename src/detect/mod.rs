@@ -221,7 +221,55 @@ pub struct MetricState {
     pub probe_level: f64,
     pub probe_ts: Millis,
     /// Start of the current uninterrupted run of anomalous readings.
-    pub anomalous_since: Option<Millis>,
+    pub anomalous_since: MaybeMillis,
+}
+
+/// An event time that may be absent, in 8 bytes where `Option<Millis>` takes
+/// 16: a [`MetricState`] is 168 bytes instead of 176, 4 MB less at 10,000
+/// machines × 8 sensors (510,000 states with the query features). Written
+/// and read as an `Option<Millis>`, so snapshots keep their format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MaybeMillis(Millis);
+
+impl MaybeMillis {
+    /// Absent (no event time is this early).
+    pub const NONE: MaybeMillis = MaybeMillis(Millis::MIN);
+
+    pub fn get(self) -> Option<Millis> {
+        (self != Self::NONE).then_some(self.0)
+    }
+
+    /// The time held, or `ts` when none is (and then holds it).
+    pub fn get_or_insert(&mut self, ts: Millis) -> Millis {
+        if *self == Self::NONE {
+            self.0 = ts;
+        }
+        self.0
+    }
+}
+
+impl Default for MaybeMillis {
+    fn default() -> Self {
+        Self::NONE
+    }
+}
+
+impl From<Option<Millis>> for MaybeMillis {
+    fn from(t: Option<Millis>) -> Self {
+        t.map_or(Self::NONE, MaybeMillis)
+    }
+}
+
+impl Serialize for MaybeMillis {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.get().serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for MaybeMillis {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Option::<Millis>::deserialize(d).map(MaybeMillis::from)
+    }
 }
 
 /// State of one machine.
@@ -401,7 +449,7 @@ impl Detectors {
                 None if m.metrics.len() < MAX_METRICS_PER_MACHINE => {
                     // Room for this message's readings still to come: a
                     // machine's 43 query features, met in one group, take 43
-                    // slots (doubling would hold 64, eight at a time 48; 176
+                    // slots (doubling would hold 64, eight at a time 48; 168
                     // bytes a slot, 9 MB more at 10,000 machines).
                     if m.metrics.len() == m.metrics.capacity() {
                         let wanted =
@@ -482,13 +530,13 @@ impl Detectors {
                 continue;
             }
             if !anomalous {
-                s.anomalous_since = None;
+                s.anomalous_since = MaybeMillis::NONE;
                 learn(p, ts, x, in_transition, s);
-            } else if ts - *s.anomalous_since.get_or_insert(ts) >= p.rebase_after {
+            } else if ts - s.anomalous_since.get_or_insert(ts) >= p.rebase_after {
                 // Anomalous for too long to be a transient: start the short-term
                 // baselines afresh from here. The alerts raised stand, and the
                 // scale and envelope keep what they learned.
-                s.anomalous_since = None;
+                s.anomalous_since = MaybeMillis::NONE;
                 s.predictor.rebase(ts, x);
                 s.drift.anchor(x, ts);
             } else {
@@ -610,4 +658,37 @@ fn learn(p: &Params, ts: Millis, x: f64, in_transition: bool, s: &mut MetricStat
         return;
     }
     s.drift.update(ts, x, p.reference.after(dt), sigma, p.slack);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The state of one metric is the bulk of memory at 10,000 machines: no
+    /// field may grow it unnoticed.
+    #[test]
+    fn a_metric_state_takes_168_bytes() {
+        assert_eq!(std::mem::size_of::<MetricState>(), 168);
+        assert_eq!(std::mem::size_of::<MaybeMillis>(), 8);
+    }
+
+    /// Snapshots write the start of an anomalous run as before (`null` or a
+    /// number) and read it back.
+    #[test]
+    fn an_absent_time_is_written_as_null_and_read_back() {
+        let mut s = MetricState::default();
+        let json = serde_json::to_value(&s).expect("serializes");
+        assert_eq!(json["anomalous_since"], serde_json::Value::Null);
+        assert_eq!(
+            s.anomalous_since.get_or_insert(1_700_000_000_000),
+            1_700_000_000_000
+        );
+        assert_eq!(s.anomalous_since.get_or_insert(5), 1_700_000_000_000);
+        let json = serde_json::to_string(&s).expect("serializes");
+        assert!(json.contains("\"anomalous_since\":1700000000000"), "{json}");
+        let back: MetricState = serde_json::from_str(&json).expect("reads back");
+        assert_eq!(back.anomalous_since.get(), Some(1_700_000_000_000));
+        let none: MaybeMillis = serde_json::from_str("null").expect("reads null");
+        assert_eq!(none.get(), None);
+    }
 }
