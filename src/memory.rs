@@ -57,10 +57,10 @@ fn arenas(is_set: impl Fn(&str) -> bool, cores: usize) -> Option<usize> {
     Some(cores.max(1))
 }
 
-/// How often [`Releaser::after_work`] hands free pages back: a trim costs
-/// little itself, but every page it hands back that is used again soon is
-/// faulted in again (zeroed), which after each of the hundreds of query runs
-/// a busy minute makes cost the loop a tenth of its rate.
+/// How often [`Releaser::after_work`] hands free pages back. A trim costs
+/// little itself, but a page handed back and used again soon is faulted in
+/// again (zeroed): trimmed after each of a busy minute's hundreds of query
+/// runs, the default bench lost about a tenth of its rate.
 pub const RELEASE_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Hands free pages back to the kernel now and then, from a thread whose
