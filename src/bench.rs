@@ -406,7 +406,8 @@ impl Drop for HeapWatch {
     }
 }
 
-fn status_mb(field: &str) -> f64 {
+/// A field of `/proc/self/status` (`VmHWM:`, `RssAnon:`, …) in MB; 0 where it cannot be read.
+pub(crate) fn status_mb(field: &str) -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {

@@ -132,14 +132,7 @@ mod tests {
     }
 
     fn rss_anon_mb() -> f64 {
-        let status = std::fs::read_to_string("/proc/self/status").expect("procfs");
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("RssAnon:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .expect("RssAnon in /proc/self/status");
-        kb / 1024.0
+        crate::bench::status_mb("RssAnon:")
     }
 
     /// Small blocks freed below one still held stay resident (glibc can only

@@ -766,23 +766,36 @@ mod tests {
         out
     }
 
+    /// A runtime for the tests' queries.
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+    }
+
+    /// A folder holding each of `files` as a features file (`f0.sql`, `f1.sql`, …).
+    fn folder(files: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, sql) in files.iter().enumerate() {
+            std::fs::write(
+                dir.path().join(format!("f{i}.sql")),
+                format!("-- twinwatch: features\n{sql}"),
+            )
+            .unwrap();
+        }
+        dir
+    }
+
     /// Runs `sql` both ways over every closed window; returns how many
     /// group-bys were computed here.
     fn compare(sql: &str) -> usize {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("f.sql"),
-            format!("-- twinwatch: features\n{sql}"),
-        )
-        .unwrap();
+        let dir = folder(&[sql]);
         let windows = closed_windows();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = runtime();
         rt.block_on(async {
             let mut q = Queries::new(dir.path());
             assert!(q.reload().await.is_empty(), "{sql}");
-            let file = &q.files["f.sql"];
+            let file = &q.files["f0.sql"];
             let Some(g) = &file.grouped else {
                 return 0;
             };
@@ -803,15 +816,8 @@ mod tests {
     /// DataFusion; the answers must be the same to the bit. Returns how many
     /// closed sets held sums only, and how many held both.
     fn compare_sums(sql: &str) -> (usize, usize) {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("f.sql"),
-            format!("-- twinwatch: features\n{sql}"),
-        )
-        .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let dir = folder(&[sql]);
+        let rt = runtime();
         rt.block_on(async {
             let mut q = Queries::new(dir.path());
             assert!(q.reload().await.is_empty(), "{sql}");
@@ -823,7 +829,7 @@ mod tests {
                 &[(3, specs.clone()), (17, Vec::new()), (24, specs.clone())],
             );
             assert_eq!(kept.len(), sums.len());
-            let file = &q.files["f.sql"];
+            let file = &q.files["f0.sql"];
             let g = file.grouped.as_ref().unwrap();
             let (mut only, mut both) = (0, 0);
             for (r, s) in kept.iter().zip(&sums) {
@@ -892,18 +898,9 @@ mod tests {
     /// rows some other way, keep the rows.
     #[test]
     fn rows_are_kept_unless_every_use_of_readings_can_be_summed() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let grouping = |files: &[&str]| {
-            let dir = tempfile::tempdir().unwrap();
-            for (i, sql) in files.iter().enumerate() {
-                std::fs::write(
-                    dir.path().join(format!("f{i}.sql")),
-                    format!("-- twinwatch: features\n{sql}"),
-                )
-                .unwrap();
-            }
+            let dir = folder(files);
             rt.block_on(async {
                 let mut q = Queries::new(dir.path());
                 assert!(q.reload().await.is_empty(), "{files:?}");
@@ -994,9 +991,7 @@ mod tests {
              FROM readings GROUP BY machine, window_start, device",
         )
         .unwrap();
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .build()
-            .unwrap();
+        let rt = runtime();
         let answers = |out: &crate::features::RunOutput| -> Vec<(String, String, i64, u64)> {
             out.features
                 .iter()

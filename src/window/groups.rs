@@ -401,6 +401,10 @@ pub struct Grouping {
     newest: Option<Millis>,
     /// Machines whose telemetry clock closed windows since the last close.
     advanced: Vec<u32>,
+    /// Scratch of [`Grouping::add`], reused batch after batch: each row's
+    /// window start, and the rows an era takes.
+    starts: Vec<Millis>,
+    take: Vec<bool>,
 }
 
 impl Grouping {
@@ -474,17 +478,18 @@ impl Grouping {
         // Rows of a message, and consecutive objects of an array, mostly
         // share a window: a division only when a row leaves the last one.
         let mut window = (Millis::MAX, Millis::MIN);
-        let starts: Vec<Millis> = ts
-            .values()
-            .iter()
-            .map(|&t| {
-                if t < window.0 || t >= window.1 {
-                    let start = window_start(t, size);
-                    window = (start, start.saturating_add(size));
-                }
-                window.0
-            })
-            .collect();
+        let (mut starts, mut take) = (
+            std::mem::take(&mut self.starts),
+            std::mem::take(&mut self.take),
+        );
+        starts.clear();
+        starts.extend(ts.values().iter().map(|&t| {
+            if t < window.0 || t >= window.1 {
+                let start = window_start(t, size);
+                window = (start, start.saturating_add(size));
+            }
+            window.0
+        }));
         let col = |i: usize| keep.get(i).copied();
         let mut until = Millis::MAX;
         for era in self.eras.iter_mut().rev() {
@@ -494,11 +499,13 @@ impl Grouping {
             if era.sets.is_empty() {
                 continue;
             }
-            let take: Vec<bool> = starts
-                .iter()
-                .zip(admitted.iter())
-                .map(|(s, &a)| a && range.contains(s))
-                .collect();
+            take.clear();
+            take.extend(
+                starts
+                    .iter()
+                    .zip(admitted.iter())
+                    .map(|(s, &a)| a && range.contains(s)),
+            );
             if !take.iter().any(|&t| t) {
                 continue;
             }
@@ -509,6 +516,7 @@ impl Grouping {
                 *a &= !t;
             }
         }
+        (self.starts, self.take) = (starts, take);
     }
 
     /// The groups whose windows the clocks closed since the last call (all
