@@ -43,9 +43,16 @@ pub fn format_rfc3339(ms: Millis) -> String {
     dt.to_rfc3339_opts(fmt, true)
 }
 
-/// The current wall-clock time, for `emitted_at` only.
+/// The current wall-clock time, epoch milliseconds: `emitted_at`, and a
+/// message's arrival (`received_at`).
 pub fn wall_now() -> Millis {
-    Utc::now().timestamp_millis()
+    // Read straight off the system clock: chrono's `Utc::now` builds a
+    // calendar date on the way, a visible cost when every message is stamped.
+    match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        Ok(d) => d.as_millis() as Millis,
+        // Before 1970 (a broken clock): floored, as chrono does.
+        Err(e) => -(e.duration().as_nanos().div_ceil(1_000_000) as Millis),
+    }
 }
 
 /// Parses a duration such as `500ms`, `10s`, `5m`, `2h`, `1d` or `1h30m`.
@@ -150,6 +157,17 @@ pub fn window_start(ts: Millis, size: Millis) -> Millis {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_wall_clock_reads_epoch_milliseconds_as_chrono_does() {
+        let before = Utc::now().timestamp_millis();
+        let now = wall_now();
+        let after = Utc::now().timestamp_millis();
+        assert!(
+            before <= now && now <= after,
+            "{before} <= {now} <= {after}"
+        );
+    }
 
     #[test]
     fn rfc3339_round_trip() {

@@ -624,7 +624,7 @@ fn big_batch(round: usize) -> Vec<Envelope> {
             ),
         };
         out.push(Envelope::new(
-            &subject,
+            subject.as_str(),
             Some(1_795_766_400_500),
             payload.into_bytes(),
         ));

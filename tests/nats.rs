@@ -507,7 +507,8 @@ fn jetstream_sigkill_restart_loses_nothing_and_keeps_alert_ids() {
         let js = async_nats::jetstream::new(c.clone());
         common::publish_backlog(
             &js,
-            envs.iter().map(|e| (e.subject.clone(), e.payload.clone())),
+            envs.iter()
+                .map(|e| (e.subject.to_string(), e.payload.clone())),
         )
         .await;
         let total = envs.len() as u64;

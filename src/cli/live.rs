@@ -190,7 +190,7 @@ pub fn record(a: RecordArgs) -> Result<()> {
                 m = subs.next() => match m { Some(m) => m, None => break },
             };
             w.write(&crate::source::Envelope {
-                subject: m.subject.to_string(),
+                subject: m.subject.clone(),
                 received_at: Some(wall_now()),
                 headers: headers_of(m.headers.as_ref()),
                 payload: m.payload.clone(),

@@ -70,7 +70,7 @@ pub fn parse_line(line: &[u8]) -> Envelope {
                 }
             }
             return Envelope {
-                subject: c.subject.map(Cow::into_owned).unwrap_or_default(),
+                subject: c.subject.map(Cow::into_owned).unwrap_or_default().into(),
                 received_at: c.received_at.map(|t| t.0),
                 headers,
                 payload,
@@ -100,7 +100,7 @@ impl<W: Write> CaptureWriter<W> {
     pub fn write(&mut self, env: &Envelope) -> std::io::Result<()> {
         self.line.clear();
         self.line.extend_from_slice(b"{\"subject\":");
-        serde_json::to_writer(&mut self.line, &env.subject)?;
+        serde_json::to_writer(&mut self.line, env.subject.as_str())?;
         if let Some(t) = env.received_at {
             self.line.extend_from_slice(b",\"received_at\":");
             self.line.extend_from_slice(t.to_string().as_bytes());
@@ -247,14 +247,14 @@ mod tests {
         let e = parse_line(
             br#"{"subject":"twin.telemetry.s1.m1","received_at":"2026-11-27T08:00:00Z","headers":{"A":"1","B":["2","3"]},"payload":{"ts":1,"readings":{}}}"#,
         );
-        assert_eq!(e.subject, "twin.telemetry.s1.m1");
+        assert_eq!(e.subject.as_str(), "twin.telemetry.s1.m1");
         assert_eq!(e.received_at, Some(1_795_766_400_000));
         assert_eq!(e.headers.len(), 3);
         assert_eq!(&e.payload[..], br#"{"ts":1,"readings":{}}"#);
 
         let bare = br#"{"ts":1764230400125,"machine":"m","readings":{"t":1}}"#;
         let e = parse_line(bare);
-        assert_eq!(e.subject, "");
+        assert_eq!(e.subject.as_str(), "");
         assert_eq!(&e.payload[..], &bare[..]);
 
         let junk = b"{not json";

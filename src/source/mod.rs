@@ -17,11 +17,15 @@ use bytes::Bytes;
 
 use crate::time::Millis;
 
+/// A NATS subject: text in shared bytes, so handing the client's subject to
+/// an envelope copies nothing (a `String` cost an allocation per message).
+pub use async_nats::Subject;
+
 /// One message as it arrived.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Envelope {
     /// NATS subject (`twin.telemetry.<site>.<machine>`, `twin.flows.…`); empty for bare capture lines.
-    pub subject: String,
+    pub subject: Subject,
     /// Arrival time; `None` when unknown (bare capture lines), then the event time stands in.
     pub received_at: Option<Millis>,
     /// Message headers in arrival order (a name may repeat).
@@ -33,7 +37,7 @@ pub struct Envelope {
 impl Envelope {
     /// A telemetry envelope with no headers.
     pub fn new(
-        subject: impl Into<String>,
+        subject: impl Into<Subject>,
         received_at: Option<Millis>,
         payload: impl Into<Bytes>,
     ) -> Self {
@@ -47,7 +51,7 @@ impl Envelope {
 
     /// What the subject says the payload holds.
     pub fn stream(&self) -> Stream {
-        if self.subject.starts_with("twin.flows.") || self.subject == "twin.flows" {
+        if self.subject.starts_with("twin.flows.") || self.subject.as_str() == "twin.flows" {
             Stream::Flows
         } else {
             Stream::Telemetry

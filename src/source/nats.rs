@@ -55,12 +55,14 @@ pub fn headers_of(h: Option<&HeaderMap>) -> Vec<(String, String)> {
     out
 }
 
-fn envelope(m: &Message, received_at: i64) -> Envelope {
+/// The message's subject and payload move into the envelope: no copy, and
+/// no shared header allocated for a second owner of either.
+fn envelope(m: Message, received_at: i64) -> Envelope {
     Envelope {
-        subject: m.subject.to_string(),
         received_at: Some(received_at),
         headers: headers_of(m.headers.as_ref()),
-        payload: m.payload.clone(),
+        subject: m.subject,
+        payload: m.payload,
     }
 }
 
@@ -126,7 +128,7 @@ async fn take_in(
 ) {
     let mut warned: Option<Instant> = None;
     while let Some(m) = subscriptions.next().await {
-        let e = envelope(&m, wall_now());
+        let e = envelope(m, wall_now());
         let cost = held_bytes(&e);
         // An empty inbox takes any message, so one larger than the budget
         // (up to input.max_payload_bytes) is still processed, alone.
@@ -338,7 +340,7 @@ impl NatsSource {
                             continue;
                         }
                         self.pending_bytes += msg.payload.len();
-                        self.pending.push(envelope(&msg, stored));
+                        self.pending.push(envelope(msg, stored));
                         if self.ack_all {
                             self.ackers.clear();
                         }
@@ -388,7 +390,11 @@ impl Source for NatsSource {
             }
         }
         self.pending_bytes = 0;
-        Ok(Some(std::mem::take(&mut self.pending)))
+        // The next batch is likely about this one's size: its vector is
+        // allocated once instead of grown by doubling (a dozen copies for a
+        // batch of 4,096 envelopes).
+        let next = Vec::with_capacity(self.pending.len());
+        Ok(Some(std::mem::replace(&mut self.pending, next)))
     }
 
     async fn commit(&mut self) -> Result<(), SourceError> {
