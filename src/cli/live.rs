@@ -18,7 +18,7 @@ use crate::pipeline::Pipeline;
 use crate::sim::Factory;
 use crate::sink::nats::NatsSink;
 use crate::source::capture::CaptureWriter;
-use crate::source::nats::{NatsSource, headers_of};
+use crate::source::nats::{NatsSource, envelope};
 use crate::state::StateStore;
 use crate::time::wall_now;
 
@@ -189,12 +189,7 @@ pub fn record(a: RecordArgs) -> Result<()> {
                 _ = async { match deadline { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => break,
                 m = subs.next() => match m { Some(m) => m, None => break },
             };
-            w.write(&crate::source::Envelope {
-                subject: m.subject.clone(),
-                received_at: Some(wall_now()),
-                headers: headers_of(m.headers.as_ref()),
-                payload: m.payload.clone(),
-            })?;
+            w.write(&envelope(m, wall_now()))?;
             n += 1;
             if a.count.is_some_and(|c| n >= c) {
                 break;

@@ -42,7 +42,7 @@ use crate::nats::NatsError;
 use crate::time::wall_now;
 
 /// Converts NATS headers to envelope headers.
-pub fn headers_of(h: Option<&HeaderMap>) -> Vec<(String, String)> {
+fn headers_of(h: Option<&HeaderMap>) -> Vec<(String, String)> {
     let mut out = Vec::new();
     if let Some(h) = h {
         for (name, values) in h.iter() {
@@ -55,9 +55,10 @@ pub fn headers_of(h: Option<&HeaderMap>) -> Vec<(String, String)> {
     out
 }
 
-/// The message's subject and payload move into the envelope: no copy, and
-/// no shared header allocated for a second owner of either.
-fn envelope(m: Message, received_at: i64) -> Envelope {
+/// A core NATS message as an envelope that arrived at `received_at`. Its
+/// subject and payload move into the envelope: no copy, and no shared header
+/// allocated for a second owner of either.
+pub fn envelope(m: Message, received_at: i64) -> Envelope {
     Envelope {
         received_at: Some(received_at),
         headers: headers_of(m.headers.as_ref()),
