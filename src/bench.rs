@@ -8,11 +8,11 @@
 //! 2. **pipeline**: `run`'s own loop (core subscription, every default
 //!    detector, the query files of `queries/` when present) fed by the same
 //!    publisher. A first burst as fast as the publisher goes measures what the
-//!    pipeline gets through; then bursts paced below that until one is
+//!    pipeline gets through; then paced bursts search for the highest rate
 //!    *sustained*: every message reached the pipeline (none dropped as a slow
 //!    consumer) and it had caught up within a tenth of the burst's length of
 //!    the last publish (a rate that only a growing buffer absorbs is not
-//!    sustained);
+//!    sustained). See [`RateSearch`];
 //! 3. **latency**: at 50 % of the sustained rate, spikes injected on machines
 //!    that have learned, timed from publish to their alert on `twin.alerts.>`;
 //!
@@ -69,7 +69,7 @@ pub struct BenchReport {
     pub raw_msgs_per_s: f64,
     pub sustained_msgs_per_s: f64,
     pub sustained_readings_per_s: f64,
-    /// Bursts run: down until one was sustained, then up while they were.
+    /// Bursts run (see [`RateSearch`]).
     pub attempts: usize,
     pub latency_load_msgs_per_s: f64,
     pub spikes: usize,
@@ -432,8 +432,86 @@ fn say(p: &BenchParams, text: &str) {
     }
 }
 
-/// Most bursts of the throughput phase.
-const MAX_BURSTS: usize = 10;
+/// Most bursts of the throughput phase: enough for [`RateSearch`] to come
+/// within [`SEARCH_STEP`] from a first guess a quarter of the answer
+/// (four steps up, about eight halvings of the gap).
+const MAX_BURSTS: usize = 14;
+
+/// How much faster each burst is asked to go while every burst so far was sustained.
+const GROWTH: f64 = 1.5;
+
+/// The search ends when the next pace would be less than this much above the best sustained.
+const SEARCH_STEP: f64 = 1.03;
+
+/// What one burst of the throughput phase did.
+#[derive(Debug, Clone, Copy)]
+struct Burst {
+    /// Messages per second published.
+    rate: f64,
+    /// Every message got through, and the pipeline caught up soon after.
+    sustained: bool,
+    /// Messages per second the pipeline took over the whole burst (dropped ones not counted).
+    through: f64,
+}
+
+/// The search for the highest sustained rate. The first burst goes as fast
+/// as the publisher can; what got through says about where to start, but
+/// only from below (that publisher takes CPU from the pipeline, and what was
+/// dropped does not count). So paces go down from there until one is
+/// sustained, up by [`GROWTH`] while they are, then halve the gap (in ratio)
+/// between the best sustained and the slowest failed, until it is within
+/// [`SEARCH_STEP`]. Stepping up by a tenth, as an earlier search did, used
+/// all its bursts still climbing when the first guess was low: the rate it
+/// reported was that guess's limit, not the pipeline's.
+#[derive(Debug, Default)]
+struct RateSearch {
+    /// The pace of the next burst (`None`: as fast as the publisher goes).
+    pace: Option<f64>,
+    /// The highest rate sustained.
+    best: Option<f64>,
+    /// The slowest pace that was not sustained.
+    failed: Option<f64>,
+}
+
+impl RateSearch {
+    /// Takes what the burst at [`RateSearch::pace`] did; the pace of the
+    /// next burst, or `None` when the search is done.
+    fn next(&mut self, b: &Burst) -> Option<f64> {
+        let next = match self.pace {
+            None => 0.95 * b.through,
+            Some(asked) if b.sustained => {
+                let best = self.best.map_or(b.rate, |x| x.max(b.rate));
+                self.best = Some(best);
+                // The publisher could not keep the pace: the bench's limit.
+                if b.rate < 0.97 * asked {
+                    return None;
+                }
+                let up = self.failed.map_or(GROWTH * best, |f| (best * f).sqrt());
+                if up < SEARCH_STEP * best {
+                    return None;
+                }
+                up
+            }
+            Some(asked) => {
+                let failed = self.failed.map_or(asked, |f| f.min(asked));
+                self.failed = Some(failed);
+                match self.best {
+                    Some(best) => {
+                        let mid = (best * failed).sqrt();
+                        if mid < SEARCH_STEP * best {
+                            return None;
+                        }
+                        mid
+                    }
+                    // Lower still after each failure.
+                    None => 0.85 * asked.min(b.through),
+                }
+            }
+        };
+        self.pace = Some(next);
+        Some(next)
+    }
+}
 
 /// Runs the whole bench.
 pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
@@ -475,16 +553,13 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
     traffic.base = (crate::time::wall_now() - span.max(3_600_000)) / 1000 * 1000;
     probe(&publisher, "ready").await?;
 
-    // Throughput: a burst as fast as the publisher goes says about what the
-    // pipeline gets through (less than it can sustain: that publisher takes
-    // CPU from it); then paced bursts, each slower, until one is sustained
-    // (no drop, caught up soon after the last publish), then faster ones
-    // while they are sustained: the rate reported is the highest sustained.
-    let mut pace: Option<f64> = None;
-    let mut best: Option<f64> = None;
-    let mut failed: Option<f64> = None;
+    // Throughput: a burst as fast as the publisher goes, then paced bursts
+    // (see [`RateSearch`]): the rate reported is the highest sustained (no
+    // drop, caught up soon after the last publish).
+    let mut search = RateSearch::default();
     for attempt in 1..=MAX_BURSTS {
         report.attempts = attempt;
+        let pace = search.pace;
         let before = live.envelopes();
         let t = Instant::now();
         let watch = live.watch();
@@ -517,34 +592,18 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
                 behind * 1000.0
             ),
         );
-        let sustained =
-            pace.is_some() && got >= p.messages as u64 && behind <= (0.1 * published).max(0.05);
-        let next = match (pace, sustained) {
-            (Some(asked), true) => {
-                best = Some(best.map_or(rate, |b| b.max(rate)));
-                // Up by a tenth, short of a rate that failed; done when the
-                // publisher could not keep the pace or the step is too small.
-                let up = (1.1 * rate).min(failed.map_or(f64::MAX, |f| 0.5 * (rate + f)));
-                if rate < 0.97 * asked || up < 1.02 * rate {
-                    break;
-                }
-                up
-            }
-            (Some(asked), false) => {
-                failed = Some(failed.map_or(asked, |f| f.min(asked)));
-                if best.is_some() {
-                    break;
-                }
-                // What got through per second of the whole burst, lower
-                // still after each failure.
-                0.85 * asked.min(got as f64 / secs)
-            }
-            // A little below what got through per second of the first burst.
-            (None, _) => 0.95 * got as f64 / secs,
+        let burst = Burst {
+            rate,
+            sustained: got >= p.messages as u64 && behind <= (0.1 * published).max(0.05),
+            through: got as f64 / secs,
         };
-        pace = Some(next);
+        if search.next(&burst).is_none() {
+            break;
+        }
     }
-    report.sustained_msgs_per_s = best.unwrap_or(0.0);
+    // Teaching the machines below goes at a pace known to get through.
+    let pace = search.best.or(search.pace);
+    report.sustained_msgs_per_s = search.best.unwrap_or(0.0);
     report.sustained_readings_per_s =
         report.sustained_msgs_per_s * (traffic.batch * traffic.sensors) as f64;
 
@@ -975,5 +1034,61 @@ mod tests {
         assert_eq!(ts, 1_300);
         let (subject, _, m, _) = t.next(false);
         assert_eq!((subject.as_str(), m), ("twin.telemetry.bench.m-00001", 1));
+    }
+
+    /// Runs the search against a pipeline that sustains up to `capacity`
+    /// and a publisher that goes at most `publisher` msgs/s; the best rate
+    /// found and the bursts it took.
+    fn search_against(capacity: f64, publisher: f64, first_through: f64) -> (Option<f64>, usize) {
+        let mut search = RateSearch::default();
+        for burst in 1..=MAX_BURSTS {
+            let asked = search.pace.unwrap_or(f64::MAX);
+            let rate = asked.min(publisher);
+            let b = Burst {
+                rate,
+                sustained: rate <= capacity,
+                through: if search.pace.is_none() {
+                    first_through
+                } else {
+                    rate.min(capacity)
+                },
+            };
+            if search.next(&b).is_none() {
+                return (search.best, burst);
+            }
+        }
+        (search.best, MAX_BURSTS)
+    }
+
+    /// From a first burst that got a quarter of the way (a publisher at full
+    /// speed starves the pipeline, and drops do not count), the search still
+    /// ends within a step of the pipeline's limit, inside the bursts it has.
+    /// The search it replaced, up by a tenth a burst, ended at 2.1 times its
+    /// first guess here: about half the limit.
+    #[test]
+    fn the_rate_search_finds_the_limit_from_a_low_first_guess() {
+        for capacity in [5_000.0, 150_000.0, 1_000_000.0] {
+            for first in [0.25, 0.6, 1.0, 1.6] {
+                let (best, bursts) = search_against(capacity, f64::MAX, first * capacity);
+                let best = best.expect("a pace was sustained");
+                assert!(
+                    best <= capacity && best * SEARCH_STEP * SEARCH_STEP >= capacity,
+                    "{best} for a limit of {capacity} (first guess {first} of it)"
+                );
+                assert!(bursts < MAX_BURSTS, "{bursts} bursts, ended by the cap");
+            }
+        }
+    }
+
+    /// A publisher slower than the pipeline ends the search at the
+    /// publisher's rate (the bench's limit, reported as sustained).
+    #[test]
+    fn the_rate_search_stops_at_the_publishers_limit() {
+        let (best, bursts) = search_against(1_000_000.0, 300_000.0, 200_000.0);
+        let best = best.expect("a pace was sustained");
+        assert!(
+            (0.97 * 300_000.0..=300_000.0).contains(&best),
+            "{best} in {bursts} bursts"
+        );
     }
 }
