@@ -86,6 +86,8 @@ pub struct BenchReport {
     pub query_runs: u64,
     pub query_seconds: f64,
     pub query_runs_folded: u64,
+    /// Machine-windows not queried because the query thread was behind.
+    pub query_windows_shed: u64,
 }
 
 impl BenchReport {
@@ -650,6 +652,7 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
     report.query_runs = summary.query_runs;
     report.query_seconds = summary.query_busy.as_secs_f64();
     report.query_runs_folded = summary.query_deferred;
+    report.query_windows_shed = summary.query_windows_shed;
     drop(own);
     Ok(report)
 }
@@ -876,7 +879,8 @@ impl Live {
             .await
             .map_err(nats)?;
         let mut source = NatsSource::core(&client, &cfg.source).await.map_err(nats)?;
-        let stage = crate::cli::features(cfg).map(crate::features::FeatureStage::spawn);
+        // `run`'s choice for a core subscription.
+        let stage = crate::cli::features(cfg).map(|s| s.spawn(crate::features::WhenBehind::Shed));
         let queries = if stage.is_some() {
             crate::features::Queries::check_dir(Path::new(&cfg.queries.dir))
                 .await

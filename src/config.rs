@@ -670,6 +670,8 @@ dir = "queries"
 # Closed windows are gathered and queried together once they span this much event time
 # (so replay and live give the same results), or as soon as this many rows have gathered
 # (smaller runs keep less waiting while the query thread is busy, and cost no more in all).
+# Up to four times max_rows gather while the query thread is busy; past that, with core NATS
+# the oldest are not queried (counted: query_windows_shed), with JetStream the loop waits.
 every = "30s"
 max_rows = 100000
 # Feature alerts below this score are not raised (window aggregates are coarser than readings).

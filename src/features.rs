@@ -1017,21 +1017,36 @@ impl Gather {
         }
     }
 
+    /// The rows a set of closed windows counts for. Readings summed up as
+    /// they arrived count as the rows they were (every kept group-by sums the
+    /// same rows: one counts), so runs come at the same pace whether the
+    /// windows keep rows or sums.
+    fn rows_of(c: &ClosedWindows) -> usize {
+        let summed: u64 = c
+            .groups
+            .first()
+            .map_or(0, |g| g.groups.iter().map(|g| g.acc.rows).sum());
+        c.readings.num_rows() + c.messages.num_rows() + c.flows.num_rows() + summed as usize
+    }
+
     fn offer(&mut self, closed: Option<ClosedWindows>) {
         if let Some(c) = closed {
-            // Readings summed up as they arrived count as the rows they
-            // were (every kept group-by sums the same rows: one counts), so
-            // runs come at the same pace whether the windows keep rows or sums.
-            let summed: u64 = c
-                .groups
-                .first()
-                .map_or(0, |g| g.groups.iter().map(|g| g.acc.rows).sum());
-            self.rows += c.readings.num_rows()
-                + c.messages.num_rows()
-                + c.flows.num_rows()
-                + summed as usize;
+            self.rows += Self::rows_of(&c);
             self.pending.push(c);
         }
+    }
+
+    /// Drops the oldest gathered windows until at most `keep` rows are left
+    /// (the newest set always stays); the machine-windows dropped.
+    fn shed_oldest(&mut self, keep: usize) -> usize {
+        let (mut n, mut shed) = (0, 0);
+        while n + 1 < self.pending.len() && self.rows > keep {
+            self.rows -= Self::rows_of(&self.pending[n]);
+            shed += self.pending[n].machine_windows;
+            n += 1;
+        }
+        self.pending.drain(..n);
+        shed
     }
 
     fn due(&self) -> bool {
@@ -1126,7 +1141,10 @@ impl FeatureStage {
     /// single-threaded runtime: a query engine that computes for a while
     /// without yielding must not hold a worker of the caller's runtime, where
     /// the NATS connection is read); gathering stays with the caller.
-    pub fn spawn(self) -> BackgroundStage {
+    ///
+    /// `when_behind`: what the loop does once the thread is a run behind and
+    /// four times `queries.max_rows` have gathered (see [`BackgroundStage::offer`]).
+    pub fn spawn(self, when_behind: WhenBehind) -> BackgroundStage {
         let FeatureStage {
             gather,
             mut queries,
@@ -1177,6 +1195,9 @@ impl FeatureStage {
             results,
             in_flight: 0,
             deferred: 0,
+            when_behind,
+            shed: 0,
+            warned: None,
             _task: task,
             runs: 0,
             busy: Duration::ZERO,
@@ -1184,17 +1205,38 @@ impl FeatureStage {
     }
 }
 
+/// What the ingest loop does when the query thread falls behind: a run in
+/// hand, the next queued, and four times `queries.max_rows` gathered since.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenBehind {
+    /// Wait for the thread. For JetStream, where the backlog waits on the
+    /// server: nothing is lost, consumption only slows.
+    Wait,
+    /// Drop the oldest gathered windows from the queries (counted, and
+    /// warned of) and go on. For core NATS: there a loop that waits falls
+    /// behind its input, and the inbox then drops messages — the per-reading
+    /// detectors lose them, and the gaps in sequence numbers read as
+    /// attacks. The query thread runs at nice 10, so on a saturated machine
+    /// it gets little CPU: waiting on it halved what the loop got through.
+    Shed,
+}
+
 /// The feature stage on a thread of its own (`run`): the ingest loop hands it
 /// the windows a batch closed and goes on decoding and scoring while the
 /// queries run on another core; their results come back in the order the
-/// windows were handed over. Only when the stage is one run behind does the
-/// loop wait for it.
+/// windows were handed over. Only when the stage is a run behind and much has
+/// gathered does the loop wait for it or shed windows ([`WhenBehind`]).
 pub struct BackgroundStage {
     gather: Gather,
     jobs: tokio::sync::mpsc::Sender<ClosedWindows>,
     results: tokio::sync::mpsc::UnboundedReceiver<(RunOutput, Duration)>,
     in_flight: usize,
     deferred: u64,
+    when_behind: WhenBehind,
+    /// Machine-windows dropped from the queries while the thread was behind.
+    shed: u64,
+    /// When the shedding was last warned of.
+    warned: Option<Instant>,
     /// Ends on its own once `jobs` is dropped (after the run in hand).
     _task: std::io::Result<std::thread::JoinHandle<()>>,
     /// Runs answered so far, and their total time.
@@ -1207,17 +1249,38 @@ impl BackgroundStage {
     /// due (or whatever is gathered, when `force`). While the thread is busy
     /// with one run and has the next queued, windows keep gathering into a
     /// bigger run instead of holding up the loop (the fast path's alerts do
-    /// not wait for the queries); only past four times `queries.max_rows`
-    /// gathered does the loop wait, so memory stays bounded.
+    /// not wait for the queries). Past four times `queries.max_rows`
+    /// gathered, so that memory stays bounded, the loop waits or the oldest
+    /// windows are shed down to twice that ([`WhenBehind`]).
     pub async fn offer(&mut self, closed: Option<ClosedWindows>, force: bool) {
         self.gather.offer(closed);
         if !(force || self.gather.due()) {
             return;
         }
         let busy = self.jobs.capacity() == 0;
-        if busy && !force && self.gather.rows < 4 * self.gather.max_rows {
-            self.deferred += 1;
-            return;
+        if busy && !force {
+            let bound = 4 * self.gather.max_rows;
+            if self.gather.rows >= bound && self.when_behind == WhenBehind::Shed {
+                let shed = self.gather.shed_oldest(bound / 2);
+                self.shed += shed as u64;
+                if self
+                    .warned
+                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+                {
+                    self.warned = Some(Instant::now());
+                    warn!(
+                        machine_windows = shed,
+                        shed_total = self.shed,
+                        "the query stage is behind: the oldest closed windows are not queried, so that \
+                         the loop keeps up with its input (per-reading detection goes on); give twinwatch \
+                         more CPU, raise queries.every, or consume through JetStream (which waits instead)"
+                    );
+                }
+            }
+            if self.gather.rows < bound || self.when_behind == WhenBehind::Shed {
+                self.deferred += 1;
+                return;
+            }
         }
         if let Some(c) = self.gather.take()
             && self.jobs.send(c).await.is_ok()
@@ -1229,6 +1292,12 @@ impl BackgroundStage {
     /// Times a due run was folded into the next because the thread was busy.
     pub fn deferred(&self) -> u64 {
         self.deferred
+    }
+
+    /// Machine-windows dropped from the queries because the thread was behind
+    /// ([`WhenBehind::Shed`]).
+    pub fn shed(&self) -> u64 {
+        self.shed
     }
 
     /// Runs handed over and not yet answered.
@@ -1280,6 +1349,105 @@ fn merge(parts: Vec<ClosedWindows>) -> ClosedWindows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Closed windows of one machine-window: three messages of one reading (six rows).
+    fn one_window(k: i64) -> ClosedWindows {
+        let cfg = crate::config::Config::default();
+        let mut p = crate::pipeline::Pipeline::new(&cfg);
+        let base = 1_764_000_000_000 + k * 100_000;
+        let batch: Vec<crate::source::Envelope> = (0..3)
+            .map(|i| {
+                crate::source::Envelope::new(
+                    "twin.telemetry.s.m",
+                    Some(base + i),
+                    format!(r#"{{"ts": {}, "readings": {{"x": 1}}}}"#, base + i),
+                )
+            })
+            .collect();
+        p.process(&batch, 0);
+        p.finish().closed.expect("the window closes at the end")
+    }
+
+    /// A stage whose thread takes no run: once one is handed over, it is
+    /// busy for good. Every set offered is due (`every` 0).
+    fn stalled(when_behind: WhenBehind, max_rows: usize) -> BackgroundStage {
+        let cfg = crate::config::QueriesConfig {
+            every: 0,
+            max_rows,
+            ..Default::default()
+        };
+        let (jobs, inbox) = tokio::sync::mpsc::channel(1);
+        // The receiver is kept (a dropped one would make every send fail at once).
+        std::mem::forget(inbox);
+        let (_, results) = tokio::sync::mpsc::unbounded_channel();
+        BackgroundStage {
+            gather: Gather::new(&cfg),
+            jobs,
+            results,
+            in_flight: 0,
+            deferred: 0,
+            when_behind,
+            shed: 0,
+            warned: None,
+            _task: Err(std::io::Error::other("no thread in this test")),
+            runs: 0,
+            busy: Duration::ZERO,
+        }
+    }
+
+    /// Behind, with four times `max_rows` gathered: shedding drops the
+    /// oldest windows down to twice that and never holds up the loop;
+    /// waiting holds it up and drops nothing.
+    #[test]
+    fn a_stage_behind_sheds_the_oldest_windows_or_holds_up_the_loop() {
+        use futures_util::FutureExt;
+        let rows = Gather::rows_of(&one_window(0));
+        assert_eq!(rows, 6, "three messages and their three readings");
+
+        let mut shedding = stalled(WhenBehind::Shed, rows);
+        for k in 0..12 {
+            assert!(
+                shedding
+                    .offer(Some(one_window(k)), false)
+                    .now_or_never()
+                    .is_some(),
+                "offer {k} held up the loop"
+            );
+            assert!(
+                shedding.gather.rows < 4 * rows,
+                "{} rows gathered",
+                shedding.gather.rows
+            );
+        }
+        assert_eq!(shedding.in_flight(), 1, "the first set went to the thread");
+        // 11 sets gathered behind it, shed two at a time each time four had gathered.
+        assert_eq!(shedding.shed(), 8);
+        assert_eq!(shedding.gather.pending.len(), 3);
+        let newest = one_window(11).span;
+        assert_eq!(
+            shedding.gather.pending.last().map(|c| c.span),
+            Some(newest),
+            "the newest stay"
+        );
+
+        let mut waiting = stalled(WhenBehind::Wait, rows);
+        for k in 0..4 {
+            assert!(
+                waiting
+                    .offer(Some(one_window(k)), false)
+                    .now_or_never()
+                    .is_some()
+            );
+        }
+        assert!(
+            waiting
+                .offer(Some(one_window(4)), false)
+                .now_or_never()
+                .is_none(),
+            "four times max_rows gathered behind a busy thread: the loop waits"
+        );
+        assert_eq!(waiting.shed(), 0);
+    }
 
     #[test]
     fn headers() {

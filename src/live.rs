@@ -43,6 +43,8 @@ pub struct LiveSummary {
     pub query_runs: u64,
     pub query_busy: Duration,
     pub query_deferred: u64,
+    /// Machine-windows not queried because the query stage was behind.
+    pub query_windows_shed: u64,
     /// Messages the source dropped because the pipeline was behind.
     pub input_dropped: u64,
 }
@@ -227,6 +229,7 @@ pub async fn run_live<S: Source, K: Sink>(
         summary.query_runs = f.runs;
         summary.query_busy = f.busy;
         summary.query_deferred = f.deferred();
+        summary.query_windows_shed = f.shed();
     }
     Ok(summary)
 }

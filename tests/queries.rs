@@ -493,7 +493,8 @@ fn the_background_stage_answers_every_run_in_order() {
         "-- twinwatch: features\nSELECT machine, window_start, 'n' AS feature, CAST(count(*) AS DOUBLE) AS value FROM readings GROUP BY machine, window_start",
     );
     rt().block_on(async {
-        let mut stage = twinwatch::features::FeatureStage::new(&cfg.queries).spawn();
+        let mut stage = twinwatch::features::FeatureStage::new(&cfg.queries)
+            .spawn(twinwatch::features::WhenBehind::Wait);
         assert!(stage.next().await.is_none(), "nothing in flight: no wait");
         let mut p = Pipeline::new(&cfg);
         let mut sizes = Vec::new();
@@ -686,8 +687,10 @@ fn the_query_thread_gives_way_to_the_ingest_loop() {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = Config::default();
     cfg.queries.dir = dir.path().display().to_string();
-    let _stage =
-        rt().block_on(async { twinwatch::features::FeatureStage::new(&cfg.queries).spawn() });
+    let _stage = rt().block_on(async {
+        twinwatch::features::FeatureStage::new(&cfg.queries)
+            .spawn(twinwatch::features::WhenBehind::Wait)
+    });
     let nice_of_query_threads = || -> Vec<i64> {
         let mut out = Vec::new();
         for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {

@@ -124,7 +124,13 @@ pub fn run(a: RunArgs) -> Result<()> {
             interval: Duration::from_millis(cfg.state.interval.max(1) as u64),
         });
         let started = Instant::now();
-        let stage = super::features(&cfg).map(crate::features::FeatureStage::spawn);
+        // Core NATS loses what arrives while the loop is behind; JetStream keeps it.
+        let when_behind = if cfg.source.jetstream.enabled {
+            crate::features::WhenBehind::Wait
+        } else {
+            crate::features::WhenBehind::Shed
+        };
+        let stage = super::features(&cfg).map(|s| s.spawn(when_behind));
         let mut source = if cfg.source.jetstream.enabled {
             NatsSource::jetstream(&client, &cfg.source, resume_after).await
         } else {
@@ -151,6 +157,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             query_runs = summary.query_runs,
             query_seconds = format!("{:.2}", summary.query_busy.as_secs_f64()),
             query_runs_folded = summary.query_deferred,
+            query_windows_shed = summary.query_windows_shed,
             input_dropped = summary.input_dropped,
             dead_letters = sink.dead_letters,
             "stopped: {}",

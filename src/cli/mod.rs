@@ -1164,8 +1164,8 @@ fn bench(a: BenchArgs) -> Result<()> {
     );
     if r.queries > 0 {
         println!(
-            "query runs: {} taking {:.1} s in all on their own thread ({} due runs folded into the next while it was busy)",
-            r.query_runs, r.query_seconds, r.query_runs_folded
+            "query runs: {} taking {:.1} s in all on their own thread ({} due runs folded into the next while it was busy, {} machine-windows not queried)",
+            r.query_runs, r.query_seconds, r.query_runs_folded, r.query_windows_shed
         );
     }
     match r.peak_heap_mb {
