@@ -771,8 +771,16 @@ async fn probe(c: &Client, tag: &str) -> Result<u64, BenchError> {
     }
 }
 
+/// How long the latency phase publishes at its rate before it times
+/// spikes. The search usually ends on a failed, overloaded burst, and the
+/// spikes of the first 0.25–1.3 s after one took up to 51 and 142 ms
+/// against 5–17 ms in most of the rest of the same phase (two runs of
+/// 2026-12-07): recovery from overload, not latency at half load.
+const LATENCY_SETTLE: Duration = Duration::from_secs(2);
+
 /// Publish → alert latency of spikes at `rate` messages/s for 10 s (one
-/// spike every 50 ms, on machines in turn).
+/// spike every 50 ms, on machines in turn), after [`LATENCY_SETTLE`] at
+/// that rate without spikes.
 async fn latency(
     c: &Client,
     traffic: &mut Traffic,
@@ -808,6 +816,17 @@ async fn latency(
         out
     });
     let per_tick = ((rate / 100.0).round() as usize).max(1); // every 10 ms
+    let settle = Instant::now();
+    let mut ticks = 0u64;
+    while settle.elapsed() < LATENCY_SETTLE {
+        ticks += 1;
+        for _ in 0..per_tick {
+            let (subject, body, _, _) = traffic.next(false);
+            c.publish(subject, body.into()).await.map_err(nats)?;
+        }
+        c.flush().await.map_err(nats)?;
+        tokio::time::sleep_until((settle + Duration::from_millis(10 * ticks)).into()).await;
+    }
     let start = Instant::now();
     let mut sent = 0usize;
     let mut ticks = 0u64;
