@@ -480,6 +480,9 @@ impl RateSearch {
     /// next burst, or `None` when the search is done.
     fn next(&mut self, b: &Burst) -> Option<f64> {
         let next = match self.pace {
+            // Nothing got through: no pace to start from (a pace of zero
+            // would never end its burst).
+            None if b.through <= 0.0 => return None,
             None => 0.95 * b.through,
             Some(asked) if b.sustained => {
                 let best = self.best.map_or(b.rate, |x| x.max(b.rate));
@@ -1113,5 +1116,12 @@ mod tests {
             (0.97 * 300_000.0..=300_000.0).contains(&best),
             "{best} in {bursts} bursts"
         );
+    }
+
+    /// A first burst of which nothing got through ends the search (no pace
+    /// of zero, which would never end).
+    #[test]
+    fn the_rate_search_ends_when_nothing_got_through() {
+        assert_eq!(search_against(0.0, 300_000.0, 0.0), (None, 1));
     }
 }
