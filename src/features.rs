@@ -1189,19 +1189,7 @@ impl FeatureStage {
         if let Err(e) = &task {
             warn!(error = %e, "cannot start the query stage's thread; query features are off");
         }
-        BackgroundStage {
-            gather,
-            jobs,
-            results,
-            in_flight: 0,
-            deferred: 0,
-            when_behind,
-            shed: 0,
-            warned: None,
-            _task: task,
-            runs: 0,
-            busy: Duration::ZERO,
-        }
+        BackgroundStage::new(gather, jobs, results, task, when_behind)
     }
 }
 
@@ -1219,6 +1207,18 @@ pub enum WhenBehind {
     /// attacks. The query thread runs at nice 10, so on a saturated machine
     /// it gets little CPU: waiting on it halved what the loop got through.
     Shed,
+}
+
+impl WhenBehind {
+    /// The choice for a source: JetStream keeps what arrives while the loop
+    /// is behind, core NATS loses it.
+    pub fn for_source(jetstream: bool) -> Self {
+        if jetstream {
+            WhenBehind::Wait
+        } else {
+            WhenBehind::Shed
+        }
+    }
 }
 
 /// The feature stage on a thread of its own (`run`): the ingest loop hands it
@@ -1245,6 +1245,28 @@ pub struct BackgroundStage {
 }
 
 impl BackgroundStage {
+    fn new(
+        gather: Gather,
+        jobs: tokio::sync::mpsc::Sender<ClosedWindows>,
+        results: tokio::sync::mpsc::UnboundedReceiver<(RunOutput, Duration)>,
+        task: std::io::Result<std::thread::JoinHandle<()>>,
+        when_behind: WhenBehind,
+    ) -> Self {
+        BackgroundStage {
+            gather,
+            jobs,
+            results,
+            in_flight: 0,
+            deferred: 0,
+            when_behind,
+            shed: 0,
+            warned: None,
+            _task: task,
+            runs: 0,
+            busy: Duration::ZERO,
+        }
+    }
+
     /// Gathers the windows a batch closed and hands them over when a run is
     /// due (or whatever is gathered, when `force`). While the thread is busy
     /// with one run and has the next queued, windows keep gathering into a
@@ -1260,24 +1282,10 @@ impl BackgroundStage {
         let busy = self.jobs.capacity() == 0;
         if busy && !force {
             let bound = 4 * self.gather.max_rows;
-            if self.gather.rows >= bound && self.when_behind == WhenBehind::Shed {
-                let shed = self.gather.shed_oldest(bound / 2);
-                self.shed += shed as u64;
-                if self
-                    .warned
-                    .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
-                {
-                    self.warned = Some(Instant::now());
-                    warn!(
-                        machine_windows = shed,
-                        shed_total = self.shed,
-                        "the query stage is behind: the oldest closed windows are not queried, so that \
-                         the loop keeps up with its input (per-reading detection goes on); give twinwatch \
-                         more CPU, raise queries.every, or consume through JetStream (which waits instead)"
-                    );
-                }
-            }
             if self.gather.rows < bound || self.when_behind == WhenBehind::Shed {
+                if self.gather.rows >= bound {
+                    self.shed_down_to(bound / 2);
+                }
                 self.deferred += 1;
                 return;
             }
@@ -1286,6 +1294,25 @@ impl BackgroundStage {
             && self.jobs.send(c).await.is_ok()
         {
             self.in_flight += 1;
+        }
+    }
+
+    /// Sheds the oldest gathered windows down to `keep` rows, counted and warned of.
+    fn shed_down_to(&mut self, keep: usize) {
+        let shed = self.gather.shed_oldest(keep);
+        self.shed += shed as u64;
+        if self
+            .warned
+            .is_none_or(|at| at.elapsed() >= Duration::from_secs(10))
+        {
+            self.warned = Some(Instant::now());
+            warn!(
+                machine_windows = shed,
+                shed_total = self.shed,
+                "the query stage is behind: the oldest closed windows are not queried, so that \
+                 the loop keeps up with its input (per-reading detection goes on); give twinwatch \
+                 more CPU, raise queries.every, or consume through JetStream (which waits instead)"
+            );
         }
     }
 
@@ -1369,30 +1396,22 @@ mod tests {
     }
 
     /// A stage whose thread takes no run: once one is handed over, it is
-    /// busy for good. Every set offered is due (`every` 0).
-    fn stalled(when_behind: WhenBehind, max_rows: usize) -> BackgroundStage {
+    /// busy for good. Every set offered is due (`every` 0). The receiver of
+    /// its runs is returned to be held (dropped, every send would fail at once).
+    fn stalled(
+        when_behind: WhenBehind,
+        max_rows: usize,
+    ) -> (BackgroundStage, tokio::sync::mpsc::Receiver<ClosedWindows>) {
         let cfg = crate::config::QueriesConfig {
             every: 0,
             max_rows,
             ..Default::default()
         };
         let (jobs, inbox) = tokio::sync::mpsc::channel(1);
-        // The receiver is kept (a dropped one would make every send fail at once).
-        std::mem::forget(inbox);
         let (_, results) = tokio::sync::mpsc::unbounded_channel();
-        BackgroundStage {
-            gather: Gather::new(&cfg),
-            jobs,
-            results,
-            in_flight: 0,
-            deferred: 0,
-            when_behind,
-            shed: 0,
-            warned: None,
-            _task: Err(std::io::Error::other("no thread in this test")),
-            runs: 0,
-            busy: Duration::ZERO,
-        }
+        let task = Err(std::io::Error::other("no thread in this test"));
+        let stage = BackgroundStage::new(Gather::new(&cfg), jobs, results, task, when_behind);
+        (stage, inbox)
     }
 
     /// Behind, with four times `max_rows` gathered: shedding drops the
@@ -1404,7 +1423,7 @@ mod tests {
         let rows = Gather::rows_of(&one_window(0));
         assert_eq!(rows, 6, "three messages and their three readings");
 
-        let mut shedding = stalled(WhenBehind::Shed, rows);
+        let (mut shedding, _runs) = stalled(WhenBehind::Shed, rows);
         for k in 0..12 {
             assert!(
                 shedding
@@ -1430,7 +1449,7 @@ mod tests {
             "the newest stay"
         );
 
-        let mut waiting = stalled(WhenBehind::Wait, rows);
+        let (mut waiting, _runs) = stalled(WhenBehind::Wait, rows);
         for k in 0..4 {
             assert!(
                 waiting

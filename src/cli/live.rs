@@ -124,12 +124,7 @@ pub fn run(a: RunArgs) -> Result<()> {
             interval: Duration::from_millis(cfg.state.interval.max(1) as u64),
         });
         let started = Instant::now();
-        // Core NATS loses what arrives while the loop is behind; JetStream keeps it.
-        let when_behind = if cfg.source.jetstream.enabled {
-            crate::features::WhenBehind::Wait
-        } else {
-            crate::features::WhenBehind::Shed
-        };
+        let when_behind = crate::features::WhenBehind::for_source(cfg.source.jetstream.enabled);
         let stage = super::features(&cfg).map(|s| s.spawn(when_behind));
         let mut source = if cfg.source.jetstream.enabled {
             NatsSource::jetstream(&client, &cfg.source, resume_after).await
