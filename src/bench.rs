@@ -207,7 +207,9 @@ impl Drop for OwnServer {
 ///
 /// The publisher shares the machine's two cores with the pipeline and
 /// nats-server, so it writes digits itself (`write!` with float formatting
-/// was a sixth of the samples) and keeps each machine's subject.
+/// was a sixth of the samples) and keeps each machine's subject, the middle
+/// of its objects, and the readings of every noise step written out once:
+/// an object is then its `ts`, two copies and its `seq`.
 struct Traffic {
     machines: usize,
     sensors: usize,
@@ -216,6 +218,10 @@ struct Traffic {
     base: i64,
     sent: u64,
     subjects: Vec<async_nats::Subject>,
+    /// Per machine: what comes between an object's `ts` and its `seq`.
+    middles: Vec<Vec<u8>>,
+    /// Per noise step (see [`object`]): an object's readings and its closing brace.
+    tails: Vec<Vec<u8>>,
 }
 
 impl Traffic {
@@ -231,7 +237,29 @@ impl Traffic {
             subjects: (0..machines)
                 .map(|m| async_nats::Subject::from(format!("twin.telemetry.bench.m-{m:05}")))
                 .collect(),
+            middles: (0..machines)
+                .map(|m| format!(",\"device\":\"plc-{m:05}\",\"seq\":").into_bytes())
+                .collect(),
+            tails: (0..NOISE_STEPS)
+                .map(|n| {
+                    let mut tail = Vec::new();
+                    readings(&mut tail, n, sensors.max(1), false);
+                    tail
+                })
+                .collect(),
         }
+    }
+
+    /// What [`object`] writes without a spike, from the pieces kept.
+    fn plain_object(&self, out: &mut Vec<u8>, m: usize, ts: i64, seq: u64) {
+        out.extend_from_slice(b"{\"ts\":");
+        if ts < 0 {
+            out.push(b'-');
+        }
+        push_uint(out, ts.unsigned_abs(), 1);
+        out.extend_from_slice(&self.middles[m]);
+        push_uint(out, seq, 1);
+        out.extend_from_slice(&self.tails[noise(m, seq) as usize]);
     }
 
     /// The next message: its subject, payload, machine, and the event time of a spike if asked.
@@ -252,14 +280,11 @@ impl Traffic {
             }
             let seq = first + b as u64;
             let t = self.base + seq as i64 * self.interval;
-            object(
-                &mut body,
-                m,
-                t,
-                seq,
-                self.sensors,
-                spike && b + 1 == self.batch,
-            );
+            if spike && b + 1 == self.batch {
+                object(&mut body, m, t, seq, self.sensors, true);
+            } else {
+                self.plain_object(&mut body, m, t, seq);
+            }
         }
         if self.batch > 1 {
             body.push(b']');
@@ -285,10 +310,17 @@ fn push_uint(out: &mut Vec<u8>, mut n: u64, width: usize) {
     }
 }
 
-/// One telemetry object: `sensor_k` = 10 (k + 1) + n (k + 1), n in [0, 0.96]
-/// (500 more on sensor 0 for a spike), written with three decimals.
+/// Noise steps of the readings: n in [0, 0.96] by hundredths.
+const NOISE_STEPS: u64 = 97;
+
+/// The noise step of machine `m`'s object `seq`, in hundredths.
+fn noise(m: usize, seq: u64) -> u64 {
+    (seq * 7919 + m as u64 * 31) % NOISE_STEPS
+}
+
+/// One telemetry object: `sensor_k` = 10 (k + 1) + n (k + 1), n the
+/// object's [`noise`] (500 more on sensor 0 for a spike), written with three decimals.
 fn object(out: &mut Vec<u8>, m: usize, ts: i64, seq: u64, sensors: usize, spike: bool) {
-    let n = (seq * 7919 + m as u64 * 31) % 97; // hundredths
     out.extend_from_slice(b"{\"ts\":");
     if ts < 0 {
         out.push(b'-');
@@ -298,6 +330,11 @@ fn object(out: &mut Vec<u8>, m: usize, ts: i64, seq: u64, sensors: usize, spike:
     push_uint(out, m as u64, 5);
     out.extend_from_slice(b"\",\"seq\":");
     push_uint(out, seq, 1);
+    readings(out, noise(m, seq), sensors, spike);
+}
+
+/// An object's readings at noise step `n` (hundredths), and its closing brace.
+fn readings(out: &mut Vec<u8>, n: u64, sensors: usize, spike: bool) {
     out.extend_from_slice(b",\"readings\":{");
     for k in 0..sensors {
         if k > 0 {
@@ -1038,6 +1075,30 @@ mod tests {
         push_uint(&mut out, 42, 5);
         push_uint(&mut out, u64::MAX, 1);
         assert_eq!(out, format!("000042{}", u64::MAX).into_bytes());
+    }
+
+    /// The kept pieces put together are the object written in full, for
+    /// every noise step and machines past the five padded digits.
+    #[test]
+    fn objects_from_kept_pieces_are_the_objects_written_in_full() {
+        let t = Traffic::new(123_457, 3, 1, 100);
+        for (m, ts, seq) in [
+            (0, 0, 0),
+            (5, -1_500, 7),
+            (123_456, 1_764_000_000_000, 9_999),
+        ] {
+            for step in 0..NOISE_STEPS {
+                let seq = seq + step;
+                let (mut kept, mut full) = (Vec::new(), Vec::new());
+                t.plain_object(&mut kept, m, ts, seq);
+                object(&mut full, m, ts, seq, 3, false);
+                assert_eq!(
+                    String::from_utf8(kept),
+                    String::from_utf8(full),
+                    "machine {m}, seq {seq}"
+                );
+            }
+        }
     }
 
     #[test]
