@@ -66,7 +66,10 @@ pub struct BenchParams {
 /// What a bench run measured.
 #[derive(Debug, Clone, Default)]
 pub struct BenchReport {
+    /// The best of the raw runs: the limit this machine reached.
     pub raw_msgs_per_s: f64,
+    /// Every raw run, in order ([`RAW_RUNS`] of them).
+    pub raw_runs: Vec<f64>,
     pub sustained_msgs_per_s: f64,
     pub sustained_readings_per_s: f64,
     /// Bursts run (see [`RateSearch`]).
@@ -559,6 +562,17 @@ impl RateSearch {
     }
 }
 
+/// Raw delivery is measured this many times and the best run is the limit:
+/// a limit is what the machine can reach, and one run alone came out anywhere
+/// from 0.58 to 0.96 M msgs/s within one hour, so the ratio moved with
+/// whatever else the machine was doing during that one run.
+pub const RAW_RUNS: usize = 3;
+
+/// The highest of `rates` (0 without any).
+fn best_of(rates: &[f64]) -> f64 {
+    rates.iter().copied().fold(0.0, f64::max)
+}
+
 /// Runs the whole bench.
 pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
     let own = match &p.nats_url {
@@ -572,12 +586,22 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
         .unwrap_or_default();
     let mut report = BenchReport::default();
     let heap_watch = HeapWatch::start();
-    say(&p, &format!("raw NATS delivery, {} messages", p.messages));
-    report.raw_msgs_per_s = match &p.raw_exe {
-        Some(exe) => raw_in_child(exe, &url, &p).await?,
-        None => raw(&url, &p).await?,
-    };
-    say(&p, &format!("raw: {:.0} msgs/s", report.raw_msgs_per_s));
+    for run in 1..=RAW_RUNS {
+        say(
+            &p,
+            &format!(
+                "raw NATS delivery {run}/{RAW_RUNS}, {} messages",
+                p.messages
+            ),
+        );
+        let rate = match &p.raw_exe {
+            Some(exe) => raw_in_child(exe, &url, &p).await?,
+            None => raw(&url, &p).await?,
+        };
+        say(&p, &format!("raw {run}/{RAW_RUNS}: {rate:.0} msgs/s"));
+        report.raw_runs.push(rate);
+    }
+    report.raw_msgs_per_s = best_of(&report.raw_runs);
 
     let mut cfg = p.config.clone();
     cfg.nats.url = url.clone();

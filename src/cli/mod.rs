@@ -1148,8 +1148,14 @@ fn bench(a: BenchArgs) -> Result<()> {
         r.queries
     );
     println!(
-        "raw NATS delivery to one counting subscriber: {:.0} msgs/s",
-        r.raw_msgs_per_s
+        "raw NATS delivery to one counting subscriber: {:.0} msgs/s (best of {} runs: {})",
+        r.raw_msgs_per_s,
+        r.raw_runs.len(),
+        r.raw_runs
+            .iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     println!(
         "pipeline, sustained with no drops: {:.0} msgs/s = {:.0} readings/s ({:.2} of raw; {} burst(s))",
