@@ -861,6 +861,9 @@ async fn probe(c: &Client, tag: &str) -> Result<u64, BenchError> {
 /// 2026-12-07): recovery from overload, not latency at half load.
 const LATENCY_SETTLE: Duration = Duration::from_secs(2);
 
+/// A spike is injected this often in the latency phase (200 in its 10 s).
+const SPIKE_EVERY: Duration = Duration::from_millis(50);
+
 /// Publish → alert latency of spikes at `rate` messages/s for 10 s (one
 /// spike every 50 ms, on machines in turn), after [`LATENCY_SETTLE`] at
 /// that rate without spikes.
@@ -898,7 +901,11 @@ async fn latency(
         }
         out
     });
-    let per_tick = ((rate / 100.0).round() as usize).max(1); // every 10 ms
+    // A tick of the pace every [`PACE_STEP`], as in the throughput phase:
+    // with 10 ms ticks (until the eighteenth pass) a spike in the middle of
+    // its tick waited behind half of 10 ms of load that had arrived at once.
+    let per_tick = ((rate * PACE_STEP.as_secs_f64()).round() as usize).max(1);
+    let spike_every = (SPIKE_EVERY.as_nanos() / PACE_STEP.as_nanos()).max(1) as u64;
     // One pace throughout; spikes (and the count of the load) only once settled.
     let begun = Instant::now();
     let start = begun + LATENCY_SETTLE;
@@ -907,7 +914,7 @@ async fn latency(
     let mut ticks = 0u64;
     while Instant::now() < end {
         let timed = Instant::now() >= start;
-        let spike_tick = timed && ticks.is_multiple_of(5);
+        let spike_tick = timed && ticks.is_multiple_of(spike_every);
         ticks += 1;
         for i in 0..per_tick {
             let spike = spike_tick && i == per_tick / 2;
@@ -920,7 +927,7 @@ async fn latency(
             sent += usize::from(timed);
         }
         c.flush().await.map_err(nats)?;
-        let due = begun + Duration::from_millis(10 * ticks);
+        let due = begun + PACE_STEP * ticks as u32;
         tokio::time::sleep_until(due.into()).await;
     }
     let load = sent as f64 / start.elapsed().as_secs_f64();
