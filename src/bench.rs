@@ -229,10 +229,15 @@ struct Traffic {
 
 impl Traffic {
     fn new(machines: usize, sensors: usize, batch: usize, interval: i64) -> Self {
-        let machines = machines.max(1);
+        let (machines, sensors) = (machines.max(1), sensors.max(1));
+        let written = |write: &dyn Fn(&mut Vec<u8>)| {
+            let mut out = Vec::new();
+            write(&mut out);
+            out
+        };
         Traffic {
             machines,
-            sensors: sensors.max(1),
+            sensors,
             batch: batch.max(1),
             interval: interval.max(1),
             base: 0,
@@ -241,25 +246,17 @@ impl Traffic {
                 .map(|m| async_nats::Subject::from(format!("twin.telemetry.bench.m-{m:05}")))
                 .collect(),
             middles: (0..machines)
-                .map(|m| format!(",\"device\":\"plc-{m:05}\",\"seq\":").into_bytes())
+                .map(|m| written(&|out| middle(out, m)))
                 .collect(),
             tails: (0..NOISE_STEPS)
-                .map(|n| {
-                    let mut tail = Vec::new();
-                    readings(&mut tail, n, sensors.max(1), false);
-                    tail
-                })
+                .map(|n| written(&|out| readings(out, n, sensors, false)))
                 .collect(),
         }
     }
 
     /// What [`object`] writes without a spike, from the pieces kept.
     fn plain_object(&self, out: &mut Vec<u8>, m: usize, ts: i64, seq: u64) {
-        out.extend_from_slice(b"{\"ts\":");
-        if ts < 0 {
-            out.push(b'-');
-        }
-        push_uint(out, ts.unsigned_abs(), 1);
+        head(out, ts);
         out.extend_from_slice(&self.middles[m]);
         push_uint(out, seq, 1);
         out.extend_from_slice(&self.tails[noise(m, seq) as usize]);
@@ -324,16 +321,26 @@ fn noise(m: usize, seq: u64) -> u64 {
 /// One telemetry object: `sensor_k` = 10 (k + 1) + n (k + 1), n the
 /// object's [`noise`] (500 more on sensor 0 for a spike), written with three decimals.
 fn object(out: &mut Vec<u8>, m: usize, ts: i64, seq: u64, sensors: usize, spike: bool) {
+    head(out, ts);
+    middle(out, m);
+    push_uint(out, seq, 1);
+    readings(out, noise(m, seq), sensors, spike);
+}
+
+/// An object's opening up to its `ts`, written.
+fn head(out: &mut Vec<u8>, ts: i64) {
     out.extend_from_slice(b"{\"ts\":");
     if ts < 0 {
         out.push(b'-');
     }
     push_uint(out, ts.unsigned_abs(), 1);
+}
+
+/// What comes between machine `m`'s object's `ts` and its `seq`: its device.
+fn middle(out: &mut Vec<u8>, m: usize) {
     out.extend_from_slice(b",\"device\":\"plc-");
     push_uint(out, m as u64, 5);
     out.extend_from_slice(b"\",\"seq\":");
-    push_uint(out, seq, 1);
-    readings(out, noise(m, seq), sensors, spike);
 }
 
 /// An object's readings at noise step `n` (hundredths), and its closing brace.
@@ -795,13 +802,18 @@ pub async fn raw(url: &str, p: &BenchParams) -> Result<f64, BenchError> {
 /// burst the pipeline's inbox must absorb on top of the pace.
 const PACE_STEP: Duration = Duration::from_millis(2);
 
+/// Messages in a [`PACE_STEP`] of schedule at `rate` per second (at least one).
+fn messages_per_step(rate: f64) -> usize {
+    ((rate * PACE_STEP.as_secs_f64()).round() as usize).max(1)
+}
+
 /// Messages sent between two checks of the pace at `rate` per second: a
-/// [`PACE_STEP`]'s worth, at least one and at most 1,000. A fixed 1,000 was
-/// 13.5 MB of array payloads at once, 77 ms of schedule sent in a few
-/// milliseconds: most of the 16 MiB inbox, so array bursts lost messages
-/// at paces the pipeline sustained.
+/// [`PACE_STEP`]'s worth, at most 1,000. A fixed 1,000 was 13.5 MB of array
+/// payloads at once, 77 ms of schedule sent in a few milliseconds: most of
+/// the 16 MiB inbox, so array bursts lost messages at paces the pipeline
+/// sustained.
 fn messages_per_pace_check(rate: f64) -> usize {
-    ((rate * PACE_STEP.as_secs_f64()) as usize).clamp(1, 1000)
+    messages_per_step(rate).min(1000)
 }
 
 /// Publishes `n` messages, as fast as possible or paced at `rate` per second.
@@ -904,7 +916,7 @@ async fn latency(
     // A tick of the pace every [`PACE_STEP`], as in the throughput phase:
     // with 10 ms ticks (until the eighteenth pass) a spike in the middle of
     // its tick waited behind half of 10 ms of load that had arrived at once.
-    let per_tick = ((rate * PACE_STEP.as_secs_f64()).round() as usize).max(1);
+    let per_tick = messages_per_step(rate);
     let spike_every = (SPIKE_EVERY.as_nanos() / PACE_STEP.as_nanos()).max(1) as u64;
     // One pace throughout; spikes (and the count of the load) only once settled.
     let begun = Instant::now();
@@ -1156,6 +1168,8 @@ mod tests {
         assert_eq!(messages_per_pace_check(5_000_000.0), 1000);
         assert_eq!(messages_per_pace_check(100.0), 1);
         assert_eq!(messages_per_pace_check(0.0), 1);
+        // The latency phase's ticks: a step's worth, however many.
+        assert_eq!(messages_per_step(1_500_000.0), 3000);
     }
 
     #[test]

@@ -1422,16 +1422,17 @@ mod tests {
         use futures_util::FutureExt;
         let rows = Gather::rows_of(&one_window(0));
         assert_eq!(rows, 6, "three messages and their three readings");
+        // Whether offering window `k` returned at once (did not hold up the loop).
+        let at_once = |stage: &mut BackgroundStage, k: i64| {
+            stage
+                .offer(Some(one_window(k)), false)
+                .now_or_never()
+                .is_some()
+        };
 
         let (mut shedding, _runs) = stalled(WhenBehind::Shed, rows);
         for k in 0..12 {
-            assert!(
-                shedding
-                    .offer(Some(one_window(k)), false)
-                    .now_or_never()
-                    .is_some(),
-                "offer {k} held up the loop"
-            );
+            assert!(at_once(&mut shedding, k), "offer {k} held up the loop");
             assert!(
                 shedding.gather.rows < 4 * rows,
                 "{} rows gathered",
@@ -1451,18 +1452,10 @@ mod tests {
 
         let (mut waiting, _runs) = stalled(WhenBehind::Wait, rows);
         for k in 0..4 {
-            assert!(
-                waiting
-                    .offer(Some(one_window(k)), false)
-                    .now_or_never()
-                    .is_some()
-            );
+            assert!(at_once(&mut waiting, k));
         }
         assert!(
-            waiting
-                .offer(Some(one_window(4)), false)
-                .now_or_never()
-                .is_none(),
+            !at_once(&mut waiting, 4),
             "four times max_rows gathered behind a busy thread: the loop waits"
         );
         assert_eq!(waiting.shed(), 0);
