@@ -9,11 +9,16 @@ use std::sync::Arc;
 /// The entry of `id` in a table indexed by interned ids, made on first use.
 /// Ids are dense and capped by their interner, so the table is too.
 pub fn entry<T>(table: &mut Vec<Option<T>>, id: u32, make: impl FnOnce() -> T) -> &mut T {
+    slot(table, id).get_or_insert_with(make)
+}
+
+/// The place of `id` in `table`, grown to hold it.
+pub fn slot<T>(table: &mut Vec<Option<T>>, id: u32) -> &mut Option<T> {
     let i = id as usize;
     if table.len() <= i {
         table.resize_with(i + 1, || None);
     }
-    table[i].get_or_insert_with(make)
+    &mut table[i]
 }
 
 /// Maps names to dense ids `0..len`, refusing new names past `cap`.

@@ -25,7 +25,7 @@ use crate::config::Config;
 use crate::decode::{DecodeError, Decoder, Reason};
 use crate::detect::flows::{FlowRecord, Flows};
 use crate::detect::identity::{Identity, Message};
-use crate::detect::{Detectors, Finding};
+use crate::detect::{Detectors, Finding, Observation};
 use crate::sink::{Sink, SinkError};
 use crate::source::{Envelope, Source, SourceError};
 use crate::time::{Millis, wall_now};
@@ -208,7 +208,11 @@ pub struct Pipeline {
     registry_watch: Option<crate::registry::RegistryWatch>,
     stats: Stats,
     log: LogLimiter,
+    /// A part's readings, nulls dropped, and its messages for the detectors.
     readings: Vec<(u32, f64)>,
+    observations: Vec<Observation>,
+    /// Per message, the findings held before and after identity observed it.
+    marks: Vec<(usize, usize)>,
     findings: Vec<Finding>,
     per_envelope: Vec<u32>,
 }
@@ -245,6 +249,8 @@ impl Pipeline {
             stats: Stats::default(),
             log: LogLimiter::new(Duration::from_secs(10)),
             readings: Vec::new(),
+            observations: Vec::new(),
+            marks: Vec::new(),
             findings: Vec::new(),
             per_envelope: Vec::new(),
         }
@@ -407,13 +413,15 @@ impl Pipeline {
         if cursor.next == 0 {
             self.keep_for(run);
         }
-        let mut findings = Vec::new();
-        let mut group: Vec<(u32, f64)> = Vec::new();
+        // Each (window, machine) group of rows is one observation; the
+        // part's groups go through the baselines at once, sharded by machine.
+        let mut batch = Vec::new();
+        let mut values: Vec<(u32, f64)> = Vec::new();
         let rows = &run.features;
         let until = cursor.next.saturating_add(budget.max(1));
         while cursor.next < rows.len() && cursor.next < until {
             let first = &rows[cursor.next];
-            group.clear();
+            let start = values.len();
             // The run's name indices to the pipeline's interned ids, each
             // name interned when first met (in row order, as the rows name them).
             let machine = *cursor.machine_ids[first.machine as usize]
@@ -425,20 +433,25 @@ impl Pipeline {
                 let feature = *cursor.feature_ids[r.feature as usize]
                     .get_or_insert_with(|| self.features.intern(run.feature(r)));
                 if let Some(feature) = feature {
-                    group.push((feature, r.value));
+                    values.push((feature, r.value));
                 }
                 cursor.next += 1;
             }
-            if let Some(machine) = machine {
-                self.feature_detectors.observe(
+            match machine {
+                Some(machine) => batch.push(Observation {
                     machine,
-                    crate::alerts::NO_DEVICE,
-                    first.ts,
-                    true,
-                    &group,
-                    &mut findings,
-                );
+                    device: crate::alerts::NO_DEVICE,
+                    ts: first.ts,
+                    trusted: true,
+                    readings: (start as u32, values.len() as u32),
+                }),
+                None => values.truncate(start),
             }
+        }
+        let mut findings = Vec::new();
+        let mut found = self.feature_detectors.observe_batch(&batch, &values);
+        for i in 0..batch.len() {
+            found.take(i, &mut findings);
         }
         self.feature_detectors.take_newly_protecting();
         if cursor.next >= rows.len() {
@@ -650,13 +663,19 @@ impl Pipeline {
                 &mut p.findings,
             );
         };
+        // Identity and admission go message by message (they see every
+        // machine); the detectors then take the part's messages at once,
+        // sharded by machine, and their findings are put back in order.
+        self.readings.clear();
+        self.observations.clear();
+        self.marks.clear();
         for i in 0..messages.num_rows() {
             while f < f_env.len() && f_env[f] < m_env[i] {
                 flow(self, f, &mut flow_adm);
                 f += 1;
             }
             let ts = m_ts[i];
-            self.readings.clear();
+            let start = self.readings.len();
             let first = m_first[i] as usize;
             for r in first..first + m_count[i] as usize {
                 if r_value.is_null(r) {
@@ -678,7 +697,7 @@ impl Pipeline {
                     seq: (!m_seq.is_null(i)).then(|| m_seq.value(i)),
                     size: env.payload.len() as f64
                         / self.per_envelope[m_env[i] as usize].max(1) as f64,
-                    fingerprint: crate::detect::replay::fingerprint(&self.readings),
+                    fingerprint: crate::detect::replay::fingerprint(&self.readings[start..]),
                     envelope: m_env[i],
                     payload: &env.payload,
                     signature: env.header(crate::registry::SIGNATURE_HEADER),
@@ -697,32 +716,45 @@ impl Pipeline {
                 self.stats.newest_ts = Some(self.stats.newest_ts.map_or(ts, |n| n.max(ts)));
                 self.stats.oldest_ts = Some(self.stats.oldest_ts.map_or(ts, |n| n.min(ts)));
             }
-            let trusted = matches!(adm, Admission::OnTime | Admission::Late);
-            self.detectors.observe(
-                m_machine[i],
-                m_device[i],
+            self.observations.push(Observation {
+                machine: m_machine[i],
+                device: m_device[i],
                 ts,
-                trusted,
-                &self.readings,
-                &mut self.findings,
-            );
-            let metrics = &self.decoder.metrics;
-            let clean = self.findings.len() == found_before;
-            self.learned.observe(
-                m_machine[i],
-                self.decoder.machines.name(m_machine[i]),
-                m_device[i],
-                ts,
-                trusted,
-                clean,
-                &self.readings,
-                &|id| metrics.name(id).to_string(),
-                &mut self.findings,
-            );
+                trusted: matches!(adm, Admission::OnTime | Admission::Late),
+                readings: (start as u32, self.readings.len() as u32),
+            });
+            self.marks.push((found_before, self.findings.len()));
         }
         for f in f..f_env.len() {
             flow(self, f, &mut flow_adm);
         }
+        let mut found = self
+            .detectors
+            .observe_batch(&self.observations, &self.readings);
+        // Each message's findings: identity's (and the flow records' before
+        // it), then the detectors', then the learned model's, which learns
+        // only from a message nothing else found fault with.
+        let mut earlier = std::mem::take(&mut self.findings).into_iter();
+        let mut taken = 0;
+        let metrics = &self.decoder.metrics;
+        for (i, (o, &(before, after))) in self.observations.iter().zip(&self.marks).enumerate() {
+            self.findings.extend(earlier.by_ref().take(after - taken));
+            taken = after;
+            let clean = after == before && found.take(i, &mut self.findings) == 0;
+            let (start, end) = (o.readings.0 as usize, o.readings.1 as usize);
+            self.learned.observe(
+                o.machine,
+                self.decoder.machines.name(o.machine),
+                o.device,
+                o.ts,
+                o.trusted,
+                clean,
+                &self.readings[start..end],
+                &|id| metrics.name(id).to_string(),
+                &mut self.findings,
+            );
+        }
+        self.findings.extend(earlier);
         (msg_adm, flow_adm)
     }
 

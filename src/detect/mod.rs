@@ -313,9 +313,15 @@ struct Params {
 /// Per-machine baselines for every sensor.
 pub struct Detectors {
     p: Params,
+    /// The same, for a batch's second shard (see [`Detectors::observe_batch`]).
+    p2: Params,
     machines: Vec<Option<MachineState>>,
-    /// Scratch per message: (slot, value, z).
+    /// Scratch per message: (slot, value, z); the second for a batch's
+    /// second shard.
     scratch: Vec<(usize, f64, f64)>,
+    scratch2: Vec<(usize, f64, f64)>,
+    /// Whether a big batch is split over two threads.
+    parallel: bool,
     /// Machines that entered protection since the last call to [`Detectors::take_newly_protecting`].
     newly_protecting: Vec<u32>,
 }
@@ -326,31 +332,35 @@ impl Detectors {
         let b = &cfg.baseline;
         let d = &cfg.detect;
         let min_surprise = surprise_from_score(cfg.alerts.min_score);
+        let p = Params {
+            warmup: b.warmup,
+            taus: Taus::new(s(b.level_tau), s(b.trend_tau), s(b.scale_tau)),
+            reference: spike::Decay::new(s(b.reference_tau)),
+            min_surprise,
+            spike_z_floor: crate::score::z_floor_for_surprise(min_surprise),
+            spike: d.spike.enabled,
+            shift: d.shift.enabled,
+            slack: d.shift.slack,
+            threshold: d.shift.threshold,
+            rebase_after: b.rebase_after,
+            stuck: d.stuck.enabled,
+            stuck_min: d.stuck.min_duration,
+            stuck_factor: d.stuck.learned_run_factor,
+            range: d.range.enabled,
+            margin: d.range.margin,
+            move_z: d.mode.move_z,
+            min_moving: d.mode.min_moving,
+            hold: d.mode.hold,
+            settle_max: d.mode.settle_max,
+            settling_sigma: d.mode.settling_sigma,
+        };
         Detectors {
-            p: Params {
-                warmup: b.warmup,
-                taus: Taus::new(s(b.level_tau), s(b.trend_tau), s(b.scale_tau)),
-                reference: spike::Decay::new(s(b.reference_tau)),
-                min_surprise,
-                spike_z_floor: crate::score::z_floor_for_surprise(min_surprise),
-                spike: d.spike.enabled,
-                shift: d.shift.enabled,
-                slack: d.shift.slack,
-                threshold: d.shift.threshold,
-                rebase_after: b.rebase_after,
-                stuck: d.stuck.enabled,
-                stuck_min: d.stuck.min_duration,
-                stuck_factor: d.stuck.learned_run_factor,
-                range: d.range.enabled,
-                margin: d.range.margin,
-                move_z: d.mode.move_z,
-                min_moving: d.mode.min_moving,
-                hold: d.mode.hold,
-                settle_max: d.mode.settle_max,
-                settling_sigma: d.mode.settling_sigma,
-            },
+            p2: p.clone(),
+            p,
             machines: Vec::new(),
             scratch: Vec::new(),
+            scratch2: Vec::new(),
+            parallel: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
             newly_protecting: Vec::new(),
         }
     }
@@ -410,140 +420,350 @@ impl Detectors {
         readings: &[(u32, f64)],
         out: &mut Vec<Finding>,
     ) {
-        let p = &self.p;
-        let m = crate::intern::entry(&mut self.machines, machine, || MachineState {
-            first_ts: ts,
-            protecting: false,
-            mode: ModeTracker::default(),
-            metrics: Vec::new(),
-            skipped: 0,
-        });
-        if !m.protecting && trusted && ts >= m.first_ts.saturating_add(p.warmup) {
-            m.protecting = true;
-            self.newly_protecting.push(machine);
-            // Drift is measured from where learning left each sensor.
-            for s in &mut m.metrics {
-                let level = s.predictor.level;
-                s.drift.anchor(level, ts);
-            }
-        }
-        let learning = !m.protecting;
-
-        // Pass 1: z of every reading, and how many sensors moved together.
-        let scratch = &mut self.scratch;
-        scratch.clear();
-        let mut moving = 0;
-        for (k, &(metric, x)) in readings.iter().enumerate() {
-            // A machine's readings (and a run's features) come in the same
-            // order message after message, so the k-th reading is nearly
-            // always in slot k: looked up there first, a group of 43 query
-            // features costs 43 comparisons instead of some 900.
-            let hinted = m.metrics.get(k).is_some_and(|s| s.metric == metric);
-            let found = if hinted {
-                Some(k)
-            } else {
-                m.metrics.iter().position(|s| s.metric == metric)
-            };
-            let slot = match found {
-                Some(slot) => slot,
-                None if m.metrics.len() < MAX_METRICS_PER_MACHINE => {
-                    // Room for this message's readings still to come: a
-                    // machine's 43 query features, met in one group, take 43
-                    // slots (doubling would hold 64, eight at a time 48; 168
-                    // bytes a slot, 9 MB more at 10,000 machines).
-                    if m.metrics.len() == m.metrics.capacity() {
-                        let wanted =
-                            (readings.len() - k).min(MAX_METRICS_PER_MACHINE - m.metrics.len());
-                        m.metrics.reserve_exact(wanted);
-                    }
-                    m.metrics.push(MetricState {
-                        metric,
-                        ..MetricState::default()
-                    });
-                    m.metrics.len() - 1
-                }
-                None => {
-                    m.skipped += 1;
-                    continue;
-                }
-            };
-            let z = m.metrics[slot].predictor.z(ts, x, &p.taus);
-            if z.abs() >= p.move_z {
-                moving += 1;
-            }
-            scratch.push((slot, x, z));
-        }
-        let in_transition = if trusted {
-            m.mode.observe(ts, moving, p.min_moving, p.hold)
-        } else {
-            m.mode.in_transition(ts)
+        let slot = crate::intern::slot(&mut self.machines, machine);
+        let o = Observation {
+            machine,
+            device,
+            ts,
+            trusted,
+            readings: (0, readings.len() as u32),
         };
-        if in_transition {
-            for s in &mut m.metrics {
-                if s.settled {
-                    s.settled = false;
-                    s.unsettled_since = ts;
-                }
-                s.probe_ts = ts;
-                s.probe_level = s.predictor.level;
-            }
-        }
-
-        // Pass 2: judge each reading, then let the normal ones teach the baseline.
-        for &(slot, x, z) in scratch.iter() {
-            let s = &mut m.metrics[slot];
-            let in_order = trusted && ts >= s.predictor.last_ts;
-            let first = out.len();
-            if !learning {
-                judge(p, machine, device, ts, x, z, in_transition, s, out);
-            }
-            if p.stuck {
-                let frozen = s
-                    .freeze
-                    .get_or_insert_with(Box::default)
-                    .observe(ts, x, learning, p.stuck_min, p.stuck_factor)
-                    .filter(|f| f.surprise >= p.min_surprise);
-                if let Some(f) = frozen {
-                    out.push(Finding {
-                        machine,
-                        device,
-                        metric: s.metric,
-                        kind: Kind::SensorStuck,
-                        detector: "frozen_run",
-                        ts,
-                        value: x,
-                        expected: s.predictor.level,
-                        surprise: f.surprise,
-                        detail: Detail::Stuck {
-                            since: f.since,
-                            duration: f.duration,
-                            readings: f.readings,
-                            longest_learned: f.longest_learned,
-                        },
-                        severity: None,
-                        subject: None,
-                    });
-                }
-            }
-            let anomalous = !learning && out.len() > first;
-            if !in_order {
-                continue;
-            }
-            if !anomalous {
-                s.anomalous_since = MaybeMillis::NONE;
-                learn(p, ts, x, in_transition, s);
-            } else if ts - s.anomalous_since.get_or_insert(ts) >= p.rebase_after {
-                // Anomalous for too long to be a transient: start the short-term
-                // baselines afresh from here. The alerts raised stand, and the
-                // scale and envelope keep what they learned.
-                s.anomalous_since = MaybeMillis::NONE;
-                s.predictor.rebase(ts, x);
-                s.drift.anchor(x, ts);
-            } else {
-                s.predictor.skip(ts, &p.taus);
-            }
+        if observe_one(&self.p, slot, &mut self.scratch, &o, readings, out) {
+            self.newly_protecting.push(machine);
         }
     }
+
+    /// Observes a batch of messages, in order per machine: the same findings
+    /// and state as [`Detectors::observe`] on each in turn. A big batch is
+    /// split by machine id into two shards observed at once on two threads
+    /// (each owns its machines' state, so no lock is taken); its findings
+    /// come back per message.
+    pub fn observe_batch(
+        &mut self,
+        batch: &[Observation],
+        readings: &[(u32, f64)],
+    ) -> BatchFindings {
+        let Some(top) = batch.iter().map(|o| o.machine).max() else {
+            return BatchFindings::default();
+        };
+        crate::intern::slot(&mut self.machines, top);
+        let split = if self.parallel && readings.len() >= PARALLEL_READINGS {
+            median_machine(batch)
+        } else {
+            0
+        };
+        let p = &self.p;
+        let found = if split == 0 {
+            vec![observe_shard(
+                p,
+                &mut self.machines,
+                0,
+                &mut self.scratch,
+                batch,
+                readings,
+            )]
+        } else {
+            let (low, high) = self.machines.split_at_mut(split as usize);
+            let (s1, s2) = (&mut self.scratch, &mut self.scratch2);
+            // The second thread's own parameters: their `exp` memos are cells.
+            let p2 = &mut self.p2;
+            let done = std::thread::scope(|s| {
+                let other = std::thread::Builder::new()
+                    .spawn_scoped(s, move || {
+                        observe_shard(p2, high, split, s2, batch, readings)
+                    })
+                    .ok()?;
+                let first = observe_shard(p, low, 0, s1, batch, readings);
+                let second = other
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e));
+                Some(vec![first, second])
+            });
+            // No second thread to be had: the batch in one piece.
+            done.unwrap_or_else(|| {
+                vec![observe_shard(
+                    p,
+                    &mut self.machines,
+                    0,
+                    &mut self.scratch,
+                    batch,
+                    readings,
+                )]
+            })
+        };
+        let mut newly: Vec<(u32, u32)> =
+            found.iter().flat_map(|f| f.newly.iter().copied()).collect();
+        newly.sort_unstable();
+        self.newly_protecting
+            .extend(newly.into_iter().map(|(_, m)| m));
+        BatchFindings {
+            parts: found
+                .into_iter()
+                .map(|f| Part {
+                    findings: f.findings.into_iter(),
+                    ends: f.ends,
+                    taken: 0,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Batches with fewer readings are observed on one thread: a thread costs
+/// some tens of microseconds to start, about what a thousand readings take.
+pub const PARALLEL_READINGS: usize = 4096;
+
+/// One message's turn in [`Detectors::observe_batch`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Observation {
+    pub machine: u32,
+    pub device: u32,
+    pub ts: Millis,
+    pub trusted: bool,
+    /// Where its readings are in the batch's readings (start, end).
+    pub readings: (u32, u32),
+}
+
+/// The findings of a batch, taken message by message in order.
+#[derive(Debug, Default)]
+pub struct BatchFindings {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug)]
+struct Part {
+    findings: std::vec::IntoIter<Finding>,
+    /// Findings of the part up to and including each message.
+    ends: Vec<u32>,
+    taken: u32,
+}
+
+impl BatchFindings {
+    /// How many threads observed the batch (two shards, or one piece).
+    pub fn shards(&self) -> usize {
+        self.parts.len()
+    }
+
+    /// Moves the findings of message `i` onto `out`; how many. Messages
+    /// are taken in order, each once.
+    pub fn take(&mut self, i: usize, out: &mut Vec<Finding>) -> usize {
+        let mut n = 0;
+        for part in &mut self.parts {
+            let end = part.ends.get(i).copied().unwrap_or(part.taken);
+            let k = (end - part.taken) as usize;
+            out.extend(part.findings.by_ref().take(k));
+            part.taken = end;
+            n += k;
+        }
+        n
+    }
+}
+
+/// What one shard of machines found in a batch.
+struct ShardFound {
+    findings: Vec<Finding>,
+    ends: Vec<u32>,
+    /// (message index, machine) of machines that started protecting.
+    newly: Vec<(u32, u32)>,
+}
+
+/// Observes the messages of a batch whose machines are in `machines`,
+/// which starts at machine id `base`; the others are skipped.
+fn observe_shard(
+    p: &Params,
+    machines: &mut [Option<MachineState>],
+    base: u32,
+    scratch: &mut Vec<(usize, f64, f64)>,
+    batch: &[Observation],
+    readings: &[(u32, f64)],
+) -> ShardFound {
+    let mut found = ShardFound {
+        findings: Vec::new(),
+        ends: Vec::with_capacity(batch.len()),
+        newly: Vec::new(),
+    };
+    for (i, o) in batch.iter().enumerate() {
+        if let Some(slot) = o
+            .machine
+            .checked_sub(base)
+            .and_then(|m| machines.get_mut(m as usize))
+        {
+            let (start, end) = (o.readings.0 as usize, o.readings.1 as usize);
+            if observe_one(
+                p,
+                slot,
+                scratch,
+                o,
+                &readings[start..end],
+                &mut found.findings,
+            ) {
+                found.newly.push((i as u32, o.machine));
+            }
+        }
+        found.ends.push(found.findings.len() as u32);
+    }
+    found
+}
+
+/// The machine id that splits a batch's messages in halves (0 when they
+/// cannot be split: one machine, or nearly all of them from one).
+fn median_machine(batch: &[Observation]) -> u32 {
+    let mut ids: Vec<u32> = batch.iter().map(|o| o.machine).collect();
+    let mid = ids.len() / 2;
+    let (_, &mut m, _) = ids.select_nth_unstable(mid);
+    m
+}
+
+/// One message through its machine's baselines; true when the machine
+/// started protecting with it.
+fn observe_one(
+    p: &Params,
+    slot: &mut Option<MachineState>,
+    scratch: &mut Vec<(usize, f64, f64)>,
+    o: &Observation,
+    readings: &[(u32, f64)],
+    out: &mut Vec<Finding>,
+) -> bool {
+    let Observation {
+        machine,
+        device,
+        ts,
+        trusted,
+        ..
+    } = *o;
+    let m = slot.get_or_insert_with(|| MachineState {
+        first_ts: ts,
+        protecting: false,
+        mode: ModeTracker::default(),
+        metrics: Vec::new(),
+        skipped: 0,
+    });
+    let mut started = false;
+    if !m.protecting && trusted && ts >= m.first_ts.saturating_add(p.warmup) {
+        m.protecting = true;
+        started = true;
+        // Drift is measured from where learning left each sensor.
+        for s in &mut m.metrics {
+            let level = s.predictor.level;
+            s.drift.anchor(level, ts);
+        }
+    }
+    let learning = !m.protecting;
+
+    // Pass 1: z of every reading, and how many sensors moved together.
+    scratch.clear();
+    let mut moving = 0;
+    for (k, &(metric, x)) in readings.iter().enumerate() {
+        // A machine's readings (and a run's features) come in the same
+        // order message after message, so the k-th reading is nearly
+        // always in slot k: looked up there first, a group of 43 query
+        // features costs 43 comparisons instead of some 900.
+        let hinted = m.metrics.get(k).is_some_and(|s| s.metric == metric);
+        let found = if hinted {
+            Some(k)
+        } else {
+            m.metrics.iter().position(|s| s.metric == metric)
+        };
+        let slot = match found {
+            Some(slot) => slot,
+            None if m.metrics.len() < MAX_METRICS_PER_MACHINE => {
+                // Room for this message's readings still to come: a
+                // machine's 43 query features, met in one group, take 43
+                // slots (doubling would hold 64, eight at a time 48; 168
+                // bytes a slot, 9 MB more at 10,000 machines).
+                if m.metrics.len() == m.metrics.capacity() {
+                    let wanted =
+                        (readings.len() - k).min(MAX_METRICS_PER_MACHINE - m.metrics.len());
+                    m.metrics.reserve_exact(wanted);
+                }
+                m.metrics.push(MetricState {
+                    metric,
+                    ..MetricState::default()
+                });
+                m.metrics.len() - 1
+            }
+            None => {
+                m.skipped += 1;
+                continue;
+            }
+        };
+        let z = m.metrics[slot].predictor.z(ts, x, &p.taus);
+        if z.abs() >= p.move_z {
+            moving += 1;
+        }
+        scratch.push((slot, x, z));
+    }
+    let in_transition = if trusted {
+        m.mode.observe(ts, moving, p.min_moving, p.hold)
+    } else {
+        m.mode.in_transition(ts)
+    };
+    if in_transition {
+        for s in &mut m.metrics {
+            if s.settled {
+                s.settled = false;
+                s.unsettled_since = ts;
+            }
+            s.probe_ts = ts;
+            s.probe_level = s.predictor.level;
+        }
+    }
+
+    // Pass 2: judge each reading, then let the normal ones teach the baseline.
+    for &(slot, x, z) in scratch.iter() {
+        let s = &mut m.metrics[slot];
+        let in_order = trusted && ts >= s.predictor.last_ts;
+        let first = out.len();
+        if !learning {
+            judge(p, machine, device, ts, x, z, in_transition, s, out);
+        }
+        if p.stuck {
+            let frozen = s
+                .freeze
+                .get_or_insert_with(Box::default)
+                .observe(ts, x, learning, p.stuck_min, p.stuck_factor)
+                .filter(|f| f.surprise >= p.min_surprise);
+            if let Some(f) = frozen {
+                out.push(Finding {
+                    machine,
+                    device,
+                    metric: s.metric,
+                    kind: Kind::SensorStuck,
+                    detector: "frozen_run",
+                    ts,
+                    value: x,
+                    expected: s.predictor.level,
+                    surprise: f.surprise,
+                    detail: Detail::Stuck {
+                        since: f.since,
+                        duration: f.duration,
+                        readings: f.readings,
+                        longest_learned: f.longest_learned,
+                    },
+                    severity: None,
+                    subject: None,
+                });
+            }
+        }
+        let anomalous = !learning && out.len() > first;
+        if !in_order {
+            continue;
+        }
+        if !anomalous {
+            s.anomalous_since = MaybeMillis::NONE;
+            learn(p, ts, x, in_transition, s);
+        } else if ts - s.anomalous_since.get_or_insert(ts) >= p.rebase_after {
+            // Anomalous for too long to be a transient: start the short-term
+            // baselines afresh from here. The alerts raised stand, and the
+            // scale and envelope keep what they learned.
+            s.anomalous_since = MaybeMillis::NONE;
+            s.predictor.rebase(ts, x);
+            s.drift.anchor(x, ts);
+        } else {
+            s.predictor.skip(ts, &p.taus);
+        }
+    }
+    started
 }
 
 /// Runs the spike, range and drift checks on one reading.
@@ -690,5 +910,115 @@ mod tests {
         assert_eq!(back.anomalous_since.get(), Some(1_700_000_000_000));
         let none: MaybeMillis = serde_json::from_str("null").expect("reads null");
         assert_eq!(none.get(), None);
+    }
+
+    /// A batch observed in two shards at once finds what the same messages
+    /// observed one by one find, in the same order, and leaves the same
+    /// baselines: which thread holds a machine changes nothing.
+    #[test]
+    fn a_batch_in_two_shards_finds_what_one_message_at_a_time_finds() {
+        let mut cfg = Config::default();
+        cfg.baseline.warmup = 20_000;
+        let (machines, steps, sensors) = (40u32, 120i64, 6u32);
+        let mut batch = Vec::new();
+        let mut readings = Vec::new();
+        for step in 0..steps {
+            for machine in 0..machines {
+                let start = readings.len() as u32;
+                for metric in 0..sensors {
+                    let wave = ((step as f64) * 0.3 + (machine + metric) as f64).sin();
+                    // A spike on some machines late in the run, a frozen
+                    // sensor on others.
+                    let x = if step == 100 && machine % 3 == 0 && metric == 2 {
+                        50.0
+                    } else if metric == 0 && machine % 5 == 1 && step > 60 {
+                        1.0
+                    } else {
+                        10.0 * metric as f64 + wave
+                    };
+                    readings.push((metric, x));
+                }
+                batch.push(Observation {
+                    machine,
+                    device: machine + 100,
+                    ts: 1_000_000 + step * 1000 + machine as i64,
+                    trusted: step % 17 != 5,
+                    readings: (start, readings.len() as u32),
+                });
+            }
+        }
+        assert!(readings.len() >= 2 * PARALLEL_READINGS);
+
+        let mut one = Detectors::new(&cfg);
+        let mut expected = Vec::new();
+        for o in &batch {
+            let r = &readings[o.readings.0 as usize..o.readings.1 as usize];
+            one.observe(o.machine, o.device, o.ts, o.trusted, r, &mut expected);
+        }
+
+        let mut sharded = Detectors::new(&cfg);
+        sharded.parallel = true;
+        let mut got = Vec::new();
+        // In two batches, so that the second one meets baselines the first built.
+        let half = batch.len() / 2;
+        let mut threads = Vec::new();
+        for part in [&batch[..half], &batch[half..]] {
+            let mut found = sharded.observe_batch(part, &readings);
+            threads.push(found.shards());
+            for i in 0..part.len() {
+                found.take(i, &mut got);
+            }
+        }
+        assert_eq!(threads, [2, 2]);
+        assert!(expected.iter().any(|f| f.kind == Kind::SensorSpike));
+        assert!(expected.iter().any(|f| f.kind == Kind::SensorStuck));
+        assert_eq!(got, expected);
+        assert_eq!(sharded.take_newly_protecting(), one.take_newly_protecting());
+        let state = |d: &Detectors| serde_json::to_string(d.machines()).expect("serializes");
+        assert_eq!(state(&sharded), state(&one));
+    }
+
+    /// Findings are taken per message in order: a message's own, none of
+    /// its neighbours'.
+    #[test]
+    fn the_findings_of_a_batch_are_taken_per_message() {
+        let mut cfg = Config::default();
+        cfg.baseline.warmup = 20_000;
+        let mut d = Detectors::new(&cfg);
+        let sensors = 4u32;
+        let value = |step: i64, metric: u32| {
+            10.0 * metric as f64 + (step as f64 * 0.3 + metric as f64).sin()
+        };
+        // Warm each machine on steady values.
+        let mut warm = Vec::new();
+        for step in 0..200i64 {
+            for m in 0..2 {
+                let r: Vec<(u32, f64)> = (0..sensors).map(|k| (k, value(step, k))).collect();
+                d.observe(m, 0, step * 1000, true, &r, &mut warm);
+            }
+        }
+        // Four messages, machines 0 and 1 in turn; a spike in the last one only.
+        let mut readings = Vec::new();
+        let mut batch = Vec::new();
+        for i in 0..4u32 {
+            let start = readings.len() as u32;
+            for k in 0..sensors {
+                let spike = i == 3 && k == 1;
+                readings.push((k, if spike { 900.0 } else { value(i as i64, k) }));
+            }
+            batch.push(Observation {
+                machine: i % 2,
+                device: 0,
+                ts: 200_000 + 1000 * i as i64,
+                trusted: true,
+                readings: (start, readings.len() as u32),
+            });
+        }
+        let mut found = d.observe_batch(&batch, &readings);
+        let mut out = Vec::new();
+        let counts: Vec<usize> = (0..4).map(|i| found.take(i, &mut out)).collect();
+        assert_eq!(counts[..3], [0, 0, 0], "{out:?}");
+        assert!(counts[3] > 0, "{warm:?}");
+        assert!(out.iter().all(|f| f.machine == 1 && f.value == 900.0));
     }
 }
