@@ -560,9 +560,13 @@ impl Pipeline {
         let mut admissions = Vec::with_capacity(parts.len());
         {
             let _s = debug_span!("fast_path", envelopes = envelopes.len()).entered();
+            self.readings.clear();
+            self.observations.clear();
+            self.marks.clear();
             for decoded in &parts {
                 admissions.push(self.fast_path(decoded, envelopes));
             }
+            self.judge_batch();
             let (machines, devices) = (&self.decoder.machines, &self.decoder.devices);
             self.identity.tick(
                 &|m, d| (machines.name(m).to_string(), devices.name(d).to_string()),
@@ -664,11 +668,8 @@ impl Pipeline {
             );
         };
         // Identity and admission go message by message (they see every
-        // machine); the detectors then take the part's messages at once,
-        // sharded by machine, and their findings are put back in order.
-        self.readings.clear();
-        self.observations.clear();
-        self.marks.clear();
+        // machine); the detectors take the batch's messages afterwards
+        // ([`Pipeline::judge_batch`]).
         for i in 0..messages.num_rows() {
             while f < f_env.len() && f_env[f] < m_env[i] {
                 flow(self, f, &mut flow_adm);
@@ -728,6 +729,13 @@ impl Pipeline {
         for f in f..f_env.len() {
             flow(self, f, &mut flow_adm);
         }
+        (msg_adm, flow_adm)
+    }
+
+    /// The batch's messages, as [`Pipeline::fast_path`] left them, through
+    /// the detectors at once (sharded by machine) and the learned models;
+    /// their findings are put back in message order.
+    fn judge_batch(&mut self) {
         let mut found = self
             .detectors
             .observe_batch(&self.observations, &self.readings);
@@ -740,7 +748,8 @@ impl Pipeline {
         for (i, (o, &(before, after))) in self.observations.iter().zip(&self.marks).enumerate() {
             self.findings.extend(earlier.by_ref().take(after - taken));
             taken = after;
-            let clean = after == before && found.take(i, &mut self.findings) == 0;
+            let found_here = found.take(i, &mut self.findings);
+            let clean = after == before && found_here == 0;
             let (start, end) = (o.readings.0 as usize, o.readings.1 as usize);
             self.learned.observe(
                 o.machine,
@@ -755,7 +764,6 @@ impl Pipeline {
             );
         }
         self.findings.extend(earlier);
-        (msg_adm, flow_adm)
     }
 
     /// Hands the windows `out` closed to the feature stage and, when a run is

@@ -709,3 +709,38 @@ fn a_sensor_decoupled_from_the_one_it_follows_is_multivariate() {
     let sum: f64 = mv[0].contributions.iter().map(|c| c.weight).sum();
     assert!((sum - 1.0).abs() < 1e-3, "{:?}", mv[0].contributions);
 }
+
+/// Within a batch, each message's alerts come in the order its rooms raised
+/// them — identity's, then the detectors' — before the next message's: the
+/// detectors take the batch's messages at once, and their findings are put
+/// back message by message.
+#[test]
+fn a_batch_keeps_each_messages_alerts_together_and_in_order() {
+    let mut p = learned("");
+    // m1 skips sixty numbers and reads a spike; m2 skips sixty numbers.
+    *p.seqs.get_mut("plc-1").unwrap() += 60;
+    *p.seqs.get_mut("plc-2").unwrap() += 60;
+    let (s1, s2) = (p.next_seq("plc-1"), p.next_seq("plc-2"));
+    let r2 = p.readings();
+    let spike = r#"{"temperature_c":140.0,"pressure_bar":5.0}"#;
+    p.feed(vec![
+        envelope("m1", "plc-1", NOW + 7, NOW + 17, Some(s1), spike),
+        envelope("m2", "plc-2", NOW + 8, NOW + 18, Some(s2), &r2),
+    ]);
+    let a = p.take();
+    let order: Vec<(&str, Kind)> = a.iter().map(|a| (a.machine.as_str(), a.kind)).collect();
+    let m2_gap = order
+        .iter()
+        .position(|&o| o == ("m2", Kind::SequenceGap))
+        .unwrap_or_else(|| panic!("m2's gap: {order:?}"));
+    let m1: Vec<Kind> = order[..m2_gap]
+        .iter()
+        .map(|&(m, k)| {
+            assert_eq!(m, "m1", "{order:?}");
+            k
+        })
+        .collect();
+    assert_eq!(m1.first(), Some(&Kind::SequenceGap), "{order:?}");
+    assert!(m1.contains(&Kind::SensorSpike), "{order:?}");
+    assert_eq!(order.len(), m2_gap + 1, "{order:?}");
+}
