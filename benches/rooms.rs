@@ -17,7 +17,7 @@ use std::path::Path;
 use twinwatch::alerts::{AlertBook, Names};
 use twinwatch::config::Config;
 use twinwatch::decode::Decoder;
-use twinwatch::detect::{Detectors, Finding, Kind};
+use twinwatch::detect::{Detectors, Finding, Kind, Observation};
 use twinwatch::features::{Queries, RunOutput};
 use twinwatch::intern::Interner;
 use twinwatch::learn::model::{FitParams, Modes, Scorer};
@@ -200,6 +200,32 @@ fn baselines(c: &mut Criterion) {
             out.clear();
             for (m, values) in groups.iter().enumerate() {
                 features.observe(m as u32, 0, T0 + window * 10_000, true, values, &mut out);
+            }
+            black_box(out.len())
+        })
+    });
+    // The same window as one batch: what a query run's part goes through,
+    // split by machine over two threads.
+    let values: Vec<(u32, f64)> = groups.iter().flatten().copied().collect();
+    let mut batch: Vec<Observation> = (0..MACHINES)
+        .map(|m| Observation {
+            machine: m,
+            device: 0,
+            ts: 0,
+            trusted: true,
+            readings: (m * FEATURES, (m + 1) * FEATURES),
+        })
+        .collect();
+    g.bench_function("the same window as one batch (two shards)", |b| {
+        b.iter(|| {
+            window += 1;
+            out.clear();
+            for o in &mut batch {
+                o.ts = T0 + window * 10_000;
+            }
+            let mut found = features.observe_batch(&batch, &values);
+            for i in 0..batch.len() {
+                found.take(i, &mut out);
             }
             black_box(out.len())
         })
