@@ -15,6 +15,7 @@
 //! readings are scored but never update a baseline.
 
 pub mod flows;
+mod helper;
 pub mod identity;
 pub mod mode;
 pub mod range;
@@ -322,6 +323,8 @@ pub struct Detectors {
     scratch2: Vec<(usize, f64, f64)>,
     /// Whether a big batch is split over two threads.
     parallel: bool,
+    /// The thread that observes a big batch's second shard, started with the first one.
+    helper: Option<helper::Helper>,
     /// Machines that entered protection since the last call to [`Detectors::take_newly_protecting`].
     newly_protecting: Vec<u32>,
 }
@@ -361,6 +364,7 @@ impl Detectors {
             scratch: Vec::new(),
             scratch2: Vec::new(),
             parallel: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
+            helper: None,
             newly_protecting: Vec::new(),
         }
     }
@@ -452,44 +456,40 @@ impl Detectors {
         } else {
             0
         };
-        let p = &self.p;
-        let found = if split == 0 {
-            vec![observe_shard(
-                p,
+        if split != 0 && self.helper.is_none() {
+            self.helper = helper::Helper::start();
+        }
+        let found = match (&self.helper, split) {
+            (Some(h), 1..) => {
+                let (low, high) = self.machines.split_at_mut(split as usize);
+                let mine = helper::Shard {
+                    p: &mut self.p,
+                    machines: low,
+                    base: 0,
+                    scratch: &mut self.scratch,
+                    batch,
+                    readings,
+                };
+                // The second shard's own parameters: their `exp` memos are cells.
+                let theirs = helper::Shard {
+                    p: &mut self.p2,
+                    machines: high,
+                    base: split,
+                    scratch: &mut self.scratch2,
+                    batch,
+                    readings,
+                };
+                h.observe(mine, theirs).into()
+            }
+            // A small batch, or no second thread to be had: in one piece.
+            _ => vec![observe_shard(
+                &self.p,
                 &mut self.machines,
                 0,
                 &mut self.scratch,
                 batch,
                 readings,
-            )]
-        } else {
-            let (low, high) = self.machines.split_at_mut(split as usize);
-            let (s1, s2) = (&mut self.scratch, &mut self.scratch2);
-            // The second thread's own parameters: their `exp` memos are cells.
-            let p2 = &mut self.p2;
-            let done = std::thread::scope(|s| {
-                let other = std::thread::Builder::new()
-                    .spawn_scoped(s, move || {
-                        observe_shard(p2, high, split, s2, batch, readings)
-                    })
-                    .ok()?;
-                let first = observe_shard(p, low, 0, s1, batch, readings);
-                let second = other
-                    .join()
-                    .unwrap_or_else(|e| std::panic::resume_unwind(e));
-                Some(vec![first, second])
-            });
-            // No second thread to be had: the batch in one piece.
-            done.unwrap_or_else(|| {
-                vec![observe_shard(
-                    p,
-                    &mut self.machines,
-                    0,
-                    &mut self.scratch,
-                    batch,
-                    readings,
-                )]
-            })
+            )],
         };
         let mut newly: Vec<(u32, u32)> =
             found.iter().flat_map(|f| f.newly.iter().copied()).collect();
@@ -509,13 +509,14 @@ impl Detectors {
     }
 }
 
-/// Batches with fewer readings are observed on one thread. A thread costs
-/// tens of microseconds to start, and the half of the machines it takes has
-/// its state in the other core's cache: at 4,096 readings, `benches/rooms.rs`'
-/// batch of 1,500 messages of 1,000 machines (6,000 readings) took 2.1–2.2 ms
-/// against 1.7 ms on one thread (2026-12-07); a window of 43 features for
-/// 1,000 machines (43,000) takes 1.9 ms against 2.5 ms.
-pub const PARALLEL_READINGS: usize = 16_384;
+/// Batches with fewer readings are observed on one thread: handing a shard
+/// over costs a wake-up, and the machines it takes have their state in the
+/// other core's cache. With the helper thread (`benches/rooms.rs`, 2026-12-07)
+/// the 1,500 messages of 1,000 machines (6,000 readings) take 1.7–1.8 ms, as
+/// on one thread; 80 array messages (32,000) 3.9–4.2 ms against 4.5; a window
+/// of 43 features for 1,000 machines 1.9 ms against 2.5. A thread started
+/// for each batch instead lost at 6,000 readings (2.1–2.2 ms).
+pub const PARALLEL_READINGS: usize = 4096;
 
 /// One message's turn in [`Detectors::observe_batch`].
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -951,7 +952,7 @@ mod tests {
                 });
             }
         }
-        assert!(readings.len() >= 2 * PARALLEL_READINGS);
+        assert!(machines as usize * 12 * sensors as usize >= PARALLEL_READINGS);
 
         let mut one = Detectors::new(&cfg);
         let mut expected = Vec::new();
@@ -963,17 +964,17 @@ mod tests {
         let mut sharded = Detectors::new(&cfg);
         sharded.parallel = true;
         let mut got = Vec::new();
-        // In two batches, so that the second one meets baselines the first built.
-        let half = batch.len() / 2;
+        // In batches of twelve steps, so that each meets baselines the ones
+        // before built, and the loop and the helper each take some second shards.
         let mut threads = Vec::new();
-        for part in [&batch[..half], &batch[half..]] {
+        for part in batch.chunks(machines as usize * 12) {
             let mut found = sharded.observe_batch(part, &readings);
             threads.push(found.shards());
             for i in 0..part.len() {
                 found.take(i, &mut got);
             }
         }
-        assert_eq!(threads, [2, 2]);
+        assert_eq!(threads, [2; 10]);
         assert!(expected.iter().any(|f| f.kind == Kind::SensorSpike));
         assert!(expected.iter().any(|f| f.kind == Kind::SensorStuck));
         assert_eq!(got, expected);
