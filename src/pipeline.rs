@@ -214,6 +214,8 @@ pub struct Pipeline {
     /// Per message, the findings held before and after identity observed it.
     marks: Vec<(usize, usize)>,
     findings: Vec<Finding>,
+    /// Where [`Pipeline::judge_batch`] sets the findings aside.
+    earlier: Vec<Finding>,
     per_envelope: Vec<u32>,
 }
 
@@ -252,6 +254,7 @@ impl Pipeline {
             observations: Vec::new(),
             marks: Vec::new(),
             findings: Vec::new(),
+            earlier: Vec::new(),
             per_envelope: Vec::new(),
         }
     }
@@ -742,7 +745,10 @@ impl Pipeline {
         // Each message's findings: identity's (and the flow records' before
         // it), then the detectors', then the learned model's, which learns
         // only from a message nothing else found fault with.
-        let mut earlier = std::mem::take(&mut self.findings).into_iter();
+        // The findings so far move aside (into a buffer kept for it, so no
+        // batch allocates) and come back interleaved.
+        std::mem::swap(&mut self.findings, &mut self.earlier);
+        let mut earlier = self.earlier.drain(..);
         let mut taken = 0;
         let metrics = &self.decoder.metrics;
         for (i, (o, &(before, after))) in self.observations.iter().zip(&self.marks).enumerate() {
@@ -750,7 +756,6 @@ impl Pipeline {
             taken = after;
             let found_here = found.take(i, &mut self.findings);
             let clean = after == before && found_here == 0;
-            let (start, end) = (o.readings.0 as usize, o.readings.1 as usize);
             self.learned.observe(
                 o.machine,
                 self.decoder.machines.name(o.machine),
@@ -758,7 +763,7 @@ impl Pipeline {
                 o.ts,
                 o.trusted,
                 clean,
-                &self.readings[start..end],
+                o.of(&self.readings),
                 &|id| metrics.name(id).to_string(),
                 &mut self.findings,
             );

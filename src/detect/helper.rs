@@ -11,30 +11,7 @@
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use super::{MachineState, Observation, Params, ShardFound, observe_shard};
-
-/// One shard of a batch, as pointers into what the handing call borrows.
-pub(super) struct Shard<'a> {
-    pub p: &'a mut Params,
-    pub machines: &'a mut [Option<MachineState>],
-    pub base: u32,
-    pub scratch: &'a mut Vec<(usize, f64, f64)>,
-    pub batch: &'a [Observation],
-    pub readings: &'a [(u32, f64)],
-}
-
-impl Shard<'_> {
-    fn run(self) -> ShardFound {
-        observe_shard(
-            self.p,
-            self.machines,
-            self.base,
-            self.scratch,
-            self.batch,
-            self.readings,
-        )
-    }
-}
+use super::{Shard, ShardFound};
 
 /// A [`Shard`] with its lifetime erased, to cross to the helper thread.
 /// Safety: [`Helper::observe`] does not return while the helper may use it.
@@ -107,18 +84,17 @@ impl Helper {
                 drop(s);
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| theirs.run()))
             }
-            None => {
-                while s.result.is_none() {
-                    s = self
-                        .shared
-                        .changed
-                        .wait(s)
-                        .unwrap_or_else(|e| e.into_inner());
+            // The helper has it: wait for what it found.
+            None => loop {
+                if let Some(r) = s.result.take() {
+                    break r;
                 }
-                let r = s.result.take();
-                drop(s);
-                r.unwrap_or_else(|| Err(Box::new("the shard helper gave no result")))
-            }
+                s = self
+                    .shared
+                    .changed
+                    .wait(s)
+                    .unwrap_or_else(|e| e.into_inner());
+            },
         };
         let first = first.unwrap_or_else(|e| std::panic::resume_unwind(e));
         let second = second.unwrap_or_else(|e| std::panic::resume_unwind(e));

@@ -462,7 +462,7 @@ impl Detectors {
         let found = match (&self.helper, split) {
             (Some(h), 1..) => {
                 let (low, high) = self.machines.split_at_mut(split as usize);
-                let mine = helper::Shard {
+                let mine = Shard {
                     p: &mut self.p,
                     machines: low,
                     base: 0,
@@ -471,7 +471,7 @@ impl Detectors {
                     readings,
                 };
                 // The second shard's own parameters: their `exp` memos are cells.
-                let theirs = helper::Shard {
+                let theirs = Shard {
                     p: &mut self.p2,
                     machines: high,
                     base: split,
@@ -482,14 +482,17 @@ impl Detectors {
                 h.observe(mine, theirs).into()
             }
             // A small batch, or no second thread to be had: in one piece.
-            _ => vec![observe_shard(
-                &self.p,
-                &mut self.machines,
-                0,
-                &mut self.scratch,
-                batch,
-                readings,
-            )],
+            _ => vec![
+                Shard {
+                    p: &mut self.p,
+                    machines: &mut self.machines,
+                    base: 0,
+                    scratch: &mut self.scratch,
+                    batch,
+                    readings,
+                }
+                .run(),
+            ],
         };
         let mut newly: Vec<(u32, u32)> =
             found.iter().flat_map(|f| f.newly.iter().copied()).collect();
@@ -527,6 +530,13 @@ pub struct Observation {
     pub trusted: bool,
     /// Where its readings are in the batch's readings (start, end).
     pub readings: (u32, u32),
+}
+
+impl Observation {
+    /// Its readings among the batch's.
+    pub fn of<'r>(&self, readings: &'r [(u32, f64)]) -> &'r [(u32, f64)] {
+        &readings[self.readings.0 as usize..self.readings.1 as usize]
+    }
 }
 
 /// The findings of a batch, taken message by message in order.
@@ -572,51 +582,54 @@ struct ShardFound {
     newly: Vec<(u32, u32)>,
 }
 
-/// Observes the messages of a batch whose machines are in `machines`,
-/// which starts at machine id `base`; the others are skipped.
-fn observe_shard(
-    p: &Params,
-    machines: &mut [Option<MachineState>],
+/// One shard of a batch: the machines from id `base` on that `machines`
+/// holds, with the parameters and scratch of the thread that observes it.
+struct Shard<'a> {
+    p: &'a mut Params,
+    machines: &'a mut [Option<MachineState>],
     base: u32,
-    scratch: &mut Vec<(usize, f64, f64)>,
-    batch: &[Observation],
-    readings: &[(u32, f64)],
-) -> ShardFound {
-    let mut found = ShardFound {
-        findings: Vec::new(),
-        ends: Vec::with_capacity(batch.len()),
-        newly: Vec::new(),
-    };
-    for (i, o) in batch.iter().enumerate() {
-        if let Some(slot) = o
-            .machine
-            .checked_sub(base)
-            .and_then(|m| machines.get_mut(m as usize))
-        {
-            let (start, end) = (o.readings.0 as usize, o.readings.1 as usize);
-            if observe_one(
-                p,
-                slot,
-                scratch,
-                o,
-                &readings[start..end],
-                &mut found.findings,
-            ) {
-                found.newly.push((i as u32, o.machine));
-            }
-        }
-        found.ends.push(found.findings.len() as u32);
-    }
-    found
+    scratch: &'a mut Vec<(usize, f64, f64)>,
+    batch: &'a [Observation],
+    readings: &'a [(u32, f64)],
 }
 
-/// The machine id that splits a batch's messages in halves (0 when they
-/// cannot be split: one machine, or nearly all of them from one).
+impl Shard<'_> {
+    /// Observes the batch's messages of the shard's machines; the others are skipped.
+    fn run(self) -> ShardFound {
+        let Shard {
+            p,
+            machines,
+            base,
+            scratch,
+            batch,
+            readings,
+        } = self;
+        let mut found = ShardFound {
+            findings: Vec::new(),
+            ends: Vec::with_capacity(batch.len()),
+            newly: Vec::new(),
+        };
+        for (i, o) in batch.iter().enumerate() {
+            let slot = o.machine.checked_sub(base);
+            if let Some(slot) = slot.and_then(|m| machines.get_mut(m as usize))
+                && observe_one(p, slot, scratch, o, o.of(readings), &mut found.findings)
+            {
+                found.newly.push((i as u32, o.machine));
+            }
+            found.ends.push(found.findings.len() as u32);
+        }
+        found
+    }
+}
+
+/// The machine id that splits a batch's messages in halves: the median.
+/// 0 (no split) when no message's machine is below it — one machine, or
+/// half of the messages from the lowest — so neither thread is left idle.
 fn median_machine(batch: &[Observation]) -> u32 {
     let mut ids: Vec<u32> = batch.iter().map(|o| o.machine).collect();
     let mid = ids.len() / 2;
-    let (_, &mut m, _) = ids.select_nth_unstable(mid);
-    m
+    let (below, &mut m, _) = ids.select_nth_unstable(mid);
+    if below.iter().any(|&b| b < m) { m } else { 0 }
 }
 
 /// One message through its machine's baselines; true when the machine
@@ -957,8 +970,14 @@ mod tests {
         let mut one = Detectors::new(&cfg);
         let mut expected = Vec::new();
         for o in &batch {
-            let r = &readings[o.readings.0 as usize..o.readings.1 as usize];
-            one.observe(o.machine, o.device, o.ts, o.trusted, r, &mut expected);
+            one.observe(
+                o.machine,
+                o.device,
+                o.ts,
+                o.trusted,
+                o.of(&readings),
+                &mut expected,
+            );
         }
 
         let mut sharded = Detectors::new(&cfg);
@@ -1025,5 +1044,28 @@ mod tests {
         assert_eq!(counts[..3], [0, 0, 0], "{out:?}");
         assert!(counts[3] > 0, "{warm:?}");
         assert!(out.iter().all(|f| f.machine == 1 && f.value == 900.0));
+    }
+
+    /// A batch is split at its median machine only when both halves get
+    /// messages: one machine, or half the messages from the lowest, stay whole.
+    #[test]
+    fn a_batch_is_split_only_where_both_halves_have_messages() {
+        let of = |machines: &[u32]| {
+            let batch: Vec<Observation> = machines
+                .iter()
+                .map(|&machine| Observation {
+                    machine,
+                    device: 0,
+                    ts: 0,
+                    trusted: true,
+                    readings: (0, 0),
+                })
+                .collect();
+            median_machine(&batch)
+        };
+        assert_eq!(of(&[3, 1, 2, 0]), 2);
+        assert_eq!(of(&[7, 7, 7, 7]), 0);
+        assert_eq!(of(&[4, 4, 4, 9]), 0);
+        assert_eq!(of(&[9, 4, 5, 4, 6]), 5);
     }
 }
