@@ -1084,6 +1084,9 @@ pub struct Decoder {
     /// The builders of a batch, and of its second part when decoded in two.
     first: Part,
     second: Part,
+    /// The thread that decodes a big batch's second part (shared with the
+    /// pipeline's other rooms, see [`Decoder::share`]).
+    spare: crate::helper::Spare,
 }
 
 /// Most keys of one object remembered for the next (see [`Part::metric_id`]).
@@ -1309,7 +1312,14 @@ impl Decoder {
             own_devices: Vec::new(),
             first: Part::new(),
             second: Part::new(),
+            spare: crate::helper::Spare::default(),
         }
+    }
+
+    /// Decodes big batches' second parts on the helper thread of `spare`
+    /// (the pipeline gives its rooms one between them) instead of one of its own.
+    pub fn share(&mut self, spare: crate::helper::Spare) {
+        self.spare = spare;
     }
 
     /// Takes the names of a snapshot (ids as they were), forgetting what
@@ -1381,17 +1391,17 @@ impl Decoder {
             own_devices: &self.own_devices,
             new: NewNames::default(),
         };
+        let Some(helper) = self.spare.get() else {
+            return false;
+        };
         let (mut a, mut b) = (ahead(), ahead());
         let (cfg, first, second) = (&self.cfg, &mut self.first, &mut self.second);
-        let done = std::thread::scope(|s| {
-            let other = std::thread::Builder::new()
-                .spawn_scoped(s, || second.decode(cfg, &mut b, &envelopes[mid..], mid))
-                .ok()?;
-            first.decode(cfg, &mut a, &envelopes[..mid], 0);
-            other.join().ok()
-        });
+        helper.join(
+            || first.decode(cfg, &mut a, &envelopes[..mid], 0),
+            || second.decode(cfg, &mut b, &envelopes[mid..], mid),
+        );
         let (a, b) = (a.new, b.new);
-        if done.is_none() || !self.settle(a, b) {
+        if !self.settle(a, b) {
             self.first.clear();
             self.second.clear();
             return false;

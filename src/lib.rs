@@ -22,6 +22,7 @@ pub mod decode;
 pub mod detect;
 pub mod eval;
 pub mod features;
+pub mod helper;
 pub mod http;
 pub mod intern;
 pub mod learn;

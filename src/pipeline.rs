@@ -228,7 +228,7 @@ fn col<'b, T: 'static>(batch: &'b arrow::record_batch::RecordBatch, name: &str) 
 
 impl Pipeline {
     pub fn new(cfg: &Config) -> Self {
-        Pipeline {
+        let mut p = Pipeline {
             cfg: cfg.clone(),
             decoder: Decoder::new(cfg.input.clone()),
             windows: Windows::new(cfg.window.clone()),
@@ -256,7 +256,13 @@ impl Pipeline {
             findings: Vec::new(),
             earlier: Vec::new(),
             per_envelope: Vec::new(),
-        }
+        };
+        // One helper thread for the rooms that split a big batch in two.
+        let spare = crate::helper::Spare::default();
+        p.decoder.share(spare.clone());
+        p.detectors.share(spare.clone());
+        p.feature_detectors.share(spare);
+        p
     }
 
     /// Puts a device registry in force (approvals apply from the next message).

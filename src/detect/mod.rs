@@ -15,7 +15,6 @@
 //! readings are scored but never update a baseline.
 
 pub mod flows;
-mod helper;
 pub mod identity;
 pub mod mode;
 pub mod range;
@@ -323,8 +322,9 @@ pub struct Detectors {
     scratch2: Vec<(usize, f64, f64)>,
     /// Whether a big batch is split over two threads.
     parallel: bool,
-    /// The thread that observes a big batch's second shard, started with the first one.
-    helper: Option<helper::Helper>,
+    /// The thread that observes a big batch's second shard, started with the
+    /// first one (shared with the pipeline's other rooms, see [`Detectors::share`]).
+    spare: crate::helper::Spare,
     /// Machines that entered protection since the last call to [`Detectors::take_newly_protecting`].
     newly_protecting: Vec<u32>,
 }
@@ -364,7 +364,7 @@ impl Detectors {
             scratch: Vec::new(),
             scratch2: Vec::new(),
             parallel: std::thread::available_parallelism().is_ok_and(|n| n.get() > 1),
-            helper: None,
+            spare: crate::helper::Spare::default(),
             newly_protecting: Vec::new(),
         }
     }
@@ -437,6 +437,12 @@ impl Detectors {
         }
     }
 
+    /// Splits big batches with the helper thread of `spare` (the pipeline
+    /// gives its rooms one between them) instead of one of its own.
+    pub fn share(&mut self, spare: crate::helper::Spare) {
+        self.spare = spare;
+    }
+
     /// Observes a batch of messages, in order per machine: the same findings
     /// and state as [`Detectors::observe`] on each in turn. A big batch is
     /// split by machine id into two shards observed at once on two threads
@@ -456,10 +462,8 @@ impl Detectors {
         } else {
             0
         };
-        if split != 0 && self.helper.is_none() {
-            self.helper = helper::Helper::start();
-        }
-        let found = match (&self.helper, split) {
+        let helper = if split != 0 { self.spare.get() } else { None };
+        let found = match (helper, split) {
             (Some(h), 1..) => {
                 let (low, high) = self.machines.split_at_mut(split as usize);
                 let mine = Shard {
@@ -479,7 +483,8 @@ impl Detectors {
                     batch,
                     readings,
                 };
-                h.observe(mine, theirs).into()
+                let (mine, theirs) = h.join(|| mine.run(), move || theirs.run());
+                vec![mine, theirs]
             }
             // A small batch, or no second thread to be had: in one piece.
             _ => vec![
