@@ -23,6 +23,9 @@ type Job = Box<dyn FnOnce() -> Box<dyn Any + Send> + Send + 'static>;
 
 #[derive(Default)]
 struct State {
+    /// Some caller's half is with the helper (pending, running, or its
+    /// result not yet collected): another caller runs its own halves itself.
+    busy: bool,
     /// A half handed over and not yet started.
     pending: Option<Job>,
     /// What the helper's half returned, or its panic.
@@ -65,21 +68,28 @@ impl Helper {
     }
 
     /// Runs `mine` on this thread and `theirs` on the helper (or here, after
-    /// `mine`, if the helper had not started it); both results. A panic in
-    /// either is resumed here once neither half runs any more.
+    /// `mine`, if the helper had not started it, or is busy with another
+    /// caller's); both results. A panic in either is resumed here once
+    /// neither half runs any more.
     pub fn join<A, B: Send + 'static>(
         &self,
         mine: impl FnOnce() -> A,
         theirs: impl FnOnce() -> B + Send,
     ) -> (A, B) {
-        let job: Box<dyn FnOnce() -> Box<dyn Any + Send> + Send + '_> =
-            Box::new(move || Box::new(theirs()) as Box<dyn Any + Send>);
-        // Safety: the lifetime is erased only while this call runs; every
-        // path out of it below either takes the job back unstarted or waits
-        // until the helper has run it (and dropped it: `serve` consumes it).
-        let job: Job = unsafe { std::mem::transmute(job) };
         {
             let mut s = self.shared.lock();
+            if s.busy {
+                drop(s);
+                return (mine(), theirs());
+            }
+            s.busy = true;
+            let job: Box<dyn FnOnce() -> Box<dyn Any + Send> + Send + '_> =
+                Box::new(move || Box::new(theirs()) as Box<dyn Any + Send>);
+            // Safety: the lifetime is erased only while this call runs; every
+            // path out of it below either takes the job back unstarted or
+            // waits until the helper has run it (and dropped it: `serve`
+            // consumes it). `busy` keeps any other caller's half out until then.
+            let job: Job = unsafe { std::mem::transmute(job) };
             s.pending = Some(job);
             self.shared.changed.notify_all();
         }
@@ -87,13 +97,16 @@ impl Helper {
         let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(mine));
         let mut s = self.shared.lock();
         let second = match s.pending.take() {
+            // Taken back unstarted: the helper is free for others again.
             Some(job) => {
+                s.busy = false;
                 drop(s);
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(job))
             }
             // The helper has it: wait for its result.
             None => loop {
                 if let Some(r) = s.result.take() {
+                    s.busy = false;
                     break r;
                 }
                 s = self
@@ -202,6 +215,34 @@ mod tests {
         assert!(r.is_err());
         // The helper is still of use after it.
         assert_eq!(h.join(|| 2, || 3), (2, 3));
+    }
+
+    #[test]
+    fn callers_on_several_threads_each_get_their_own_results() {
+        let h = Helper::start().expect("a thread");
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let h = &h;
+                s.spawn(move || {
+                    for i in 0..200u64 {
+                        let mut v = vec![t; 64];
+                        let (a, b) = v.split_at_mut(32);
+                        let (x, y) = h.join(
+                            || {
+                                a.iter_mut().for_each(|x| *x += i);
+                                a.iter().sum::<u64>()
+                            },
+                            || {
+                                b.iter_mut().for_each(|x| *x += 2 * i);
+                                (t, b.iter().sum::<u64>())
+                            },
+                        );
+                        assert_eq!(x, 32 * (t + i));
+                        assert_eq!(y, (t, 32 * (t + 2 * i)));
+                    }
+                });
+            }
+        });
     }
 
     #[test]
