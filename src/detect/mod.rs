@@ -462,9 +462,10 @@ impl Detectors {
         } else {
             0
         };
+        // A helper only for a batch that splits.
         let helper = if split != 0 { self.spare.get() } else { None };
-        let found = match (helper, split) {
-            (Some(h), 1..) => {
+        let found = match helper {
+            Some(h) => {
                 let (low, high) = self.machines.split_at_mut(split as usize);
                 let mine = Shard {
                     p: &mut self.p,
@@ -487,7 +488,7 @@ impl Detectors {
                 vec![mine, theirs]
             }
             // A small batch, or no second thread to be had: in one piece.
-            _ => vec![
+            None => vec![
                 Shard {
                     p: &mut self.p,
                     machines: &mut self.machines,
