@@ -213,6 +213,13 @@ impl Drop for OwnServer {
 /// was a sixth of the samples) and keeps each machine's subject, the middle
 /// of its objects, and the readings of every noise step written out once:
 /// an object is then its `ts`, two copies and its `seq`.
+///
+/// Payloads are cut from shared chunks rather than allocated one by one: the
+/// NATS client frees a payload on its connection's task, on another thread
+/// than the one that wrote it, and that free took the allocator's lock
+/// against everything else allocating in the process (the pipeline's own
+/// reader and loop included): the bench's publisher was the first cause of
+/// glibc lock waits in the pipeline's process.
 struct Traffic {
     machines: usize,
     sensors: usize,
@@ -225,7 +232,14 @@ struct Traffic {
     middles: Vec<Vec<u8>>,
     /// Per noise step (see [`object`]): an object's readings and its closing brace.
     tails: Vec<Vec<u8>>,
+    /// The message being written, kept between messages.
+    body: Vec<u8>,
+    /// What payloads are cut from: one allocation per [`PAYLOAD_CHUNK`].
+    chunk: bytes::BytesMut,
 }
+
+/// Bytes of payloads cut from one allocation (at least one message's).
+const PAYLOAD_CHUNK: usize = 256 * 1024;
 
 impl Traffic {
     fn new(machines: usize, sensors: usize, batch: usize, interval: i64) -> Self {
@@ -251,7 +265,19 @@ impl Traffic {
             tails: (0..NOISE_STEPS)
                 .map(|n| written(&|out| readings(out, n, sensors, false)))
                 .collect(),
+            body: Vec::new(),
+            chunk: bytes::BytesMut::new(),
         }
+    }
+
+    /// `body` as a payload of its own, cut from the current chunk (a new
+    /// chunk once this one is used up).
+    fn cut(&mut self) -> bytes::Bytes {
+        if self.chunk.capacity() - self.chunk.len() < self.body.len() {
+            self.chunk = bytes::BytesMut::with_capacity(PAYLOAD_CHUNK.max(self.body.len()));
+        }
+        self.chunk.extend_from_slice(&self.body);
+        self.chunk.split().freeze()
     }
 
     /// What [`object`] writes without a spike, from the pieces kept.
@@ -263,14 +289,15 @@ impl Traffic {
     }
 
     /// The next message: its subject, payload, machine, and the event time of a spike if asked.
-    fn next(&mut self, spike: bool) -> (async_nats::Subject, Vec<u8>, usize, i64) {
+    fn next(&mut self, spike: bool) -> (async_nats::Subject, bytes::Bytes, usize, i64) {
         let m = (self.sent % self.machines as u64) as usize;
         let round = self.sent / self.machines as u64;
         self.sent += 1;
         // Each object is `interval` of event time after the one before it, on its machine.
         let first = round * self.batch as u64;
         let ts = self.base + (first + self.batch as u64 - 1) as i64 * self.interval;
-        let mut body = Vec::with_capacity(4 + self.batch * (64 + 24 * self.sensors));
+        let mut body = std::mem::take(&mut self.body);
+        body.clear();
         if self.batch > 1 {
             body.push(b'[');
         }
@@ -289,7 +316,8 @@ impl Traffic {
         if self.batch > 1 {
             body.push(b']');
         }
-        (self.subjects[m].clone(), body, m, ts)
+        self.body = body;
+        (self.subjects[m].clone(), self.cut(), m, ts)
     }
 }
 
@@ -785,10 +813,7 @@ pub async fn raw(url: &str, p: &BenchParams) -> Result<f64, BenchError> {
     let t = Instant::now();
     for _ in 0..n {
         let (_, body, _, _) = traffic.next(false);
-        publisher
-            .publish("bench.raw", body.into())
-            .await
-            .map_err(nats)?;
+        publisher.publish("bench.raw", body).await.map_err(nats)?;
     }
     publisher.flush().await.map_err(nats)?;
     let (count, last) = counter
@@ -827,7 +852,7 @@ async fn publish(
     let every = rate.map_or(usize::MAX, messages_per_pace_check);
     for i in 0..n {
         let (subject, body, _, _) = traffic.next(false);
-        c.publish(subject, body.into()).await.map_err(nats)?;
+        c.publish(subject, body).await.map_err(nats)?;
         if let Some(r) = rate
             && (i + 1) % every == 0
         {
@@ -935,7 +960,7 @@ async fn latency(
                 let key = format!("m-{m:05}@{}", crate::time::format_rfc3339(ts));
                 let _ = tx.send((key, Instant::now()));
             }
-            c.publish(subject, body.into()).await.map_err(nats)?;
+            c.publish(subject, body).await.map_err(nats)?;
             sent += usize::from(timed);
         }
         c.flush().await.map_err(nats)?;
@@ -1190,6 +1215,32 @@ mod tests {
         assert_eq!(ts, 1_300);
         let (subject, _, m, _) = t.next(false);
         assert_eq!((subject.as_str(), m), ("twin.telemetry.bench.m-00001", 1));
+    }
+
+    /// Payloads are cut one after another from shared chunks (no allocation
+    /// per message), and each stays its own message while later ones are cut,
+    /// across chunk boundaries.
+    #[test]
+    fn payloads_are_cut_from_shared_chunks_and_stay_their_own() {
+        let mut t = Traffic::new(7, 4, 1, 1000);
+        let sent: Vec<_> = (0..5_000).map(|_| t.next(false)).collect();
+        let mut contiguous = 0;
+        for (i, (_, body, m, ts)) in sent.iter().enumerate() {
+            let v: serde_json::Value = serde_json::from_slice(body).expect("valid JSON");
+            assert_eq!(v["ts"].as_i64(), Some(*ts), "message {i}");
+            assert_eq!(v["seq"].as_u64(), Some((i / 7) as u64), "message {i}");
+            assert_eq!(*m, i % 7);
+            if let Some((_, next, _, _)) = sent.get(i + 1) {
+                contiguous += usize::from(body.as_ptr().wrapping_add(body.len()) == next.as_ptr());
+            }
+        }
+        // Every message but the first of each 256 KB chunk follows the one before.
+        let chunks = sent.iter().map(|s| s.1.len()).sum::<usize>() / PAYLOAD_CHUNK + 1;
+        assert!(
+            contiguous >= sent.len() - 1 - chunks,
+            "{contiguous} of {}",
+            sent.len()
+        );
     }
 
     /// Runs the search against a pipeline that sustains up to `capacity`
