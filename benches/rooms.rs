@@ -289,6 +289,16 @@ fn alert_encoding(c: &mut Criterion) {
     let alert = book.offer(&f, &names, T0 + 5).expect("an alert");
     let mut g = c.benchmark_group("alerts");
     g.throughput(Throughput::Elements(1));
+    // What an alert storm costs per alert before it is encoded: its ids,
+    // times, explanation and the book's entry (a fresh book, so none is a
+    // repeat).
+    g.bench_function("raise one alert", |b| {
+        b.iter_batched(
+            || AlertBook::new(0.0, 600_000, 10_000),
+            |mut book| black_box(book.offer(black_box(&f), &names, T0 + 5)),
+            BatchSize::SmallInput,
+        )
+    });
     g.bench_function("encode one alert as JSON", |b| {
         b.iter_batched(
             || Vec::with_capacity(1024),
