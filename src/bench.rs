@@ -338,10 +338,19 @@ fn push_uint(out: &mut Vec<u8>, mut n: u64, width: usize) {
     }
 }
 
-/// Noise steps of the readings: n in [0, 0.96] by hundredths.
-const NOISE_STEPS: u64 = 97;
+/// Noise steps of the readings: n in [0, 4.098] by thousandths.
+///
+/// A machine's reading vectors repeat only after this many objects: four
+/// times the default `traffic.replay_history` (1,024), so that even with
+/// most of a stretch lost in a failed burst no repeat falls within the
+/// history, as with live sensor noise. With 97 steps (until the twenty-first
+/// pass) every machine repeated itself every 97 messages: once it had
+/// learned, the content-replay detector rightly reported it, and every
+/// message after that continued the replay, so it was kept out of the
+/// windows and the baselines; the pipeline skipped most of its work.
+const NOISE_STEPS: u64 = 4099;
 
-/// The noise step of machine `m`'s object `seq`, in hundredths.
+/// The noise step of machine `m`'s object `seq`, in thousandths.
 fn noise(m: usize, seq: u64) -> u64 {
     (seq * 7919 + m as u64 * 31) % NOISE_STEPS
 }
@@ -371,7 +380,7 @@ fn middle(out: &mut Vec<u8>, m: usize) {
     out.extend_from_slice(b"\",\"seq\":");
 }
 
-/// An object's readings at noise step `n` (hundredths), and its closing brace.
+/// An object's readings at noise step `n` (thousandths), and its closing brace.
 fn readings(out: &mut Vec<u8>, n: u64, sensors: usize, spike: bool) {
     out.extend_from_slice(b",\"readings\":{");
     for k in 0..sensors {
@@ -379,14 +388,13 @@ fn readings(out: &mut Vec<u8>, n: u64, sensors: usize, spike: bool) {
             out.push(b',');
         }
         let k1 = (k + 1) as u64;
-        let hundredths = 1000 * k1 + n * k1 + if spike && k == 0 { 50_000 } else { 0 };
+        let thousandths = 10_000 * k1 + n * k1 + if spike && k == 0 { 500_000 } else { 0 };
         out.extend_from_slice(b"\"sensor_");
         push_uint(out, k as u64, 1);
         out.extend_from_slice(b"\":");
-        push_uint(out, hundredths / 100, 1);
+        push_uint(out, thousandths / 1000, 1);
         out.push(b'.');
-        push_uint(out, hundredths % 100, 2);
-        out.push(b'0');
+        push_uint(out, thousandths % 1000, 3);
     }
     out.extend_from_slice(b"}}");
 }
@@ -1144,7 +1152,7 @@ mod tests {
             assert_eq!(v["ts"], -1_500);
             assert_eq!(v["device"], format!("plc-{m:05}"));
             assert_eq!(v["seq"], seq);
-            let n = ((seq * 7919 + m as u64 * 31) % 97) as f64 * 0.01;
+            let n = ((seq * 7919 + m as u64 * 31) % 4099) as f64 * 0.001;
             for k in 0..5 {
                 let want = 10.0 * (k + 1) as f64 + n * (k + 1) as f64;
                 let want = if spike && k == 0 { want + 500.0 } else { want };
@@ -1158,6 +1166,32 @@ mod tests {
         push_uint(&mut out, 42, 5);
         push_uint(&mut out, u64::MAX, 1);
         assert_eq!(out, format!("000042{}", u64::MAX).into_bytes());
+    }
+
+    /// A machine's reading vectors do not repeat within the default replay
+    /// history: the bench's traffic is judged by content as a live plant's
+    /// would be, not skipped as a machine that repeats itself.
+    #[test]
+    fn a_machines_readings_do_not_repeat_within_the_replay_history() {
+        let history = Config::default().traffic.replay_history as u64;
+        assert!(NOISE_STEPS > history);
+        let mut t = Traffic::new(1, 4, 1, 1000);
+        let mut readings = || {
+            let (_, body, _, _) = t.next(false);
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("valid JSON");
+            v["readings"].to_string()
+        };
+        let mut seen = std::collections::HashSet::new();
+        let first = readings();
+        seen.insert(first.clone());
+        for i in 1..NOISE_STEPS {
+            assert!(
+                seen.insert(readings()),
+                "message {i} repeats one of the {i} before"
+            );
+        }
+        // Then the cycle starts again.
+        assert_eq!(readings(), first);
     }
 
     /// The kept pieces put together are the object written in full, for
