@@ -52,10 +52,14 @@ fn array_message(machine: usize, first: u64, objects: u64, step: i64) -> Envelop
 }
 
 /// One telemetry object of 4 readings: the `seq`-th of `machine`, sent at `ts`.
+/// Its readings come round again only after 4,099 objects (four replay
+/// histories), as `bench`'s do: readings that repeated every 97 objects were
+/// rightly taken for a replay once a machine had learned, and the pipeline
+/// then kept the machine's messages out of its windows and baselines.
 fn object(machine: usize, seq: u64, ts: i64) -> String {
-    let n = ((seq as usize * 7919 + machine * 31) % 97) as f64 * 0.01;
+    let n = ((seq as usize * 7919 + machine * 31) % 4099) as f64 * 0.001;
     format!(
-        r#"{{"ts":{ts},"device":"plc-{machine:05}","seq":{seq},"readings":{{"temperature_c":{:.2},"vibration_mm_s":{:.3},"spindle_rpm":{:.1},"motor_current_a":{:.2}}}}}"#,
+        r#"{{"ts":{ts},"device":"plc-{machine:05}","seq":{seq},"readings":{{"temperature_c":{:.3},"vibration_mm_s":{:.4},"spindle_rpm":{:.2},"motor_current_a":{:.3}}}}}"#,
         70.0 + n,
         2.3 + n / 10.0,
         1198.0 + n * 10.0,
