@@ -347,7 +347,7 @@ fn push_uint(out: &mut Vec<u8>, mut n: u64, width: usize) {
 /// pass) every machine repeated itself every 97 messages: once it had
 /// learned, the content-replay detector rightly reported it, and every
 /// message after that continued the replay, so it was kept out of the
-/// windows and the baselines; the pipeline skipped most of its work.
+/// windows and the baselines: the pipeline skipped much of its work.
 const NOISE_STEPS: u64 = 4099;
 
 /// The noise step of machine `m`'s object `seq`, in thousandths.
