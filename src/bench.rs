@@ -1152,7 +1152,7 @@ mod tests {
             assert_eq!(v["ts"], -1_500);
             assert_eq!(v["device"], format!("plc-{m:05}"));
             assert_eq!(v["seq"], seq);
-            let n = ((seq * 7919 + m as u64 * 31) % 4099) as f64 * 0.001;
+            let n = ((seq * 7919 + m as u64 * 31) % NOISE_STEPS) as f64 * 0.001;
             for k in 0..5 {
                 let want = 10.0 * (k + 1) as f64 + n * (k + 1) as f64;
                 let want = if spike && k == 0 { want + 500.0 } else { want };
