@@ -52,12 +52,14 @@ fn array_message(machine: usize, first: u64, objects: u64, step: i64) -> Envelop
 }
 
 /// One telemetry object of 4 readings: the `seq`-th of `machine`, sent at `ts`.
-/// Its readings come round again only after 4,099 objects (four replay
-/// histories), as `bench`'s do: readings that repeated every 97 objects were
-/// rightly taken for a replay once a machine had learned, and the pipeline
-/// then kept the machine's messages out of its windows and baselines.
+/// Its readings are `bench`'s noise ([`twinwatch::bench::noise`]): they come
+/// round again only after 4,099 objects (four replay histories), and one
+/// object's are unrelated to the last's. Readings that repeated every 97
+/// objects were rightly taken for a replay once a machine had learned, and
+/// the pipeline then kept the machine's messages out of its windows and
+/// baselines; a sawtooth looked like changes of operating mode.
 fn object(machine: usize, seq: u64, ts: i64) -> String {
-    let n = ((seq as usize * 7919 + machine * 31) % 4099) as f64 * 0.001;
+    let n = twinwatch::bench::noise(machine, seq) as f64 * 0.001;
     format!(
         r#"{{"ts":{ts},"device":"plc-{machine:05}","seq":{seq},"readings":{{"temperature_c":{:.3},"vibration_mm_s":{:.4},"spindle_rpm":{:.2},"motor_current_a":{:.3}}}}}"#,
         70.0 + n,

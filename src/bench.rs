@@ -348,11 +348,27 @@ fn push_uint(out: &mut Vec<u8>, mut n: u64, width: usize) {
 /// learned, the content-replay detector rightly reported it, and every
 /// message after that continued the replay, so it was kept out of the
 /// windows and the baselines: the pipeline skipped much of its work.
-const NOISE_STEPS: u64 = 4099;
+/// It is prime, which [`noise`] needs.
+pub const NOISE_STEPS: u64 = 4099;
 
-/// The noise step of machine `m`'s object `seq`, in thousandths.
-fn noise(m: usize, seq: u64) -> u64 {
-    (seq * 7919 + m as u64 * 31) % NOISE_STEPS
+/// The noise step of machine `m`'s object `seq`, in thousandths: the
+/// object's place in its machine's cycle of [`NOISE_STEPS`], scattered.
+///
+/// The place is spread by a multiplier near the golden ratio of the cycle,
+/// then raised to the fifth power modulo the prime: both maps are one to
+/// one (5 shares no factor with 4,098), so the cycle still holds every step
+/// once, and consecutive objects are as unrelated as noise (lag-1
+/// correlation about 0.01). The plain multiple used until the twenty-second
+/// pass, `seq * 7919 mod 4099`, stepped down 0.279 at a time: a sawtooth
+/// that jumped up by 4.1 on every sensor together every 15 objects. The
+/// detectors rightly took each jump for a change of operating mode, whose
+/// baselines follow the level and its ramp, not noise.
+pub fn noise(m: usize, seq: u64) -> u64 {
+    const P: u64 = NOISE_STEPS;
+    let place = (seq % P + m as u64 % P * 31) % P;
+    let x = (place * 2533 + 1) % P;
+    let x2 = x * x % P;
+    x2 * x2 % P * x % P
 }
 
 /// One telemetry object: `sensor_k` = 10 (k + 1) + n (k + 1), n the
@@ -660,9 +676,9 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
     report.queries = live.queries;
     let publisher = async_nats::connect(&url).await.map_err(nats)?;
     let mut traffic = Traffic::new(p.machines, p.sensors, p.batch, p.interval);
-    // Event time ends about now, however long the run: spikes stay plausible.
-    let span = (10 * p.messages as i64 / traffic.machines as i64 + 1000)
-        * (traffic.batch as i64 * traffic.interval);
+    // Event time ends before now, however long the run: spikes stay
+    // plausible, and no message is dated ahead of its arrival.
+    let span = event_span(&traffic, p.messages, report.raw_msgs_per_s);
     traffic.base = (crate::time::wall_now() - span.max(3_600_000)) / 1000 * 1000;
     probe(&publisher, "ready").await?;
 
@@ -906,6 +922,29 @@ async fn probe(c: &Client, tag: &str) -> Result<u64, BenchError> {
 /// 2026-12-07): recovery from overload, not latency at half load.
 const LATENCY_SETTLE: Duration = Duration::from_secs(2);
 
+/// How long the latency phase times spikes, after [`LATENCY_SETTLE`].
+const LATENCY_TIMED: Duration = Duration::from_secs(10);
+
+/// Event time (ms) a run may take on each machine: every burst the rate
+/// search may publish, the messages that teach the machines, and the
+/// latency phase at up to `raw` messages/s (it runs at half the sustained
+/// rate, which has stayed well under raw).
+///
+/// The run's first message is dated this long before now. Until the
+/// twenty-second pass the span covered ten bursts, and a run of eight
+/// bursts and a latency phase dated its last messages minutes ahead of
+/// their arrival: past `window.max_future` they were future-dated, kept out
+/// of the baselines and judged at event times the baselines had not
+/// reached, which raised 180,000 false spike alerts in two seconds and held
+/// the injected spikes' alerts up to 800 ms behind them.
+fn event_span(t: &Traffic, messages: usize, raw: f64) -> i64 {
+    let timed = (LATENCY_SETTLE + LATENCY_TIMED).as_secs_f64();
+    let published = (MAX_BURSTS * messages) as f64 + raw.max(0.0) * timed;
+    let rounds = (published / t.machines as f64).ceil() as i64 + 1;
+    let teach = 70_000 / t.interval + 1;
+    (rounds * t.batch as i64 + teach) * t.interval + 60_000
+}
+
 /// A spike is injected this often in the latency phase (200 in its 10 s).
 const SPIKE_EVERY: Duration = Duration::from_millis(50);
 
@@ -954,7 +993,7 @@ async fn latency(
     // One pace throughout; spikes (and the count of the load) only once settled.
     let begun = Instant::now();
     let start = begun + LATENCY_SETTLE;
-    let end = start + Duration::from_secs(10);
+    let end = start + LATENCY_TIMED;
     let mut sent = 0usize;
     let mut ticks = 0u64;
     while Instant::now() < end {
@@ -1152,7 +1191,8 @@ mod tests {
             assert_eq!(v["ts"], -1_500);
             assert_eq!(v["device"], format!("plc-{m:05}"));
             assert_eq!(v["seq"], seq);
-            let n = ((seq * 7919 + m as u64 * 31) % NOISE_STEPS) as f64 * 0.001;
+            let place = ((seq + m as u64 * 31) % NOISE_STEPS * 2533 + 1) % NOISE_STEPS;
+            let n = (0..5).fold(1, |n, _| n * place % NOISE_STEPS) as f64 * 0.001;
             for k in 0..5 {
                 let want = 10.0 * (k + 1) as f64 + n * (k + 1) as f64;
                 let want = if spike && k == 0 { want + 500.0 } else { want };
@@ -1192,6 +1232,65 @@ mod tests {
         }
         // Then the cycle starts again.
         assert_eq!(readings(), first);
+    }
+
+    /// A machine's readings from one object to the next are as unrelated
+    /// as noise: no sawtooth, whose jumps the detectors rightly take for a
+    /// change of operating mode.
+    #[test]
+    fn consecutive_readings_are_unrelated_like_noise() {
+        for m in [0usize, 1, 517, 99_999] {
+            let xs: Vec<f64> = (0..NOISE_STEPS).map(|s| noise(m, s) as f64).collect();
+            let n = xs.len() as f64;
+            let mean = xs.iter().sum::<f64>() / n;
+            let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>();
+            let lag1 = xs
+                .windows(2)
+                .map(|w| (w[0] - mean) * (w[1] - mean))
+                .sum::<f64>()
+                / var;
+            assert!(lag1.abs() < 0.05, "machine {m}: lag-1 correlation {lag1}");
+            // Longest run of steps down (the sawtooth's were 14 long).
+            let longest = xs
+                .windows(2)
+                .fold((0, 0), |(run, best), w| {
+                    let run = if w[1] < w[0] { run + 1 } else { 0 };
+                    (run, best.max(run))
+                })
+                .1;
+            assert!(longest < 10, "machine {m}: {longest} steps down in a row");
+            // Every step once a cycle.
+            let distinct: std::collections::HashSet<u64> =
+                (0..NOISE_STEPS).map(|s| noise(m, s)).collect();
+            assert_eq!(distinct.len() as u64, NOISE_STEPS);
+        }
+    }
+
+    /// However many bursts the rate search takes, the run's messages are
+    /// dated before they are sent: none is future-dated.
+    #[test]
+    fn the_whole_run_is_dated_in_the_past() {
+        for (machines, batch, interval, messages, raw) in [
+            (1000usize, 1usize, 1000i64, 500_000usize, 1.4e6),
+            (10_000, 1, 1000, 500_000, 1.4e6),
+            (100, 100, 100, 10_000, 6.0e4),
+            (1, 1, 1, 1, 0.0),
+        ] {
+            let t = Traffic::new(machines, 4, batch, interval);
+            let span = event_span(&t, messages, raw);
+            // The most the run can send: every burst, the teaching, and the
+            // latency phase at the raw rate.
+            let timed = (LATENCY_SETTLE + LATENCY_TIMED).as_secs_f64();
+            let most = (MAX_BURSTS * messages) as f64 + raw * timed;
+            let teach = (70_000 / interval + 1) as u64 * machines as u64 / batch as u64 + 1;
+            let mut last = Traffic::new(machines, 4, batch, interval);
+            last.sent = most as u64 + teach;
+            let (_, _, _, ts) = last.next(false);
+            assert!(
+                ts < span,
+                "{machines} machines, batch {batch}: the last message at +{ts} ms of a span of {span}"
+            );
+        }
     }
 
     /// The kept pieces put together are the object written in full, for
