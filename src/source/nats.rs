@@ -82,11 +82,28 @@ fn held_bytes(e: &Envelope) -> usize {
 
 /// Core messages waiting for the pipeline, at most `budget` bytes of them
 /// (see the module docs). Dropping it stops the task that fills it.
+///
+/// They come over in chunks: whatever had arrived when the task woke, up to
+/// [`CHUNK`] messages, in one send. One channel operation a chunk instead
+/// of one a message, and one count of the bytes held.
 struct Inbox {
-    rx: mpsc::UnboundedReceiver<Envelope>,
+    rx: mpsc::UnboundedReceiver<Chunk>,
+    /// The chunk being handed out.
+    current: std::vec::IntoIter<Envelope>,
     held: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// Envelopes sent over at once, and what they cost the inbox.
+struct Chunk {
+    envelopes: Vec<Envelope>,
+    cost: usize,
+}
+
+/// Most messages in one chunk. A chunk is counted out of the inbox when it
+/// is received, before its envelopes are handed out: the inbox may hold up to
+/// a chunk (some 40 KB of default messages) more than `budget`.
+const CHUNK: usize = 128;
 
 impl Inbox {
     /// Drops past `budget` are counted in `dropped`.
@@ -98,14 +115,24 @@ impl Inbox {
         let (tx, rx) = mpsc::unbounded_channel();
         let held = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(take_in(subscriptions, tx, held.clone(), dropped, budget));
-        Inbox { rx, held, task }
+        Inbox {
+            rx,
+            current: Vec::new().into_iter(),
+            held,
+            task,
+        }
     }
 
     /// The next envelope; `None` once the subscriptions ended.
     async fn next(&mut self) -> Option<Envelope> {
-        let e = self.rx.recv().await?;
-        self.held.fetch_sub(held_bytes(&e), Ordering::AcqRel);
-        Some(e)
+        loop {
+            if let Some(e) = self.current.next() {
+                return Some(e);
+            }
+            let chunk = self.rx.recv().await?;
+            self.held.fetch_sub(chunk.cost, Ordering::AcqRel);
+            self.current = chunk.envelopes.into_iter();
+        }
     }
 }
 
@@ -122,33 +149,60 @@ const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
 /// dropping (and counting) what would take it past `budget` bytes.
 async fn take_in(
     mut subscriptions: SelectAll<BoxStream<'static, Message>>,
-    tx: mpsc::UnboundedSender<Envelope>,
+    tx: mpsc::UnboundedSender<Chunk>,
     held: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
     budget: usize,
 ) {
     let mut warned: Option<Instant> = None;
-    while let Some(m) = subscriptions.next().await {
-        let e = envelope(m, wall_now());
-        let cost = held_bytes(&e);
-        // An empty inbox takes any message, so one larger than the budget
-        // (up to input.max_payload_bytes) is still processed, alone.
-        let now = held.load(Ordering::Acquire);
-        if now > 0 && now + cost > budget {
-            let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if warned.is_none_or(|at| at.elapsed() >= DROP_WARNING_EVERY) {
-                warned = Some(Instant::now());
-                warn!(
-                    dropped_total = n,
-                    max_buffered_bytes = budget,
-                    "the pipeline is behind and source.max_buffered_bytes is reached: new messages are dropped; \
-                     give twinwatch more CPU, split the subjects over a queue group, or consume through JetStream"
-                );
+    let mut ended = false;
+    while !ended {
+        let Some(first) = subscriptions.next().await else {
+            return;
+        };
+        // One arrival time for what had arrived together (milliseconds).
+        let now = wall_now();
+        let before = held.load(Ordering::Acquire);
+        let mut chunk = Chunk {
+            envelopes: Vec::with_capacity(CHUNK),
+            cost: 0,
+        };
+        let mut next = Some(first);
+        while let Some(m) = next.take() {
+            let e = envelope(m, now);
+            let cost = held_bytes(&e);
+            // An empty inbox takes any message, so one larger than the budget
+            // (up to input.max_payload_bytes) is still processed, alone.
+            let held_now = before + chunk.cost;
+            if held_now > 0 && held_now + cost > budget {
+                let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if warned.is_none_or(|at| at.elapsed() >= DROP_WARNING_EVERY) {
+                    warned = Some(Instant::now());
+                    warn!(
+                        dropped_total = n,
+                        max_buffered_bytes = budget,
+                        "the pipeline is behind and source.max_buffered_bytes is reached: new messages are dropped; \
+                         give twinwatch more CPU, split the subjects over a queue group, or consume through JetStream"
+                    );
+                }
+            } else {
+                chunk.cost += cost;
+                chunk.envelopes.push(e);
             }
+            if chunk.envelopes.len() < CHUNK {
+                // What has already arrived joins the chunk; nothing waits.
+                match subscriptions.next().now_or_never() {
+                    Some(Some(m)) => next = Some(m),
+                    Some(None) => ended = true,
+                    None => {}
+                }
+            }
+        }
+        if chunk.envelopes.is_empty() {
             continue;
         }
-        held.fetch_add(cost, Ordering::AcqRel);
-        if tx.send(e).is_err() {
+        held.fetch_add(chunk.cost, Ordering::AcqRel);
+        if tx.send(chunk).is_err() {
             return;
         }
     }
@@ -427,5 +481,89 @@ impl Source for NatsSource {
         // Stop pulling new messages; what is already in hand still goes through.
         self.stopping = true;
         self.feed = Feed::Ended;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(i: usize) -> Message {
+        Message {
+            subject: format!("twin.telemetry.t.m-{i}").into(),
+            reply: None,
+            payload: format!("{{\"seq\":{i}}}").into(),
+            headers: None,
+            status: None,
+            description: None,
+            length: 0,
+        }
+    }
+
+    fn arrived(n: usize) -> SelectAll<BoxStream<'static, Message>> {
+        let mut all = SelectAll::new();
+        all.push(futures_util::stream::iter((0..n).map(message)).boxed());
+        all
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime")
+    }
+
+    /// Messages that arrived together go over in chunks of up to [`CHUNK`],
+    /// in order, each counted in the inbox once.
+    #[test]
+    fn what_arrived_together_goes_over_in_chunks() {
+        runtime().block_on(async {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            let held = Arc::new(AtomicUsize::new(0));
+            let dropped = Arc::new(AtomicU64::new(0));
+            let n = 2 * CHUNK + 5;
+            take_in(arrived(n), tx, held.clone(), dropped.clone(), usize::MAX).await;
+            let mut sizes = Vec::new();
+            let mut cost = 0;
+            let mut seqs = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                sizes.push(chunk.envelopes.len());
+                assert_eq!(
+                    chunk.cost,
+                    chunk.envelopes.iter().map(held_bytes).sum::<usize>()
+                );
+                cost += chunk.cost;
+                seqs.extend(chunk.envelopes.iter().map(|e| e.payload.clone()));
+            }
+            assert_eq!(sizes, [CHUNK, CHUNK, 5]);
+            assert_eq!(held.load(Ordering::Acquire), cost);
+            assert_eq!(dropped.load(Ordering::Relaxed), 0);
+            let want: Vec<bytes::Bytes> = (0..n).map(|i| message(i).payload).collect();
+            assert_eq!(seqs, want);
+        });
+    }
+
+    /// The budget holds within a chunk: what would pass it is dropped and
+    /// counted, and the inbox hands out the rest in order.
+    #[test]
+    fn the_budget_holds_within_a_chunk() {
+        runtime().block_on(async {
+            let one = held_bytes(&envelope(message(0), 0));
+            let dropped = Arc::new(AtomicU64::new(0));
+            let mut inbox = Inbox::new(arrived(50), 10 * one + one / 2, dropped.clone());
+            let mut got = Vec::new();
+            while let Ok(Some(e)) =
+                tokio::time::timeout(Duration::from_millis(200), inbox.next()).await
+            {
+                got.push(e.payload);
+            }
+            // Messages 0–9 cost `one` each, the later ones two bytes more
+            // (their digits): ten fit, and the eleventh would pass the budget.
+            assert_eq!(got.len(), 10);
+            assert_eq!(got.len() as u64 + dropped.load(Ordering::Relaxed), 50);
+            let want: Vec<bytes::Bytes> = (0..got.len()).map(|i| message(i).payload).collect();
+            assert_eq!(got, want);
+            assert_eq!(inbox.held.load(Ordering::Acquire), 0);
+        });
     }
 }
