@@ -736,10 +736,9 @@ pub async fn run(p: BenchParams) -> Result<BenchReport, BenchError> {
     report.sustained_readings_per_s =
         report.sustained_msgs_per_s * (traffic.batch * traffic.sensors) as f64;
 
-    // Latency at half the sustained rate, once every machine has learned
-    // (70 s of event time).
+    // Latency at half the sustained rate, once every machine has learned.
     let objects = traffic.sent / traffic.machines as u64 * traffic.batch as u64;
-    let needed = (70_000 / traffic.interval).max(1) as u64;
+    let needed = (LEARNED_BY / traffic.interval).max(1) as u64;
     if objects < needed {
         let more = (needed - objects).div_ceil(traffic.batch as u64) as usize * traffic.machines;
         say(
@@ -922,6 +921,10 @@ async fn probe(c: &Client, tag: &str) -> Result<u64, BenchError> {
 /// 2026-12-07): recovery from overload, not latency at half load.
 const LATENCY_SETTLE: Duration = Duration::from_secs(2);
 
+/// Event time (ms) after which every machine has learned (the bench's
+/// `baseline.warmup` of a minute, and some room): the latency phase waits for it.
+const LEARNED_BY: i64 = 70_000;
+
 /// How long the latency phase times spikes, after [`LATENCY_SETTLE`].
 const LATENCY_TIMED: Duration = Duration::from_secs(10);
 
@@ -941,7 +944,7 @@ fn event_span(t: &Traffic, messages: usize, raw: f64) -> i64 {
     let timed = (LATENCY_SETTLE + LATENCY_TIMED).as_secs_f64();
     let published = (MAX_BURSTS * messages) as f64 + raw.max(0.0) * timed;
     let rounds = (published / t.machines as f64).ceil() as i64 + 1;
-    let teach = 70_000 / t.interval + 1;
+    let teach = LEARNED_BY / t.interval + 1;
     (rounds * t.batch as i64 + teach) * t.interval + 60_000
 }
 
@@ -1282,7 +1285,7 @@ mod tests {
             // latency phase at the raw rate.
             let timed = (LATENCY_SETTLE + LATENCY_TIMED).as_secs_f64();
             let most = (MAX_BURSTS * messages) as f64 + raw * timed;
-            let teach = (70_000 / interval + 1) as u64 * machines as u64 / batch as u64 + 1;
+            let teach = (LEARNED_BY / interval + 1) as u64 * machines as u64 / batch as u64 + 1;
             let mut last = Traffic::new(machines, 4, batch, interval);
             last.sent = most as u64 + teach;
             let (_, _, _, ts) = last.next(false);
