@@ -1070,7 +1070,7 @@ impl Live {
         let mut source = NatsSource::core(&client, &cfg.source).await.map_err(nats)?;
         // The bench subscribes through core NATS, whatever the configuration says.
         let when_behind = crate::features::WhenBehind::for_source(false);
-        let stage = crate::cli::features(cfg).map(|s| s.spawn(when_behind));
+        let stage = crate::cli::features_beside(cfg, &mut pipeline, when_behind).await;
         let queries = if stage.is_some() {
             crate::features::Queries::check_dir(Path::new(&cfg.queries.dir))
                 .await

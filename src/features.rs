@@ -1112,6 +1112,17 @@ impl FeatureStage {
         }
     }
 
+    /// Plans the files now, as the first run would, and hands back the
+    /// queries as planned: what they read ([`Queries::columns_read`]) and
+    /// which group-bys the windows may sum ([`Queries::grouping`]) are then
+    /// known before the first row arrives. Until a first run answered, the
+    /// windows kept every column and every reading as a row: at 10,000
+    /// machines, 60–90 MB of a start's peak.
+    pub async fn plan_ahead(&mut self) -> &Queries {
+        self.queries.reload().await;
+        &self.queries
+    }
+
     /// Gathers the windows a batch closed.
     pub fn offer(&mut self, closed: Option<ClosedWindows>) {
         self.gather.offer(closed);

@@ -380,6 +380,16 @@ impl Pipeline {
         self.windows.group_readings(&run.grouping);
     }
 
+    /// Plans the stage's query files before the first batch, so the windows
+    /// keep only what the files read from the first row on rather than from
+    /// the first run's answer (a run's answer then changes nothing, unless
+    /// the files changed in between).
+    pub async fn plan_queries(&mut self, stage: &mut crate::features::FeatureStage) {
+        let queries = stage.plan_ahead().await;
+        self.windows.read_only(&queries.columns_read());
+        self.windows.group_readings(queries.grouping());
+    }
+
     /// Feeds the rows of a query run to the feature baselines and turns rule
     /// rows into alerts. Feature and rule alerts keep their own dedup book.
     pub fn observe_features(
@@ -885,6 +895,9 @@ pub async fn run<S: Source, K: Sink>(
     mut features: Option<&mut crate::features::FeatureStage>,
     progress: &mut dyn FnMut(&Pipeline),
 ) -> Result<(), RunError> {
+    if let Some(stage) = features.as_deref_mut() {
+        pipeline.plan_queries(stage).await;
+    }
     while let Some(batch) = source.next_batch().await? {
         deliver(pipeline, &batch, sink, &mut features).await?;
         source.commit().await?;

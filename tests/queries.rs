@@ -24,7 +24,11 @@ fn rt() -> tokio::runtime::Runtime {
 /// One window of machine `press-1`: three messages from two devices (a sequence gap of 2),
 /// and flows including a Modbus write from an unexpected host.
 fn window() -> ClosedWindows {
-    let mut p = Pipeline::new(&Config::default());
+    window_through(Pipeline::new(&Config::default()))
+}
+
+/// [`window`], through the pipeline `p`.
+fn window_through(mut p: Pipeline) -> ClosedWindows {
     let t = |ms: i64, device: &str, seq: u64, x: f64| {
         Envelope::new(
             "twin.telemetry.s.press-1",
@@ -129,6 +133,75 @@ fn default_queries_give_known_answers() {
         ("press-1", Severity::High, Some(1.0))
     );
     assert!(r.explanation.as_deref().unwrap().contains("10.9.9.9"));
+}
+
+#[test]
+fn planned_ahead_the_windows_keep_from_the_first_row_only_what_the_files_read() {
+    let mut cfg = Config::default();
+    cfg.queries.dir = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("queries")
+        .display()
+        .to_string();
+    let summed = |w: &ClosedWindows| -> u64 {
+        w.groups
+            .iter()
+            .flat_map(|g| &g.groups)
+            .map(|g| g.acc.rows)
+            .sum()
+    };
+    // Before any run has answered, the windows know nothing of the files:
+    // every reading waits as a row, with every column.
+    let unplanned = window();
+    assert_eq!(unplanned.readings.num_rows(), 8, "x and y of four messages");
+    assert_eq!(summed(&unplanned), 0);
+    // Planned before the first batch: the shipped files only group readings
+    // by machine and window, so none waits as a row, and of the messages
+    // only what messages.sql reads is kept.
+    let mut p = Pipeline::new(&cfg);
+    let mut stage = twinwatch::features::FeatureStage::new(&cfg.queries);
+    rt().block_on(p.plan_queries(&mut stage));
+    let planned = window_through(p);
+    assert_eq!(planned.readings.num_rows(), 0, "no reading kept as a row");
+    assert_eq!(summed(&planned), 4, "x's four values summed (y is null)");
+    let receipts = |w: &ClosedWindows| -> Vec<i64> {
+        w.messages
+            .parts
+            .iter()
+            .flat_map(|b| {
+                b.column_by_name("received_at")
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<arrow::array::TimestampMillisecondArray>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect()
+    };
+    assert!(receipts(&unplanned).iter().all(|&t| t > 0));
+    assert!(
+        receipts(&planned).iter().all(|&t| t == 0),
+        "received_at is read by no file: zeros, not kept"
+    );
+    // The files answer the same either way.
+    let answers = |w: &ClosedWindows| {
+        let out = rt().block_on(async {
+            let mut q = Queries::new(&cfg.queries.dir);
+            assert!(q.reload().await.is_empty());
+            q.run(w).await
+        });
+        assert!(out.failures.is_empty(), "{:?}", out.failures);
+        let mut rows: Vec<(String, u64)> = out
+            .features
+            .iter()
+            .map(|f| (out.feature(f).to_string(), f.value.to_bits()))
+            .collect();
+        rows.sort();
+        (rows, out.rules.len())
+    };
+    let (a, b) = (answers(&unplanned), answers(&planned));
+    assert!(a.0.len() > 10, "{a:?}");
+    assert_eq!(a, b);
 }
 
 /// The files of `dir` (all of which plan) run once over [`window`].

@@ -125,7 +125,7 @@ pub fn run(a: RunArgs) -> Result<()> {
         });
         let started = Instant::now();
         let when_behind = crate::features::WhenBehind::for_source(cfg.source.jetstream.enabled);
-        let stage = super::features(&cfg).map(|s| s.spawn(when_behind));
+        let stage = super::features_beside(&cfg, &mut pipeline, when_behind).await;
         let mut source = if cfg.source.jetstream.enabled {
             NatsSource::jetstream(&client, &cfg.source, resume_after).await
         } else {

@@ -661,6 +661,18 @@ pub(crate) fn features(cfg: &Config) -> Option<crate::features::FeatureStage> {
         .then(|| crate::features::FeatureStage::new(&cfg.queries))
 }
 
+/// The feature stage on a thread of its own (`run`, `bench`), its files
+/// planned first ([`Pipeline::plan_queries`]).
+pub(crate) async fn features_beside(
+    cfg: &Config,
+    pipeline: &mut Pipeline,
+    when_behind: crate::features::WhenBehind,
+) -> Option<crate::features::BackgroundStage> {
+    let mut stage = features(cfg)?;
+    pipeline.plan_queries(&mut stage).await;
+    Some(stage.spawn(when_behind))
+}
+
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
