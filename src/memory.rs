@@ -39,7 +39,8 @@ pub const MMAP_THRESHOLD: usize = 256 * 1024;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tuning {
     /// Arenas limited to this many (one per core), and blocks of
-    /// [`MMAP_THRESHOLD`] and more mapped on their own.
+    /// [`MMAP_THRESHOLD`] and more mapped on their own (unless glibc
+    /// refused that alone: then its moving threshold stands).
     Arenas(usize),
     /// The user's own setting was found in the environment and kept.
     UserSetting,
@@ -177,15 +178,17 @@ mod tests {
     fn large_blocks_freed_leave_the_resident_set_at_once() {
         assert!(map_large_blocks());
         drop(std::hint::black_box(vec![1u8; 8 << 20]));
-        let mut blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 512 * 1024]).collect();
-        let pin = vec![1u8; 4096];
+        let mut blocks: Vec<Vec<u8>> = (1..=128).map(|i| vec![i as u8; 512 * 1024]).collect();
+        // Under the threshold, so from the heap: above the blocks, were they
+        // there too (a small one could fill a gap below them).
+        let pin = vec![1u8; 200 * 1024];
         let held = rss_anon_mb();
         blocks.clear();
         let freed = rss_anon_mb();
         drop(std::hint::black_box(pin));
-        // 32 MB freed; other tests of this binary allocate meanwhile: a margin.
+        // 64 MB freed; other tests of this binary allocate meanwhile: a margin.
         assert!(
-            held - freed > 24.0,
+            held - freed > 48.0,
             "resident {held:.0} MB held, {freed:.0} MB once freed"
         );
     }
