@@ -821,6 +821,85 @@ fn strings(batch: &RecordBatch, name: &str) -> Result<Option<StringArray>, Strin
     Ok(c.as_any().downcast_ref::<StringArray>().cloned())
 }
 
+/// A text column whose rows are read as interned ids, each distinct text
+/// interned once per batch rather than on every row: a run's machine and
+/// feature names repeat row after row, and interning (with the feature's
+/// `<file>:` prefix written first) was a seventh of the query thread's time.
+/// Query engines hand text back as views, and a view holds a string of 12
+/// bytes or less whole (its length and bytes), so such a view is its own
+/// key; longer text is looked up by its string. Other text types are cast to
+/// plain strings, as before.
+struct NameColumn {
+    array: Texts,
+    short: foldhash::HashMap<u128, u32>,
+    long: foldhash::HashMap<Box<str>, u32>,
+}
+
+enum Texts {
+    Views(arrow::array::StringViewArray),
+    Text(StringArray),
+}
+
+/// The longest string a view holds whole.
+const INLINE_VIEW: u32 = 12;
+
+impl NameColumn {
+    fn of(batch: &RecordBatch, name: &str) -> Result<Option<NameColumn>, String> {
+        let Some(c) = batch.column_by_name(name) else {
+            return Ok(None);
+        };
+        let array = match c.as_any().downcast_ref::<arrow::array::StringViewArray>() {
+            Some(views) => Texts::Views(views.clone()),
+            None => match strings(batch, name)? {
+                Some(text) => Texts::Text(text),
+                None => return Ok(None),
+            },
+        };
+        Ok(Some(NameColumn {
+            array,
+            short: Default::default(),
+            long: Default::default(),
+        }))
+    }
+
+    fn is_null(&self, i: usize) -> bool {
+        match &self.array {
+            Texts::Views(a) => a.is_null(i),
+            Texts::Text(a) => a.is_null(i),
+        }
+    }
+
+    /// Row `i`'s text (not null).
+    fn value(&self, i: usize) -> &str {
+        match &self.array {
+            Texts::Views(a) => a.value(i),
+            Texts::Text(a) => a.value(i),
+        }
+    }
+
+    /// The id of row `i`'s text (not null): as `intern` says the first time
+    /// the text is met, as it said then after that.
+    fn id(&mut self, i: usize, intern: impl FnOnce(&str) -> u32) -> u32 {
+        let NameColumn { array, short, long } = self;
+        let text = match array {
+            Texts::Views(a) => {
+                let view = a.views()[i];
+                if view as u32 <= INLINE_VIEW {
+                    return *short.entry(view).or_insert_with(|| intern(a.value(i)));
+                }
+                a.value(i)
+            }
+            Texts::Text(a) => a.value(i),
+        };
+        if let Some(&id) = long.get(text) {
+            return id;
+        }
+        let id = intern(text);
+        long.insert(text.into(), id);
+        id
+    }
+}
+
 fn floats(batch: &RecordBatch, name: &str) -> Result<Option<Float64Array>, String> {
     let Some(c) = batch.column_by_name(name) else {
         return Ok(None);
@@ -916,7 +995,7 @@ fn extract(
     }
     let take = batch.num_rows().min(MAX_ROWS_PER_RUN - *rows);
     *rows += take;
-    let machine = strings(batch, "machine")?.ok_or("no `machine` column")?;
+    let mut machine = NameColumn::of(batch, "machine")?.ok_or("no `machine` column")?;
     let ts = times(batch);
     let ts_at = |i: usize| {
         ts.as_ref()
@@ -925,8 +1004,8 @@ fn extract(
     };
     match file.kind {
         QueryKind::Features => {
-            let long = (strings(batch, "feature")?, floats(batch, "value")?);
-            if let (Some(feature), value) = &long
+            let long = (NameColumn::of(batch, "feature")?, floats(batch, "value")?);
+            if let (Some(mut feature), value) = long
                 && value.is_some()
             {
                 make_room(&mut out.features, take);
@@ -934,10 +1013,10 @@ fn extract(
                     if machine.is_null(i) || feature.is_null(i) {
                         continue;
                     }
-                    if let Some(v) = value_at(value, i) {
+                    if let Some(v) = value_at(&value, i) {
                         out.features.push(FeatureRow {
-                            machine: names.machine(machine.value(i)),
-                            feature: names.feature(stem, feature.value(i)),
+                            machine: machine.id(i, |m| names.machine(m)),
+                            feature: feature.id(i, |f| names.feature(stem, f)),
                             value: v,
                             ts: ts_at(i),
                         });
@@ -955,7 +1034,7 @@ fn extract(
                     if machine.is_null(i) {
                         continue;
                     }
-                    let m = names.machine(machine.value(i));
+                    let m = machine.id(i, |m| names.machine(m));
                     for (feature, values) in &cols {
                         if let Some(v) = value_at(values, i) {
                             out.features.push(FeatureRow {
@@ -1387,6 +1466,46 @@ fn merge(parts: Vec<ClosedWindows>) -> ClosedWindows {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn short_names_of_a_view_column_are_interned_once_each() {
+        let long = "a-machine-name-longer-than-twelve-bytes";
+        let rows = [
+            Some("press-1"),
+            Some("press-2"),
+            None,
+            Some("press-1"),
+            Some(long),
+            Some("press-2"),
+            Some(long),
+            Some(""),
+            Some("press-123456"),
+            Some("press-123456"),
+        ];
+        let views: ArrayRef = Arc::new(arrow::array::StringViewArray::from(rows.to_vec()));
+        let text: ArrayRef = Arc::new(StringArray::from(rows.to_vec()));
+        for column in [views, text] {
+            let batch = RecordBatch::try_from_iter([("machine", column)]).unwrap();
+            let mut col = NameColumn::of(&batch, "machine").unwrap().unwrap();
+            let mut interner = crate::intern::Interner::new(usize::MAX);
+            let mut calls = 0;
+            for (i, row) in rows.iter().enumerate() {
+                assert_eq!(col.is_null(i), row.is_none());
+                let Some(text) = row else { continue };
+                assert_eq!(col.value(i), *text);
+                let id = col.id(i, |s| {
+                    calls += 1;
+                    interner.intern(s).unwrap()
+                });
+                assert_eq!(&**interner.name(id), *text, "row {i}");
+            }
+            // Each distinct text once, of nine rows: the short ones of views
+            // (12 bytes or less, the empty one too) by their views, the rest
+            // by text.
+            assert_eq!(calls, 5);
+            assert_eq!(interner.len(), 5);
+        }
+    }
 
     /// Closed windows of one machine-window: three messages of one reading (six rows).
     fn one_window(k: i64) -> ClosedWindows {
