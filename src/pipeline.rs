@@ -376,8 +376,7 @@ impl Pipeline {
     /// Windows keep from now on only what the files of `run` read: the
     /// columns they name, and of `readings` only sums where its group-bys allow.
     pub fn keep_for(&mut self, run: &crate::features::RunOutput) {
-        self.windows.read_only(&run.columns_read);
-        self.windows.group_readings(&run.grouping);
+        self.keep_only(&run.columns_read, &run.grouping);
     }
 
     /// Plans the stage's query files before the first batch, so the windows
@@ -386,8 +385,17 @@ impl Pipeline {
     /// the files changed in between).
     pub async fn plan_queries(&mut self, stage: &mut crate::features::FeatureStage) {
         let queries = stage.plan_ahead().await;
-        self.windows.read_only(&queries.columns_read());
-        self.windows.group_readings(queries.grouping());
+        self.keep_only(&queries.columns_read(), queries.grouping());
+    }
+
+    /// Windows keep these columns of each table, and of `readings` these sums.
+    fn keep_only(
+        &mut self,
+        columns: &std::collections::BTreeMap<String, std::collections::BTreeSet<String>>,
+        grouping: &[crate::window::GroupSpec],
+    ) {
+        self.windows.read_only(columns);
+        self.windows.group_readings(grouping);
     }
 
     /// Feeds the rows of a query run to the feature baselines and turns rule
