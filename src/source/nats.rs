@@ -32,7 +32,7 @@ use async_nats::jetstream::{
 };
 use async_nats::{Client, HeaderMap, Message};
 use futures_util::FutureExt;
-use futures_util::stream::{BoxStream, SelectAll, StreamExt};
+use futures_util::stream::{BoxStream, Stream, StreamExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -107,11 +107,7 @@ const CHUNK: usize = 128;
 
 impl Inbox {
     /// Drops past `budget` are counted in `dropped`.
-    fn new(
-        subscriptions: SelectAll<BoxStream<'static, Message>>,
-        budget: usize,
-        dropped: Arc<AtomicU64>,
-    ) -> Self {
+    fn new(subscriptions: Subscriptions, budget: usize, dropped: Arc<AtomicU64>) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
         let held = Arc::new(AtomicUsize::new(0));
         let task = tokio::spawn(take_in(subscriptions, tx, held.clone(), dropped, budget));
@@ -142,13 +138,68 @@ impl Drop for Inbox {
     }
 }
 
+/// The core subscriptions, polled in turn: each poll starts at the one
+/// after the last that gave a message, so a busy subject does not starve the
+/// others. (A `SelectAll` does the same, but queues a subscription's future
+/// anew, one allocation, for every message it yields.)
+#[derive(Default)]
+struct Subscriptions {
+    streams: Vec<BoxStream<'static, Message>>,
+    /// Where the next poll starts.
+    turn: usize,
+}
+
+impl Subscriptions {
+    fn push(&mut self, s: BoxStream<'static, Message>) {
+        self.streams.push(s);
+    }
+}
+
+impl Stream for Subscriptions {
+    type Item = Message;
+
+    /// A message from the first subscription in turn that has one; `None`
+    /// once every subscription has ended.
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Message>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        let mut tried = 0;
+        while tried < this.streams.len() {
+            let k = this.turn % this.streams.len();
+            match this.streams[k].poll_next_unpin(cx) {
+                Poll::Ready(Some(m)) => {
+                    this.turn = k + 1;
+                    return Poll::Ready(Some(m));
+                }
+                Poll::Ready(None) => {
+                    // Ended: the next one takes its place in the turn.
+                    drop(this.streams.swap_remove(k));
+                    this.turn = k;
+                }
+                Poll::Pending => {
+                    this.turn = k + 1;
+                    tried += 1;
+                }
+            }
+        }
+        if this.streams.is_empty() {
+            Poll::Ready(None)
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
 /// How often the "dropped" warning may repeat.
 const DROP_WARNING_EVERY: Duration = Duration::from_secs(10);
 
 /// Takes messages off the subscriptions as they arrive and into the inbox,
 /// dropping (and counting) what would take it past `budget` bytes.
 async fn take_in(
-    mut subscriptions: SelectAll<BoxStream<'static, Message>>,
+    mut subscriptions: Subscriptions,
     tx: mpsc::UnboundedSender<Chunk>,
     held: Arc<AtomicUsize>,
     dropped: Arc<AtomicU64>,
@@ -243,7 +294,7 @@ pub struct NatsSource {
 impl NatsSource {
     /// Core subscriptions on `cfg.subjects`.
     pub async fn core(client: &Client, cfg: &SourceConfig) -> Result<Self, NatsError> {
-        let mut all = SelectAll::new();
+        let mut all = Subscriptions::default();
         for subject in &cfg.subjects {
             let sub = if cfg.queue_group.is_empty() {
                 client.subscribe(subject.clone()).await
@@ -504,8 +555,8 @@ mod tests {
         }
     }
 
-    fn arrived(n: usize) -> SelectAll<BoxStream<'static, Message>> {
-        let mut all = SelectAll::new();
+    fn arrived(n: usize) -> Subscriptions {
+        let mut all = Subscriptions::default();
         all.push(futures_util::stream::iter((0..n).map(message)).boxed());
         all
     }
@@ -515,6 +566,32 @@ mod tests {
             .enable_all()
             .build()
             .expect("a runtime")
+    }
+
+    /// Subscriptions are taken in turn while each has messages, one that
+    /// ends leaves the others going, and the whole ends with the last.
+    #[test]
+    fn subscriptions_are_taken_in_turn_until_the_last_ends() {
+        runtime().block_on(async {
+            let mut all = Subscriptions::default();
+            let from = |range: std::ops::Range<usize>| {
+                futures_util::stream::iter(range.map(message)).boxed()
+            };
+            all.push(from(0..2));
+            all.push(from(100..105));
+            all.push(from(200..203));
+            let mut got = Vec::new();
+            while let Some(m) = all.next().await {
+                got.push(m.payload);
+            }
+            let want: Vec<bytes::Bytes> = [0, 100, 200, 1, 101, 201, 202, 102, 103, 104]
+                .into_iter()
+                .map(|i| message(i).payload)
+                .collect();
+            assert_eq!(got, want);
+            assert!(all.next().await.is_none());
+            assert!(Subscriptions::default().next().await.is_none());
+        });
     }
 
     /// Messages that arrived together go over in chunks of up to [`CHUNK`],
