@@ -1296,6 +1296,49 @@ impl Drop for Live {
 mod tests {
     use super::*;
 
+    /// CPU burnt on a thread named as the query thread (200 ms of its own)
+    /// counts in the pipeline's total and in the query share, while that
+    /// thread lives.
+    #[test]
+    fn the_pipeline_cpu_counts_its_named_threads() {
+        let before = pipeline_cpu().expect("/proc/self/task is readable");
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let worker = std::thread::Builder::new()
+            .name("twinwatch-queries".into())
+            .spawn(move || {
+                // Until the thread itself has had 200 ms of CPU, however
+                // busy the machine.
+                let own_cpu = || {
+                    let mut ts = libc::timespec {
+                        tv_sec: 0,
+                        tv_nsec: 0,
+                    };
+                    // SAFETY: clock_gettime writes the timespec it is given.
+                    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+                    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+                };
+                let mut x = 0u64;
+                while own_cpu() < 0.2 {
+                    for _ in 0..10_000 {
+                        x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+                    }
+                }
+                let _ = done_tx.send(());
+                // Stays alive until read: an exited thread leaves /proc/self/task.
+                let _ = go_rx.recv();
+                x
+            })
+            .expect("a thread");
+        done_rx.recv().expect("the thread burnt its time");
+        let spent = pipeline_cpu().expect("readable") - before;
+        let _ = go_tx.send(());
+        let _ = worker.join();
+        // In clock ticks (10 ms): at least 150 ms of the 200.
+        assert!(spent.queries >= 0.15, "{spent:?}");
+        assert!(spent.total >= spent.queries, "{spent:?}");
+    }
+
     /// The heap counters see a large block while it is held, and the watch
     /// keeps the most it saw after the block is gone.
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
