@@ -19,7 +19,13 @@
 //! then peak RSS of this process (pipeline, publisher and subscribers), and
 //! what it is made of: the heap in use at its highest (sampled), the
 //! executable's resident code, and — the rest — memory the allocator holds
-//! free after a burst.
+//! free after a burst; and the CPU the pipeline's threads used per message
+//! at the sustained rate ([`pipeline_cpu`]).
+//!
+//! The pipeline runs on a runtime of its own (two workers, as `run` has
+//! them); the publisher and the bench's timing on the runtime that drives
+//! the bench (the main thread's, in `twinwatch bench`), so the publisher's
+//! connection does not share the pipeline's workers.
 
 use std::collections::HashMap;
 use std::net::{TcpListener, TcpStream};
