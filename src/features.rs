@@ -1158,6 +1158,9 @@ impl Gather {
     }
 }
 
+/// The name of the thread the query files run on (see [`FeatureStage::spawn`]).
+pub const QUERY_THREAD: &str = "twinwatch-queries";
+
 /// The feature stage of a run, in line: the caller waits for each query run
 /// (`replay`, `demo`, `eval`: the alerts come out in input order, so a
 /// replay is deterministic). [`FeatureStage::spawn`] moves it to a thread of its
@@ -1255,7 +1258,7 @@ impl FeatureStage {
         // Unbounded, but never holds more than the runs in flight (at most two).
         let (done, results) = tokio::sync::mpsc::unbounded_channel();
         let task = std::thread::Builder::new()
-            .name("twinwatch-queries".into())
+            .name(QUERY_THREAD.into())
             .spawn(move || {
                 yield_to_ingest();
                 let rt = match tokio::runtime::Builder::new_current_thread()

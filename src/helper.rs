@@ -46,6 +46,9 @@ impl Shared {
     }
 }
 
+/// The helper thread's name.
+pub const HELPER_THREAD: &str = "twinwatch-helper";
+
 /// The thread that runs second halves.
 pub struct Helper {
     shared: Arc<Shared>,
@@ -58,7 +61,7 @@ impl Helper {
         let shared = Arc::new(Shared::default());
         let theirs = shared.clone();
         let thread = std::thread::Builder::new()
-            .name("twinwatch-helper".into())
+            .name(HELPER_THREAD.into())
             .spawn(move || serve(&theirs))
             .ok()?;
         Some(Helper {

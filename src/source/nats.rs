@@ -122,17 +122,14 @@ impl Inbox {
     /// The next envelope; `None` once the subscriptions ended.
     async fn next(&mut self) -> Option<Envelope> {
         loop {
-            if let Some(e) = self.current.next() {
+            if let Some(e) = self.ready() {
                 return Some(e);
             }
             let chunk = self.rx.recv().await?;
-            self.held.fetch_sub(chunk.cost, Ordering::AcqRel);
-            self.current = chunk.envelopes.into_iter();
+            self.hand_out(chunk);
         }
     }
-}
 
-impl Inbox {
     /// The next envelope already here (in the chunk being handed out, or in
     /// one already sent), without waiting: a batch fills from these without
     /// a future per message.
@@ -142,9 +139,14 @@ impl Inbox {
                 return Some(e);
             }
             let chunk = self.rx.try_recv().ok()?;
-            self.held.fetch_sub(chunk.cost, Ordering::AcqRel);
-            self.current = chunk.envelopes.into_iter();
+            self.hand_out(chunk);
         }
+    }
+
+    /// Counts a received chunk out of the inbox and hands out its envelopes next.
+    fn hand_out(&mut self, chunk: Chunk) {
+        self.held.fetch_sub(chunk.cost, Ordering::AcqRel);
+        self.current = chunk.envelopes.into_iter();
     }
 }
 
@@ -432,13 +434,18 @@ impl NatsSource {
         }
     }
 
+    /// Adds an envelope to the batch being filled.
+    fn hold(&mut self, e: Envelope) {
+        self.pending_bytes += e.payload.len();
+        self.pending.push(e);
+    }
+
     /// Waits for the next message; `None` when the feed has ended.
     async fn next_one(&mut self) -> Option<()> {
         match &mut self.feed {
             Feed::Core(inbox) => {
                 let e = inbox.next().await?;
-                self.pending_bytes += e.payload.len();
-                self.pending.push(e);
+                self.hold(e);
                 Some(())
             }
             Feed::JetStream(s) => loop {
@@ -465,8 +472,7 @@ impl NatsSource {
                             // A redelivery of a message already processed; a later ack covers it.
                             continue;
                         }
-                        self.pending_bytes += msg.payload.len();
-                        self.pending.push(envelope(msg, stored));
+                        self.hold(envelope(msg, stored));
                         if self.ack_all {
                             self.ackers.clear();
                         }
@@ -503,8 +509,7 @@ impl Source for NatsSource {
             if let Feed::Core(inbox) = &mut self.feed
                 && let Some(e) = inbox.ready()
             {
-                self.pending_bytes += e.payload.len();
-                self.pending.push(e);
+                self.hold(e);
                 continue;
             }
             // What has already arrived is taken without a timer; only an
