@@ -225,12 +225,11 @@ async fn take_in(
 ) {
     let mut warned: Option<Instant> = None;
     let mut ended = false;
-    // A chunk fills here, then moves out in an allocation of its exact size:
-    // the spare room of a chunk is not counted against the budget, and a
-    // pipeline behind a trickle holds thousands of one-message chunks (13 KB
-    // each at [`CHUNK`]'s room, against some 450 bytes counted). Filling a
-    // vector of its own instead, grown as it fills, reallocated and copied
-    // it six times on the way to [`CHUNK`].
+    // Each chunk fills this one vector, then moves out in an allocation of
+    // its exact size: one allocation a chunk, not six regrowths on the way to
+    // [`CHUNK`], and no spare room held. (Spare room is not counted against
+    // the budget, and a pipeline behind a trickle holds thousands of
+    // one-message chunks: 13 KB each at [`CHUNK`]'s room, 450 bytes counted.)
     let mut filling: Vec<Envelope> = Vec::with_capacity(CHUNK);
     while !ended {
         let Some(first) = subscriptions.next().await else {
@@ -239,14 +238,14 @@ async fn take_in(
         // One arrival time for what had arrived together (milliseconds).
         let now = wall_now();
         let before = held.load(Ordering::Acquire);
-        let mut cost_sum = 0;
+        let mut chunk_cost = 0;
         let mut next = Some(first);
         while let Some(m) = next.take() {
             let e = envelope(m, now);
             let cost = held_bytes(&e);
             // An empty inbox takes any message, so one larger than the budget
             // (up to input.max_payload_bytes) is still processed, alone.
-            let held_now = before + cost_sum;
+            let held_now = before + chunk_cost;
             if held_now > 0 && held_now + cost > budget {
                 let n = dropped.fetch_add(1, Ordering::Relaxed) + 1;
                 if warned.is_none_or(|at| at.elapsed() >= DROP_WARNING_EVERY) {
@@ -259,7 +258,7 @@ async fn take_in(
                     );
                 }
             } else {
-                cost_sum += cost;
+                chunk_cost += cost;
                 filling.push(e);
             }
             if filling.len() < CHUNK {
@@ -278,7 +277,7 @@ async fn take_in(
         envelopes.append(&mut filling);
         let chunk = Chunk {
             envelopes,
-            cost: cost_sum,
+            cost: chunk_cost,
         };
         held.fetch_add(chunk.cost, Ordering::AcqRel);
         if tx.send(chunk).is_err() {
